@@ -1,0 +1,390 @@
+"""Tests of the study file: validation messages, defaults, narrowing, fingerprints, CLI on bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+import yaml
+
+from tuner.config import StudySpec, load_spec, spec_from_dict
+from tuner.errors import ConfigError
+
+
+def problems_of(raw: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        spec_from_dict(raw)
+    return info.value.problems
+
+
+def one_problem(raw: Any) -> str:
+    problems = problems_of(raw)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def squash(text: str) -> str:
+    """Collapse whitespace (rich wraps long lines at the console width)."""
+    return " ".join(text.split())
+
+
+# --- defaults -----------------------------------------------------------------------------------------------
+
+
+def test_defaults_from_empty_dict_and_none() -> None:
+    spec = spec_from_dict({})
+    assert spec == spec_from_dict(None)
+    assert spec.task == "binary"
+    assert spec.data.positive == "QSO"
+    assert spec.data.features == ("u-g", "g-r", "r-i", "i-z")
+    assert spec.objective.direction == "maximize"
+    assert spec.search_space.batch_size.powers_of_two
+    assert spec.data.split.train_fraction == pytest.approx(0.6)
+    assert spec.data_path() is None
+
+
+def test_spec_is_frozen() -> None:
+    spec = spec_from_dict({})
+    with pytest.raises(pydantic.ValidationError):
+        spec.task = "multiclass"  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        spec.study.n_trials = 3  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        spec.search_space.lr.low = 1.0  # type: ignore[misc]
+
+
+def test_not_a_mapping() -> None:
+    assert "mapping" in one_problem([1, 2])
+
+
+# --- one mistake, one message naming key, value and rule ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "needles"),
+    [
+        (
+            {"search_space": {"wieght_decay": {"low": 1e-5, "high": 1e-2}}},
+            ["'wieght_decay'", "search_space", "did you mean 'weight_decay'"],
+        ),
+        ({"serach_space": {}}, ["'serach_space'", "did you mean 'search_space'"]),
+        ({"data": {"split": {"trian": 0.6}}}, ["'trian'", "data.split", "did you mean 'train'"]),
+        (
+            {"search_space": {"lr": {"low": 0.1, "high": 0.01}}},
+            ["search_space.lr: low must be < high, got low=0.1, high=0.01"],
+        ),
+        (
+            {"search_space": {"lr": {"low": 0, "high": 0.01, "log": True}}},
+            ["search_space.lr:", "log range needs low > 0", "low=0"],
+        ),
+        (
+            {"search_space": {"weight_decay": {"low": -1.0, "high": 0.01, "log": True}}},
+            ["search_space.weight_decay:", "log range needs low > 0", "low=-1"],
+        ),
+        (
+            {"search_space": {"optimizer": {"choices": []}}},
+            ["search_space.optimizer:", "must not be empty", "[]"],
+        ),
+        (
+            {"search_space": {"optimizer": {"choices": ["adam", "adamm"]}}},
+            ["search_space.optimizer:", "unknown choice 'adamm'", "did you mean 'adam'"],
+        ),
+        (
+            {"search_space": {"activation": "rellu"}},
+            ["search_space.activation:", "unknown choice 'rellu'", "did you mean 'relu'"],
+        ),
+        ({"train": {"patience": -1}}, ["train.patience:", "greater than or equal to 0", "-1"]),
+        (
+            {"data": {"split": {"validation": 0.5, "holdout": 0.5}}},
+            ["data.split:", "validation + holdout must be < 1", "validation=0.5", "holdout=0.5"],
+        ),
+        (
+            {"data": {"split": {"validation": 0.6, "holdout": 0.7}}},
+            ["data.split:", "validation + holdout must be < 1", "validation=0.6", "holdout=0.7"],
+        ),
+        (
+            # 0.7 + 0.3 is 0.9999999999999999 in floating point: still no rows left for training.
+            {"data": {"split": {"validation": 0.7, "holdout": 0.3}}},
+            ["data.split:", "validation + holdout must be < 1", "validation=0.7", "holdout=0.3"],
+        ),
+        (
+            {"data": {"split": {"train": 0.5, "validation": 0.2, "holdout": 0.2}}},
+            ["data.split:", "must sum to 1", "train=0.5", "validation=0.2", "holdout=0.2"],
+        ),
+        (
+            {"study": {"sampler": "tpee"}},
+            ["study.sampler:", "unknown sampler 'tpee'", "did you mean 'tpe'"],
+        ),
+        (
+            {"study": {"pruner": "medain"}},
+            ["study.pruner:", "unknown pruner 'medain'", "did you mean 'median'"],
+        ),
+        ({"data": {"positive": None}}, ["data.positive:", "binary task needs the positive class", "null"]),
+        (
+            {"data": {"positive": None}, "objective": {"metric": "roc_auc"}},
+            ["data.positive:", "binary task", "null"],
+        ),
+        (
+            {"task": "multiclass", "data": {"positive": None}},
+            ["data.positive:", "completeness_at_contamination", "null"],
+        ),
+        ({"data": {"seed": -1}}, ["data.seed:", "-1"]),
+        ({"study": {"seed": -3}}, ["study.seed:", "-3"]),
+        ({"study": {"n_trials": 0}}, ["study.n_trials:", "greater than or equal to 1", "0"]),
+        (
+            {"search_space": {"momentum": {"low": 0.5, "high": 1.0}}},
+            ["search_space.momentum:", "[0, 1)", "high=1"],
+        ),
+        ({"search_space": {"n_layers": {"low": 0, "high": 3}}}, ["search_space.n_layers:", ">= 1", "0"]),
+        ({"data": {"features": ["u-g", "u-g"]}}, ["data.features:", "must not repeat", "u-g"]),
+        ({"data": {"features": []}}, ["data.features:", "at least one feature"]),
+    ],
+)
+def test_single_mistake_message(raw: dict[str, Any], needles: list[str]) -> None:
+    message = one_problem(raw)
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.1])
+def test_target_contamination_outside_open_interval(value: float) -> None:
+    message = one_problem({"objective": {"target_contamination": value}})
+    assert message.startswith("objective.target_contamination:")
+    assert "(0, 1)" in message
+    assert f"got {float(value)}" in message
+
+
+@pytest.mark.parametrize("value", [0.01, 0.5, 0.99])
+def test_target_contamination_inside(value: float) -> None:
+    spec = spec_from_dict({"objective": {"target_contamination": value}})
+    assert spec.objective.target_contamination == value
+
+
+BAD = {
+    "serach_space": {},
+    "search_space": {
+        "lr": {"low": 0.1, "high": 0.01},
+        "wieght_decay": {"low": 1e-5, "high": 1e-2},
+        "optimizer": {"choices": []},
+        "batch_size": {"low": 10, "high": 1024, "powers_of_two": True},
+    },
+    "train": {"patience": -1},
+    "data": {"split": {"validation": 0.5, "holdout": 0.5}},
+    "study": {"sampler": "tpee", "pruner": "medain"},
+    "objective": {"target_contamination": 1.5},
+}
+BAD_NEEDLES = [
+    "'serach_space'",
+    "search_space.lr: low must be < high",
+    "'wieght_decay'",
+    "search_space.optimizer: choices must not be empty",
+    "search_space.batch_size: low must be a power of two",
+    "train.patience",
+    "data.split: validation + holdout must be < 1",
+    "unknown sampler 'tpee'",
+    "unknown pruner 'medain'",
+    "objective.target_contamination",
+]
+
+
+def test_all_mistakes_reported_at_once() -> None:
+    problems = problems_of(BAD)
+    assert len(problems) == len(BAD_NEEDLES), problems
+    for needle in BAD_NEEDLES:
+        assert sum(needle in p for p in problems) == 1, (needle, problems)
+
+
+def test_load_spec_lists_every_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(BAD))
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    text = str(info.value)
+    assert str(path) in text
+    assert f"({len(BAD_NEEDLES)} problems)" in text
+    assert len(info.value.problems) == len(BAD_NEEDLES)
+    for needle in BAD_NEEDLES:
+        assert needle in text, needle
+
+
+# --- fixed values, narrowing, powers of two -----------------------------------------------------------------
+
+
+def test_fixed_values_and_narrowing() -> None:
+    spec = spec_from_dict(
+        {
+            "search_space": {
+                "momentum": 0.9,
+                "n_layers": {"low": 2, "high": 3},
+                "optimizer": "adam",
+                "batch_norm": False,
+                "batch_size": 256,
+                "lr": {"low": 1e-3, "high": 1e-2, "log": True},
+            }
+        }
+    )
+    space = spec.search_space
+    assert space.momentum.fixed and space.momentum.value == 0.9
+    assert (space.n_layers.low, space.n_layers.high, space.n_layers.fixed) == (2, 3, False)
+    assert space.optimizer.fixed and space.optimizer.options == ("adam",)
+    assert space.batch_norm.fixed and space.batch_norm.options == (False,)
+    assert space.batch_size.fixed and space.batch_size.value == 256
+    assert (space.lr.low, space.lr.high, space.lr.log) == (1e-3, 1e-2, True)
+    # untouched entries keep their defaults
+    assert space.width == StudySpec().search_space.width
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "needle"),
+    [
+        ({"low": 10, "high": 1024, "powers_of_two": True}, "low=10"),
+        ({"low": 16, "high": 1000, "log": True, "powers_of_two": True}, "high=1000"),
+        ({"value": 100, "powers_of_two": True}, "value=100"),
+    ],
+)
+def test_powers_of_two_rejects_other_bounds(batch_size: dict[str, Any], needle: str) -> None:
+    message = one_problem({"search_space": {"batch_size": batch_size}})
+    assert message.startswith("search_space.batch_size:")
+    assert "power of two" in message and needle in message
+
+
+def test_powers_of_two_accepts_powers() -> None:
+    p = spec_from_dict({"search_space": {"batch_size": {"low": 32, "high": 512, "powers_of_two": True}}})
+    assert (p.search_space.batch_size.low, p.search_space.batch_size.high) == (32, 512)
+
+
+def test_fixed_value_with_range_rejected() -> None:
+    message = one_problem({"search_space": {"lr": {"low": 0.001, "high": 0.1, "value": 0.01}}})
+    assert message.startswith("search_space.lr:") and "not both" in message
+
+
+# --- load_spec ----------------------------------------------------------------------------------------------
+
+
+def test_yaml_syntax_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("study:\n  n_trials: [1, 2\n  name: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert "not valid YAML" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert "not found" in str(info.value) and "nowhere.yaml" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "search_space:\n  momentum: 0.9\n", "study:\n  n_trials: 3\n"],
+    ids=["empty", "no-study-section", "study-without-name"],
+)
+def test_study_name_defaults_to_file_stem(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "qso-search.yaml"
+    path.write_text(text)
+    spec = load_spec(path)
+    assert spec.study.name == "qso-search"
+    assert Path(spec.base_dir) == tmp_path.resolve()
+
+
+def test_explicit_study_name_kept_and_data_path_relative_to_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text("study:\n  name: mine\ndata:\n  source: cat.csv\n")
+    spec = load_spec(path)
+    assert spec.study.name == "mine"
+    assert spec.data_path() == tmp_path.resolve() / "cat.csv"
+
+
+# --- fingerprint and overrides ------------------------------------------------------------------------------
+
+
+def test_fingerprint_tracks_search_space_not_budget() -> None:
+    base = spec_from_dict({})
+    sections = ("search_space", "data", "objective")
+    fp = base.fingerprint(*sections)
+    assert fp == spec_from_dict({}).fingerprint(*sections)
+    assert base.with_overrides({"study.n_trials": 500}).fingerprint(*sections) == fp
+    assert spec_from_dict({"study": {"n_trials": 3}}).fingerprint(*sections) == fp
+    assert spec_from_dict({"search_space": {"momentum": 0.9}}).fingerprint(*sections) != fp
+    narrowed = spec_from_dict({"search_space": {"lr": {"low": 1e-3, "high": 1e-1, "log": True}}})
+    assert narrowed.fingerprint(*sections) != fp
+    assert base.with_overrides({"search_space.dropout": 0.0}).fingerprint(*sections) != fp
+
+
+def test_with_overrides_applies_and_keeps_the_rest() -> None:
+    spec = spec_from_dict({"search_space": {"momentum": 0.9}, "study": {"name": "x"}}, base_dir="/some/dir")
+    new = spec.with_overrides({"study.n_trials": 7, "tracking.enabled": False, "study.storage": "sqlite:///o.db"})
+    assert (new.study.n_trials, new.tracking.enabled, new.study.storage) == (7, False, "sqlite:///o.db")
+    assert new.study.name == "x"
+    assert new.search_space == spec.search_space
+    assert new.base_dir == "/some/dir"
+    assert spec.study.n_trials == 20  # the original is unchanged
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"study.n_trials": 0}, "study.n_trials"),
+        ({"study.sampler": "tpee"}, "did you mean 'tpe'"),
+        ({"objective.target_contamination": 1.0}, "objective.target_contamination"),
+        ({"study.n_trails": 5}, "did you mean 'n_trials'"),
+        ({"studdy.n_trials": 5}, "did you mean 'study'"),
+        ({"study.n_trials.x": 5}, "study.n_trials"),
+    ],
+)
+def test_with_overrides_validates(override: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        spec_from_dict({}).with_overrides(override)
+    assert needle in str(info.value)
+
+
+# --- the CLI stops before creating anything -----------------------------------------------------------------
+
+
+def _bad_file(tmp_path: Path) -> tuple[Path, list[Path]]:
+    optuna_db = tmp_path / "store" / "optuna.db"
+    mlflow_db = tmp_path / "track" / "mlflow.db"
+    raw = {
+        **BAD,
+        "study": {**BAD["study"], "storage": f"sqlite:///{optuna_db}"},
+        "tracking": {"uri": f"sqlite:///{mlflow_db}", "artifact_location": str(tmp_path / "artifacts")},
+    }
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, [optuna_db, mlflow_db, optuna_db.parent, mlflow_db.parent, tmp_path / "artifacts"]
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_cli_bad_file_exits_2_and_creates_nothing(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path, never = _bad_file(tmp_path)
+    assert main([command, str(path)]) == 2
+    captured = capsys.readouterr()
+    err = squash(captured.err)
+    assert f"({len(BAD_NEEDLES)} problems)" in err
+    for needle in BAD_NEEDLES:
+        assert squash(needle) in err, needle
+    for p in never:
+        assert not p.exists(), p
+    # nothing else either: no default optuna.db or mlruns/ in the working directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_cli_missing_file_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

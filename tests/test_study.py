@@ -1,0 +1,269 @@
+"""The whole loop on a tiny catalogue: Optuna trials, MLflow run tree and statuses, resume, failures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from tuner import study as study_mod
+from tuner.config import StudySpec, spec_from_dict
+from tuner.data.dataset import build_dataset
+from tuner.errors import ConfigError, StorageError
+from tuner.study import run_study
+from tuner.tracking import MlflowTracker, NullTracker
+
+TINY = {
+    "data": {"simulated": {"n_star": 1500, "n_quasar": 150}, "seed": 3},
+    "search_space": {
+        "n_layers": {"low": 1, "high": 2},
+        "width": {"low": 8, "high": 32, "log": True},
+        "lr": {"low": 1e-3, "high": 3e-2, "log": True},
+        "batch_size": {"low": 128, "high": 256, "log": True, "powers_of_two": True},
+        "optimizer": {"choices": ["adam", "nesterov"]},
+    },
+    "train": {"max_epochs": 4, "patience": 2},
+    "study": {"name": "tiny", "n_trials": 3, "seed": 11, "pruner": "none"},
+}
+
+
+def tiny_spec(tmp_path: Path, **overrides) -> StudySpec:
+    raw = {**TINY, "study": {**TINY["study"], "storage": f"sqlite:///{tmp_path}/optuna.db"}}
+    raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db", "artifact_location": str(tmp_path / "art")}
+    spec = spec_from_dict(raw)
+    return spec.with_overrides(overrides) if overrides else spec
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset():
+    return build_dataset(spec_from_dict(TINY))
+
+
+def runs_of(spec: StudySpec):
+    client = MlflowClient(spec.tracking.uri)
+    experiment = client.get_experiment_by_name(spec.study.name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("tuner.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("tuner.kind") == "trial"]
+    return client, parents, children
+
+
+def test_study_writes_one_parent_and_one_child_per_trial(tmp_path, tiny_dataset):
+    spec = tiny_spec(tmp_path)
+    result = run_study(spec, dataset=tiny_dataset)
+    trials = result.study.trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    client, parents, children = runs_of(spec)
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["tuner.study_name"] == "tiny"
+    assert parent.data.tags["tuner.data.hash"] == tiny_dataset.catalogue.data_hash
+    assert parent.data.params["search_space.lr.high"] == "0.03"
+    assert parent.data.metrics["n_complete"] == 3
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    for trial in trials:
+        run = by_number[trial.number]
+        # Each finds the other.
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.run_name == f"trial-{trial.number:04d}"
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert sorted(m.step for m in history) == list(range(trial.user_attrs["epochs"]))
+        for key in (
+            "holdout_completeness",
+            "holdout_contamination",
+            "holdout_completeness_low",
+            "holdout_contamination_high",
+            "threshold",
+            "val_auc",
+            "epochs",
+        ):
+            assert key in run.data.metrics, key
+        assert run.data.metrics["val_objective"] == pytest.approx(trial.value)
+        assert run.data.tags["stop_reason"]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert artifacts == {"plots/learning_curves.html", "plots/roc.html", "plots/completeness_efficiency.html"}
+    # Same param keys on every child, so the compare view lines up.
+    assert len({frozenset(r.data.params) for r in children}) == 1
+
+
+def test_holdout_figures_are_measured_at_the_validation_threshold(tmp_path, tiny_dataset):
+    spec = tiny_spec(tmp_path)
+    trial = run_study(spec, dataset=tiny_dataset, tracker=NullTracker(), n_trials=1).study.trials[0]
+    attrs = trial.user_attrs
+    assert trial.value == attrs["val_completeness"]
+    assert attrs["val_contamination"] <= spec.objective.target_contamination
+    low, high = attrs["holdout_completeness_low"], attrs["holdout_completeness_high"]
+    assert low <= attrs["holdout_completeness"] <= high
+
+
+class PruneAfterFirst(optuna.pruners.BasePruner):
+    """Prunes every trial but the first at its second report."""
+
+    def prune(self, study, trial):
+        return trial.number > 0 and len(trial.intermediate_values) >= 2
+
+
+def test_pruned_trials_are_killed_runs(tmp_path, tiny_dataset):
+    spec = tiny_spec(tmp_path)
+    result = run_study(spec, dataset=tiny_dataset, pruner=PruneAfterFirst())
+    states = [t.state.name for t in result.study.trials]
+    assert states == ["COMPLETE", "PRUNED", "PRUNED"]
+    _, _, children = runs_of(spec)
+    status = {int(r.data.tags["optuna.trial_number"]): r.info.status for r in children}
+    assert status == {0: "FINISHED", 1: "KILLED", 2: "KILLED"}
+    pruned = result.study.trials[1]
+    assert pruned.user_attrs["stop_reason"].startswith("pruned at epoch 1")
+
+
+def test_non_finite_loss_fails_the_trial_and_the_study_goes_on(tmp_path, tiny_dataset):
+    spec = tiny_spec(tmp_path, **{"study.enqueue": [{"lr": 1e30}]})
+    wide = spec.with_overrides({"search_space.lr": {"low": 1e-3, "high": 1e31, "log": True}})
+    result = run_study(wide, dataset=tiny_dataset, n_trials=2)
+    first, second = result.study.trials
+    assert first.state.name == "FAIL"
+    assert "non-finite" in first.user_attrs["fail_reason"]
+    assert second.state.name in ("COMPLETE", "FAIL")
+    _, _, children = runs_of(wide)
+    failed = next(r for r in children if r.data.tags["optuna.trial_number"] == "0")
+    assert failed.info.status == "FAILED"
+    assert "non-finite" in failed.data.tags["stop_reason"]
+
+
+def test_non_finite_objective_is_fail_never_complete(tmp_path, tiny_dataset, monkeypatch):
+    real = study_mod.evaluate
+
+    def infinite(*args, **kwargs):
+        ev = real(*args, **kwargs)
+        return study_mod.Evaluation(**{**ev.__dict__, "objective": math.inf})
+
+    monkeypatch.setattr(study_mod, "evaluate", infinite)
+    result = run_study(tiny_spec(tmp_path), dataset=tiny_dataset, tracker=NullTracker(), n_trials=1)
+    trial = result.study.trials[0]
+    assert trial.state.name == "FAIL"
+    assert "non-finite objective" in trial.user_attrs["fail_reason"]
+
+
+def test_resume_continues_to_the_total_and_reuses_the_parent_run(tmp_path, tiny_dataset):
+    spec = tiny_spec(tmp_path)
+    run_study(spec, dataset=tiny_dataset, n_trials=2)
+    again = run_study(spec, dataset=tiny_dataset, n_trials=4)
+    assert again.n_run == 2
+    assert [t.number for t in again.study.trials] == [0, 1, 2, 3]
+    nothing = run_study(spec, dataset=tiny_dataset, n_trials=4)
+    assert nothing.n_run == 0
+    _, parents, children = runs_of(spec)
+    assert len(parents) == 1 and len(children) == 4
+
+
+def test_a_changed_search_space_is_refused_before_anything_is_written(tmp_path, tiny_dataset):
+    spec = tiny_spec(tmp_path)
+    run_study(spec, dataset=tiny_dataset, tracker=NullTracker(), n_trials=1)
+    changed = spec.with_overrides({"search_space.lr": {"low": 1e-4, "high": 1e-1, "log": True}})
+    with pytest.raises(ConfigError, match=r"different search_space.*--study-name"):
+        run_study(changed, dataset=tiny_dataset, n_trials=2)
+    assert len(optuna.load_study(study_name="tiny", storage=spec.study.storage).trials) == 1
+    assert not (tmp_path / "mlruns").exists()
+    renamed = changed.with_overrides({"study.name": "tiny-wider"})
+    assert run_study(renamed, dataset=tiny_dataset, tracker=NullTracker(), n_trials=1).n_run == 1
+
+
+def test_enqueued_parameters_run_first(tmp_path, tiny_dataset):
+    entry = {"n_layers": 2, "widths": [16, 8], "lr": 0.01, "batch_size": 128, "optimizer": "adam"}
+    spec = tiny_spec(tmp_path, **{"study.enqueue": [entry]})
+    result = run_study(spec, dataset=tiny_dataset, tracker=NullTracker(), n_trials=1)
+    params = result.study.trials[0].params
+    assert params["n_layers"] == 2 and params["n_units_l0"] == 16 and params["n_units_l1"] == 8
+    assert params["lr"] == 0.01 and params["log2_batch_size"] == 7 and params["optimizer"] == "adam"
+
+
+def test_bad_enqueue_entry_is_a_config_error(tmp_path, tiny_dataset):
+    spec = tiny_spec(tmp_path, **{"study.enqueue": [{"lr": 5.0, "wdith": 3}]})
+    with pytest.raises(ConfigError) as info:
+        run_study(spec, dataset=tiny_dataset)
+    text = str(info.value)
+    assert "study.enqueue[0].lr: 5.0 is outside search_space.lr" in text
+    assert "did you mean 'width'" in text
+    assert not Path(spec.study.storage[len("sqlite:///") :]).exists()
+
+
+def test_seeded_study_is_reproducible(tiny_dataset):
+    spec = spec_from_dict(TINY)
+
+    def values():
+        storage = optuna.storages.InMemoryStorage()
+        study = run_study(spec, dataset=tiny_dataset, tracker=NullTracker(), storage=storage).study
+        return [(t.params, t.value) for t in study.trials]
+
+    assert values() == values()
+
+
+@pytest.mark.parametrize("sampler", ["random", "qmc", "cmaes", "gp", "nsga2", "tpe"])
+def test_every_sampler_by_name_runs(sampler, tiny_dataset):
+    spec = spec_from_dict({**TINY, "study": {**TINY["study"], "sampler": sampler}, "train": {"max_epochs": 1}})
+    study = run_study(
+        spec, dataset=tiny_dataset, tracker=NullTracker(), storage=optuna.storages.InMemoryStorage(), n_trials=2
+    ).study
+    assert len(study.trials) == 2
+
+
+@pytest.mark.parametrize("pruner", ["median", "percentile", "successive_halving", "hyperband", "none"])
+def test_every_pruner_by_name_builds(pruner):
+    assert isinstance(study_mod.make_pruner(pruner), optuna.pruners.BasePruner)
+
+
+def test_bad_sampler_options_are_reported(tmp_path):
+    spec = tiny_spec(tmp_path, **{"study.sampler_options": {"n_startup_trails": 3}})
+    with pytest.raises(ConfigError, match=r"study\.sampler_options: not accepted by the tpe sampler"):
+        study_mod.check_spec(spec)
+
+
+def test_unreachable_storage_is_a_storage_error_with_the_password_masked(tiny_dataset):
+    spec = spec_from_dict(TINY).with_overrides(
+        {"study.storage": "postgresql+psycopg://user:secret@127.0.0.1:1/none?connect_timeout=2"}
+    )
+    with pytest.raises(StorageError) as info:
+        run_study(spec, dataset=tiny_dataset, tracker=NullTracker())
+    assert "study.storage: cannot open postgresql+psycopg://user:***@127.0.0.1:1/none" in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+def test_tracker_closes_a_run_even_when_interrupted(tmp_path, tiny_dataset, monkeypatch):
+    spec = tiny_spec(tmp_path)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_mod, "evaluate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, dataset=tiny_dataset, n_trials=2)
+    _, parents, children = runs_of(spec)
+    assert [r.info.status for r in children] == ["FAILED"]
+    assert parents[0].info.status == "KILLED"
+    trial = optuna.load_study(study_name="tiny", storage=spec.study.storage).trials[0]
+    assert trial.state.name == "FAIL"
+
+
+def test_tracking_batches_epoch_metrics(tmp_path, monkeypatch):
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "batched", str(tmp_path / "a"))
+    calls = []
+    real = tracker.client.log_batch
+
+    def counting(run_id, metrics=(), params=(), tags=(), synchronous=None):
+        calls.append(len(metrics))
+        return real(run_id, metrics=metrics, params=params, tags=tags)
+
+    tracker.start_study("s", {}, {}, None)
+    run_id = tracker.start_trial(0, {"lr": 0.1}, {})
+    monkeypatch.setattr(tracker.client, "log_batch", counting)
+    for epoch in range(50):
+        tracker.log_epoch(run_id, epoch, {"train_loss": 1.0 / (epoch + 1), "val_loss": 2.0})
+    assert calls == []  # nothing sent per epoch
+    tracker.end_trial(run_id, "COMPLETE", {"val_objective": 0.5}, {"stop_reason": "x"}, {})
+    assert sum(calls) == 101 and len([c for c in calls if c]) == 1
+    assert len(tracker.client.get_metric_history(run_id, "train_loss")) == 50

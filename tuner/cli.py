@@ -1,0 +1,295 @@
+"""The ``tuner`` command: parse, build the spec, call the API, print, return an exit code.
+
+Exit codes: 0 success, 2 a mistake the user can fix (bad study file, bad data, unreachable storage), 130 on
+Ctrl-C. Anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tuner.config import StudySpec, load_spec
+from tuner.errors import ConfigError, TunerError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _spec_for(args: argparse.Namespace) -> StudySpec:
+    spec = load_spec(args.study)
+    overrides: dict[str, Any] = {}
+    if getattr(args, "storage", None):
+        overrides["study.storage"] = args.storage
+    if getattr(args, "study_name", None):
+        overrides["study.name"] = args.study_name
+    if getattr(args, "n_trials", None) is not None:
+        overrides["study.n_trials"] = args.n_trials
+    if getattr(args, "tracking_uri", None):
+        overrides["tracking.uri"] = args.tracking_uri
+    if getattr(args, "no_tracking", False):
+        overrides["tracking.enabled"] = False
+    return spec.with_overrides(overrides) if overrides else spec
+
+
+def _read_enqueue(path: str | None) -> list[dict[str, Any]]:
+    if not path:
+        return []
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--enqueue: cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--enqueue: {path} is not valid JSON: {exc}") from None
+    return raw if isinstance(raw, list) else [raw]
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def trial_params(trial: Any, spec: StudySpec) -> dict[str, Any]:
+    """A stored trial's hyperparameters as the model used them (fixed ones included, batch size not as log2)."""
+    from dataclasses import asdict
+
+    from tuner.space import suggest
+
+    record = asdict(suggest(trial, spec.search_space))
+    record["widths"] = list(record["widths"])
+    return record
+
+
+def print_trial(trial: Any, spec: StudySpec, title: str = "Best trial") -> None:
+    """The best trial's parameters, validation objective and honest holdout figures."""
+    attrs = trial.user_attrs
+    table = Table(title=f"{title}: #{trial.number}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in trial_params(trial, spec).items():
+        table.add_row(key, _fmt(value))
+    direction = spec.objective.direction
+    console.print(table)
+    console.print(f"validation objective ({direction}): [bold]{_fmt(trial.value, 5)}[/bold]")
+    if "holdout_completeness" in attrs:
+        console.print(
+            f"threshold {attrs['threshold']:.4g} (chosen on validation: completeness {attrs['val_completeness']:.4f}, "
+            f"contamination {attrs['val_contamination']:.4f})"
+        )
+        console.print(
+            f"holdout completeness   {attrs['holdout_completeness']:.4f}  "
+            f"95% CI [{attrs['holdout_completeness_low']:.4f}, {attrs['holdout_completeness_high']:.4f}]"
+        )
+        console.print(
+            f"holdout contamination  {attrs['holdout_contamination']:.4f}  "
+            f"95% CI [{attrs['holdout_contamination_low']:.4f}, {attrs['holdout_contamination_high']:.4f}]"
+        )
+    console.print(
+        f"epochs {attrs.get('epochs', '?')} (best {attrs.get('best_epoch', '?')}); {attrs.get('stop_reason', '')}"
+    )
+    if "mlflow_run_id" in attrs:
+        console.print(f"MLflow run {attrs['mlflow_run_id']}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from tuner.study import run_study
+
+    spec = _spec_for(args)
+    enqueue = _read_enqueue(args.enqueue)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=args.quiet,
+    )
+    task_id = progress.add_task(spec.study.name, total=None, best="-")
+    last = [time.monotonic()]
+
+    def on_start(study: Any, remaining: int) -> None:
+        from tuner.study import FINISHED_STATES
+
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+        console.print(
+            f"study [bold]{spec.study.name}[/bold]: {finished} finished trial(s) stored, running {remaining} more "
+            f"(n_trials {spec.study.n_trials} in total)"
+        )
+        progress.update(task_id, total=remaining)
+        progress.start()
+
+    def on_trial(study: Any, trial: Any) -> None:
+        now = time.monotonic()
+        seconds, last[0] = now - last[0], now
+        best = "-"
+        with contextlib.suppress(ValueError):  # no completed trial yet
+            best = _fmt(study.best_value, 5)
+        progress.update(task_id, advance=1, best=best)
+        value = _fmt(trial.value, 5) if trial.value is not None else "-"
+        reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("stop_reason", "")
+        if not args.quiet:
+            progress.console.print(
+                f"trial {trial.number:4d} {trial.state.name:8s} value {value:>8s}  "
+                f"epochs {trial.user_attrs.get('epochs', '-')}  {seconds:5.1f}s  "
+                f"{reason if trial.state.name != 'COMPLETE' else ''}"
+            )
+
+    try:
+        result = run_study(spec, device=args.device, enqueue=enqueue, callbacks=[on_trial], on_start=on_start)
+    finally:
+        progress.stop()
+    study = result.study
+    from tuner.study import state_counts
+
+    counts = {k: v for k, v in state_counts(study).items() if v}
+    console.print(f"trials by state: {', '.join(f'{k} {v}' for k, v in counts.items())}")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if complete:
+        print_trial(study.best_trial, spec)
+    else:
+        err_console.print("no trial completed; see the reasons above")
+    console.print(f"MLflow: {result.ui_hint}")
+    if result.tracking_warnings:
+        err_console.print(f"warning: {result.tracking_warnings} MLflow write(s) failed; see the log above")
+    return 0 if complete else 1
+
+
+def _open_study(args: argparse.Namespace) -> tuple[Any, StudySpec]:
+    """The stored study named by a study file or by name, and the spec it was created with."""
+    from tuner.config import spec_from_dict
+    from tuner.study import load_existing
+
+    target = Path(args.study)
+    if target.suffix in (".yaml", ".yml") or target.is_file():
+        spec = _spec_for(args)
+        return load_existing(spec.study.name, spec.study.storage), spec
+    storage = args.storage or StudySpec().study.storage
+    study = load_existing(args.study, storage)
+    stored = study.user_attrs.get("tuner.spec")
+    spec = spec_from_dict(stored) if stored else StudySpec().with_overrides({"study.name": args.study})
+    return study, spec
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tuner.study import state_counts
+
+    study, spec = _open_study(args)
+    name = spec.study.name
+    counts = state_counts(study)
+    table = Table(title=f"study {name}", title_justify="left")
+    table.add_column("state")
+    table.add_column("trials", justify="right")
+    for state, n in counts.items():
+        table.add_row(state, str(n))
+    console.print(table)
+    if counts["COMPLETE"]:
+        best = study.best_trial
+        console.print(
+            f"best so far: trial #{best.number}, value {_fmt(best.value, 5)} ({study.direction.name.lower()})"
+        )
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    study, spec = _open_study(args)
+    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        err_console.print(f"study {spec.study.name!r} has no completed trial yet")
+        return 1
+    best = study.best_trial
+    if args.json:
+        record = {"number": best.number, "value": best.value, "params": trial_params(best, spec), **best.user_attrs}
+        print(json.dumps(record, indent=2))
+    else:
+        print_trial(best, spec)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tuner.data.dataset import build_dataset
+    from tuner.study import check_spec
+
+    spec = _spec_for(args)
+    check_spec(spec)
+    dataset = build_dataset(spec, "cpu")
+    console.print(f"{args.study}: valid")
+    for key, value in dataset.facts().items():
+        console.print(f"  {key}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuner", description="Tune and track neural-network classifiers.")
+    from tuner import __version__
+
+    parser.add_argument("--version", action="version", version=f"tuner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run or continue a study from a study file")
+    run.add_argument("study", help="study file (YAML)")
+    run.add_argument("--storage", help="Optuna storage URL (overrides study.storage)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    run.add_argument("--n-trials", type=int, help="total trials the study should hold (overrides study.n_trials)")
+    run.add_argument("--study-name", help="run under this study name (e.g. to start a new study after a change)")
+    run.add_argument("--enqueue", metavar="PARAMS_JSON", help="JSON object or list of parameter sets to try first")
+    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.set_defaults(func=cmd_run)
+
+    for name, func, text in (
+        ("status", cmd_status, "trial counts by state and the best so far"),
+        ("best", cmd_best, "the best trial: parameters, objective, holdout figures"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("study", help="study file (YAML) or study name")
+        p.add_argument("--storage", help="Optuna storage URL (default: the study file's, else sqlite:///optuna.db)")
+        if name == "best":
+            p.add_argument("--json", action="store_true", help="print as JSON")
+        p.set_defaults(func=func)
+
+    val = sub.add_parser("validate", help="check a study file and its data without running anything")
+    val.add_argument("study", help="study file (YAML)")
+    val.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tuner`` console script."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "n_trials", None) is not None and args.n_trials < 1:
+        err_console.print(f"error: --n-trials must be >= 1, got {args.n_trials}")
+        return 2
+    try:
+        return int(args.func(args))
+    except TunerError as exc:
+        err_console.print(f"error: {exc}", markup=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted: the running trial was recorded FAIL and its MLflow run closed")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""The study file: YAML in, a frozen and validated :class:`StudySpec` out.
+
+Every mistake is found at load time, all of them at once, before any study or MLflow run exists. Each message
+names the key (dotted path), the bad value and the rule, and unknown keys get a "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuner.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu")
+INITS = ("xavier", "he")
+SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp", "nsga2")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
+OBJECTIVES = ("completeness_at_contamination", "val_loss", "roc_auc", "average_precision")
+MONITORS = ("val_loss", "val_auc", "val_ap", "val_objective")
+PREPROCESSORS = ("standardize", "pca_whiten", "none")
+
+#: Direction of each objective metric, and of each early-stopping monitor.
+OBJECTIVE_DIRECTION = {
+    "completeness_at_contamination": "maximize",
+    "val_loss": "minimize",
+    "roc_auc": "maximize",
+    "average_precision": "maximize",
+}
+MONITOR_MODE = {"val_loss": "min", "val_auc": "max", "val_ap": "max"}
+
+DEFAULT_FEATURES = ("u-g", "g-r", "r-i", "i-z")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _scalar_to_fixed(data: Any) -> Any:
+    # A bare value in the search space means "fixed": keep one model per kind instead of a union whose
+    # pydantic errors would be reported once per union member.
+    if isinstance(data, dict):
+        return data
+    return {"value": data}
+
+
+class FloatParam(_Frozen):
+    """A float hyperparameter: a range ``{low, high, log}`` or a fixed ``value``."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    value: float | None = None
+
+    _to_fixed = model_validator(mode="before")(_scalar_to_fixed)
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatParam:
+        _check_range(self.low, self.high, self.log, self.value)
+        return self
+
+    @property
+    def fixed(self) -> bool:
+        return self.value is not None
+
+
+class IntParam(_Frozen):
+    """An integer hyperparameter: a range ``{low, high, log, powers_of_two}`` or a fixed ``value``."""
+
+    low: int | None = None
+    high: int | None = None
+    log: bool = False
+    powers_of_two: bool = False
+    value: int | None = None
+
+    _to_fixed = model_validator(mode="before")(_scalar_to_fixed)
+
+    @model_validator(mode="after")
+    def _check(self) -> IntParam:
+        _check_range(self.low, self.high, self.log, self.value)
+        if self.powers_of_two:
+            for name in ("low", "high", "value"):
+                v = getattr(self, name)
+                if v is not None and (v < 1 or v & (v - 1)):
+                    raise ValueError(f"{name} must be a power of two when powers_of_two is true, got {name}={v}")
+        return self
+
+    @property
+    def fixed(self) -> bool:
+        return self.value is not None
+
+
+class ChoiceParam(_Frozen):
+    """A categorical hyperparameter: ``{choices: [...]}`` or a fixed ``value``."""
+
+    choices: tuple[Any, ...] | None = None
+    value: Any = None
+
+    _to_fixed = model_validator(mode="before")(_scalar_to_fixed)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChoiceParam:
+        if self.value is None and self.choices is None:
+            raise ValueError("give either choices: [...] or a fixed value")
+        if self.value is not None and self.choices is not None:
+            raise ValueError(f"give choices or a fixed value, not both, got choices={list(self.choices)}")
+        if self.choices is not None:
+            if len(self.choices) == 0:
+                raise ValueError("choices must not be empty, got []")
+            if len(set(map(repr, self.choices))) != len(self.choices):
+                raise ValueError(f"choices must not repeat, got {list(self.choices)}")
+        return self
+
+    @property
+    def fixed(self) -> bool:
+        return self.value is not None
+
+    @property
+    def options(self) -> tuple[Any, ...]:
+        return (self.value,) if self.choices is None else self.choices
+
+
+def _check_range(low: float | None, high: float | None, log: bool, value: float | None) -> None:
+    if value is not None:
+        if low is not None or high is not None:
+            raise ValueError(f"give low/high or a fixed value, not both, got low={low}, high={high}, value={value}")
+        if log and value <= 0:
+            raise ValueError(f"a log-scaled value must be > 0, got value={value}")
+        return
+    if low is None or high is None:
+        raise ValueError(f"a range needs both low and high, got low={low}, high={high}")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"low and high must be finite, got low={low}, high={high}")
+    if low >= high:
+        raise ValueError(f"low must be < high, got low={low}, high={high}")
+    if log and low <= 0:
+        raise ValueError(f"a log range needs low > 0, got low={low}")
+
+
+def _check_choices(param: ChoiceParam, allowed: tuple[Any, ...]) -> ChoiceParam:
+    for option in param.options:
+        if option not in allowed:
+            hint = _did_you_mean(str(option), [str(a) for a in allowed])
+            raise ValueError(f"unknown choice {option!r}; allowed: {', '.join(map(str, allowed))}{hint}")
+    return param
+
+
+def _bounds(param: FloatParam | IntParam) -> tuple[float, float]:
+    if param.value is not None:
+        return float(param.value), float(param.value)
+    assert param.low is not None and param.high is not None
+    return float(param.low), float(param.high)
+
+
+class SearchSpace(_Frozen):
+    """The hyperparameters a trial draws; every entry can be narrowed, fixed or widened."""
+
+    n_layers: IntParam = IntParam(low=1, high=5)
+    width: IntParam = IntParam(low=16, high=1024, log=True)
+    lr: FloatParam = FloatParam(low=1e-4, high=1e-1, log=True)
+    momentum: FloatParam = FloatParam(low=0.1, high=0.99)
+    dropout: FloatParam = FloatParam(low=0.0, high=0.5)
+    weight_decay: FloatParam = FloatParam(low=1e-6, high=1e-1, log=True)
+    batch_size: IntParam = IntParam(low=16, high=1024, log=True, powers_of_two=True)
+    optimizer: ChoiceParam = ChoiceParam(choices=OPTIMIZERS)
+    activation: ChoiceParam = ChoiceParam(choices=ACTIVATIONS)
+    init: ChoiceParam = ChoiceParam(choices=INITS)
+    batch_norm: ChoiceParam = ChoiceParam(choices=(False, True))
+
+    @field_validator("n_layers", "width", "batch_size")
+    @classmethod
+    def _positive_int(cls, p: IntParam) -> IntParam:
+        low, _ = _bounds(p)
+        if low < 1:
+            raise ValueError(f"must be >= 1, got {low:g}")
+        return p
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum(cls, p: FloatParam) -> FloatParam:
+        low, high = _bounds(p)
+        if low < 0 or high >= 1:
+            raise ValueError(f"momentum must lie in [0, 1), got low={low:g}, high={high:g}")
+        return p
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, p: FloatParam) -> FloatParam:
+        low, high = _bounds(p)
+        if low < 0 or high >= 1:
+            raise ValueError(f"dropout must lie in [0, 1), got low={low:g}, high={high:g}")
+        return p
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _non_negative(cls, p: FloatParam) -> FloatParam:
+        low, _ = _bounds(p)
+        if low < 0:
+            raise ValueError(f"must be >= 0, got low={low:g}")
+        return p
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, p: ChoiceParam) -> ChoiceParam:
+        return _check_choices(p, OPTIMIZERS)
+
+    @field_validator("activation")
+    @classmethod
+    def _activation(cls, p: ChoiceParam) -> ChoiceParam:
+        return _check_choices(p, ACTIVATIONS)
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, p: ChoiceParam) -> ChoiceParam:
+        return _check_choices(p, INITS)
+
+    @field_validator("batch_norm")
+    @classmethod
+    def _batch_norm(cls, p: ChoiceParam) -> ChoiceParam:
+        return _check_choices(p, (False, True))
+
+
+class SimulatedSpec(_Frozen):
+    """Sizes of the embedded simulated catalogue."""
+
+    n_star: int = Field(100_000, ge=0)
+    n_quasar: int = Field(1_000, ge=0)
+    n_galaxy: int = Field(0, ge=0)
+
+
+class SplitSpec(_Frozen):
+    """Fractions of the one stratified split; train is what validation and holdout leave."""
+
+    train: float | None = None
+    validation: float = Field(0.2, gt=0, lt=1)
+    holdout: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums(self) -> SplitSpec:
+        rest = 1.0 - self.validation - self.holdout
+        # A tolerance: 0.7 + 0.3 leaves 5.6e-17 in floating point, which is no room for training rows.
+        if rest <= 1e-9:
+            raise ValueError(
+                "validation + holdout must be < 1 to leave rows for training, "
+                f"got validation={self.validation}, holdout={self.holdout}"
+            )
+        if self.train is not None and abs(self.train + self.validation + self.holdout - 1.0) > 1e-9:
+            raise ValueError(
+                "train + validation + holdout must sum to 1, "
+                f"got train={self.train}, validation={self.validation}, holdout={self.holdout}"
+            )
+        return self
+
+    @property
+    def train_fraction(self) -> float:
+        return 1.0 - self.validation - self.holdout
+
+
+class DataSpec(_Frozen):
+    """Where rows come from, which columns are features and target, and how they are split and scaled."""
+
+    source: str = "simulated"
+    simulated: SimulatedSpec = SimulatedSpec()
+    features: tuple[str, ...] = DEFAULT_FEATURES
+    target: str = "class"
+    positive: str | None = "QSO"
+    id_columns: tuple[str, ...] = ()
+    split: SplitSpec = SplitSpec()
+    # The split uses seed and seed + 1 as scikit-learn random states, which must lie in [0, 2**32 - 1].
+    seed: Annotated[int, Field(ge=0, le=2**32 - 2)] = 0
+    preprocess: Literal["standardize", "pca_whiten", "none"] = "standardize"
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one feature is needed, got []")
+        dupes = sorted({f for f in v if v.count(f) > 1})
+        if dupes:
+            raise ValueError(f"features must not repeat, got {dupes} more than once")
+        return v
+
+
+class TrainSpec(_Frozen):
+    """How each trial trains: epochs, early stopping, evaluation chunking."""
+
+    max_epochs: int = Field(60, ge=1)
+    patience: int = Field(8, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+    monitor: Literal["val_loss", "val_auc", "val_ap", "val_objective"] = "val_loss"
+    eval_batch_size: int = Field(65_536, ge=1)
+    pos_weight: float | Literal["balanced"] | None = None
+
+    @field_validator("pos_weight")
+    @classmethod
+    def _pos_weight(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"pos_weight must be > 0, 'balanced' or null, got {v}")
+        return v
+
+
+class ObjectiveSpec(_Frozen):
+    """What a trial returns to Optuna; measured on validation only."""
+
+    metric: Literal["completeness_at_contamination", "val_loss", "roc_auc", "average_precision"] = (
+        "completeness_at_contamination"
+    )
+    target_contamination: float = 0.1
+
+    @field_validator("target_contamination")
+    @classmethod
+    def _target(cls, v: float) -> float:
+        if not (0.0 < v < 1.0):
+            raise ValueError(f"target_contamination must lie in (0, 1), got {v}")
+        return v
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVE_DIRECTION[self.metric]
+
+
+class StudySection(_Frozen):
+    """The Optuna study: name, storage, sampler and pruner by name, budget, seed, warm-start trials."""
+
+    name: str = Field("tuner-study", min_length=1)
+    storage: str = "sqlite:///optuna.db"
+    sampler: str = "tpe"
+    sampler_options: dict[str, Any] = Field(default_factory=dict)
+    pruner: str = "median"
+    pruner_options: dict[str, Any] = Field(default_factory=dict)
+    n_trials: int = Field(20, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    # Optuna's samplers seed numpy, which takes [0, 2**32 - 1].
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    enqueue: tuple[dict[str, Any], ...] = ()
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        if v not in SAMPLERS:
+            raise ValueError(f"unknown sampler {v!r}; allowed: {', '.join(SAMPLERS)}{_did_you_mean(v, SAMPLERS)}")
+        return v
+
+    @field_validator("pruner")
+    @classmethod
+    def _pruner(cls, v: str) -> str:
+        if v not in PRUNERS:
+            raise ValueError(f"unknown pruner {v!r}; allowed: {', '.join(PRUNERS)}{_did_you_mean(v, PRUNERS)}")
+        return v
+
+
+class TrackingSpec(_Frozen):
+    """MLflow: where metadata and artifacts go, and what is logged."""
+
+    enabled: bool = True
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_location: str = "mlruns/artifacts"
+    experiment: str | None = None
+    plots: bool = True
+    plotlyjs: Literal["cdn", "embed"] = "cdn"
+
+
+class StudySpec(_Frozen):
+    """A whole study file, validated. Build it with :func:`load_spec` or :func:`spec_from_dict`."""
+
+    data: DataSpec = DataSpec()
+    task: Literal["binary", "multiclass"] = "binary"
+    search_space: SearchSpace = SearchSpace()
+    train: TrainSpec = TrainSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
+    study: StudySection = StudySection()
+    tracking: TrackingSpec = TrackingSpec()
+    # Directory that relative data paths are resolved against (the study file's folder); not a YAML key.
+    base_dir: str = Field(".", exclude=True)
+
+    @model_validator(mode="after")
+    def _cross(self) -> StudySpec:
+        if self.task == "binary" and self.data.positive is None:
+            raise ValueError("data.positive: a binary task needs the positive class, got null")
+        if self.objective.metric == "completeness_at_contamination" and self.data.positive is None:
+            raise ValueError("data.positive: objective completeness_at_contamination needs a positive class, got null")
+        return self
+
+    def fingerprint(self, *sections: str) -> str:
+        """A stable hash of the named sections, to detect a study file changed under an existing study."""
+        dumped = self.model_dump(mode="json", include=set(sections))
+        return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+
+    def data_path(self) -> Path | None:
+        """The catalogue file, resolved against the study file's folder; None for the simulated catalogue."""
+        if self.data.source == "simulated":
+            return None
+        path = Path(self.data.source).expanduser()
+        return path if path.is_absolute() else (Path(self.base_dir) / path).resolve()
+
+    def with_overrides(self, overrides: dict[str, Any]) -> StudySpec:
+        """Return a validated copy with dotted keys replaced (``{"study.n_trials": 5}``)."""
+        raw = self.model_dump(mode="python", exclude_defaults=False)
+        for dotted, value in overrides.items():
+            node = raw
+            *parents, leaf = dotted.split(".")
+            for i, key in enumerate(parents):
+                # An unknown section is added empty, so validation reports it with a "did you mean".
+                child = node.setdefault(key, {})
+                if not isinstance(child, dict):
+                    section = ".".join(parents[: i + 1])
+                    raise ConfigError(f"{dotted}: {section} is not a section, got {child!r}")
+                node = child
+            node[leaf] = value
+        return spec_from_dict(raw, base_dir=self.base_dir)
+
+
+def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that holds the keys at a dotted location, for "did you mean" on unknown keys."""
+    model: type[BaseModel] = StudySpec
+    for key in path:
+        field = model.model_fields.get(str(key))
+        if field is None:
+            return None
+        inner = _model_in(field.annotation)
+        if inner is None:
+            return None
+        model = inner
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _format_error(err: Any) -> str:
+    loc = tuple(p for p in err["loc"] if p != "value")
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        options = list(parent.model_fields) if parent else []
+        options = [o for o in options if o != "base_dir"]
+        section = ".".join(str(p) for p in loc[:-1]) or "the study file"
+        return f"unknown key {str(loc[-1])!r} in {section}{_did_you_mean(str(loc[-1]), options)}"
+    msg = str(err["msg"])
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        # A cross-section rule names its own key; keep it instead of "(top level)".
+        if not loc and ":" in msg.split(" ", 1)[0]:
+            return msg
+        return f"{where}: {msg}"
+    return f"{where}: {msg}, got {err.get('input')!r}"
+
+
+def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str | None = None) -> StudySpec:
+    """Validate a parsed study file.
+
+    Args:
+        raw: The parsed YAML mapping.
+        base_dir: Folder that relative data paths are resolved against.
+        source: Name of the file, for messages.
+
+    Returns:
+        The frozen spec.
+
+    Raises:
+        ConfigError: Listing every problem found.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the study file must be a mapping of sections, got {type(raw).__name__}", source=source)
+    raw = {k: v for k, v in raw.items() if k != "base_dir"} | {"base_dir": str(base_dir)}
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = list(dict.fromkeys(_format_error(e) for e in exc.errors()))
+        raise ConfigError(problems, source=source) from None
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study file (YAML).
+
+    Args:
+        path: The study file.
+
+    Returns:
+        The frozen spec; a study without ``study.name`` is named after the file.
+
+    Raises:
+        ConfigError: The file is missing, is not YAML, or breaks a rule (all problems listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from None
+    if raw is None:  # an empty file: every default, named after the file like any other
+        raw = {}
+    if isinstance(raw, dict) and isinstance(raw.get("study"), dict) and "name" not in raw["study"]:
+        raw["study"] = {**raw["study"], "name": path.stem}
+    elif isinstance(raw, dict) and "study" not in raw:
+        raw = {**raw, "study": {"name": path.stem}}
+    return spec_from_dict(raw, base_dir=path.resolve().parent, source=str(path))

@@ -1,0 +1,120 @@
+"""The study's data, built once per process: catalogue -> split -> fitted scaling -> tensors on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tuner.config import StudySpec
+from tuner.data.load import Catalogue, catalogue_from_frame, read_table
+from tuner.data.preprocess import Preprocessor
+from tuner.data.split import SplitIndices, stratified_split
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the split, already scaled and on the device."""
+
+    x: torch.Tensor  # (n, d) float32
+    y: torch.Tensor  # (n,) int64
+    y_numpy: np.ndarray  # host copy of the labels, for metrics
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Everything a trial needs from the data; shared read-only by every trial of the process."""
+
+    train: Part
+    validation: Part
+    holdout: Part
+    catalogue: Catalogue
+    split: SplitIndices
+    preprocessor: Preprocessor
+    positive_index: int  # column of the positive class in the model's output probabilities
+    device: torch.device
+
+    @property
+    def n_features(self) -> int:
+        return int(self.train.x.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.catalogue.class_names)
+
+    def facts(self) -> dict[str, str]:
+        """What identifies the data, for tags and the model card."""
+        counts = np.bincount(self.catalogue.labels, minlength=self.n_classes)
+        sizes = self.split.sizes()
+        return {
+            "data.source": self.catalogue.source,
+            "data.hash": self.catalogue.data_hash,
+            "data.rows": str(self.catalogue.n_rows),
+            "data.class_counts": ", ".join(
+                f"{n}={int(c)}" for n, c in zip(self.catalogue.class_names, counts, strict=True)
+            ),
+            "data.split_sizes": ", ".join(f"{k}={v}" for k, v in sizes.items()),
+            "data.features": ", ".join(self.catalogue.feature_names),
+        }
+
+
+def load_catalogue(spec: StudySpec) -> Catalogue:
+    """Read (or simulate) and validate the study's catalogue.
+
+    Raises:
+        DataError: The catalogue cannot be used.
+    """
+    path = spec.data_path()
+    if path is None:
+        from tuner.data.catalogue import simulate_catalogue
+
+        sim = spec.data.simulated
+        frame = simulate_catalogue(n_star=sim.n_star, n_quasar=sim.n_quasar, n_galaxy=sim.n_galaxy, seed=spec.data.seed)
+        source = (
+            f"simulated(n_star={sim.n_star}, n_quasar={sim.n_quasar}, n_galaxy={sim.n_galaxy}, seed={spec.data.seed})"
+        )
+    else:
+        frame = read_table(path)
+        source = str(path)
+    return catalogue_from_frame(frame, spec.data, task=spec.task, source=source)
+
+
+def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue: Catalogue | None = None) -> Dataset:
+    """Split once, fit scaling on train only, and move every part to the device.
+
+    Args:
+        spec: The study.
+        device: Where the tensors live for the whole study.
+        catalogue: Already loaded rows; loaded from the spec when None.
+
+    Returns:
+        The dataset.
+    """
+    catalogue = catalogue or load_catalogue(spec)
+    device = torch.device(device)
+    split = stratified_split(catalogue.labels, spec.data.split, spec.data.seed, catalogue.class_names)
+    preprocessor = Preprocessor.fit(spec.data.preprocess, catalogue.features[split.train])
+
+    def part(idx: np.ndarray) -> Part:
+        x = torch.from_numpy(preprocessor.transform(catalogue.features[idx])).to(device)
+        y_np = catalogue.labels[idx]
+        return Part(x=x, y=torch.from_numpy(y_np).to(device), y_numpy=y_np)
+
+    if spec.task == "binary":
+        positive_index = 1
+    else:
+        positive_index = catalogue.class_names.index(spec.data.positive) if spec.data.positive else 0
+    return Dataset(
+        train=part(split.train),
+        validation=part(split.validation),
+        holdout=part(split.holdout),
+        catalogue=catalogue,
+        split=split,
+        preprocessor=preprocessor,
+        positive_index=positive_index,
+        device=device,
+    )

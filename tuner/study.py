@@ -1,0 +1,659 @@
+"""Orchestration: storage, sampler and pruner by name, the objective, the pruning adapter, resume rules.
+
+Data flows one way: spec -> dataset (once per process) -> per trial: params -> model -> fit -> evaluation
+(validation picks the operating point, the holdout only measures it) -> tracker -> objective value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.study import MaxTrialsCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner import metrics
+from tuner.config import MONITOR_MODE, OBJECTIVE_DIRECTION, StudySpec
+from tuner.data.dataset import Dataset, build_dataset
+from tuner.errors import ConfigError, StorageError
+from tuner.model import build_mlp
+from tuner.space import TrialParams, enqueue_params, max_layers, suggest
+from tuner.tracking import MlflowTracker, NullTracker, Tracker, mask_password
+from tuner.train import FitConfig, FitResult, fit, predict_logits, probabilities
+
+#: Sections of the study file whose change makes earlier trials incomparable.
+FINGERPRINTED = ("data", "task", "search_space", "train", "objective")
+#: Trial states that count towards ``study.n_trials``.
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class TrialFailed(Exception):
+    """A trial that cannot produce a value (non-finite loss or objective); recorded FAIL, the study goes on."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Strategies by name
+
+
+def make_sampler(name: str, seed: int, options: dict[str, Any] | None = None) -> optuna.samplers.BaseSampler:
+    """The sampler registered under ``name``, seeded by the study seed."""
+    options = dict(options or {})
+    factories: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+        "tpe": optuna.samplers.TPESampler,
+        "random": optuna.samplers.RandomSampler,
+        "qmc": optuna.samplers.QMCSampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+        "gp": optuna.samplers.GPSampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+    }
+    return factories[name](seed=seed, **options)
+
+
+def make_pruner(name: str, options: dict[str, Any] | None = None) -> optuna.pruners.BasePruner:
+    """The pruner registered under ``name``; ``none`` never prunes."""
+    options = dict(options or {})
+    if name == "percentile":
+        options.setdefault("percentile", 25.0)
+    factories: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
+        "median": optuna.pruners.MedianPruner,
+        "percentile": optuna.pruners.PercentilePruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "none": optuna.pruners.NopPruner,
+    }
+    return factories[name](**options)
+
+
+def check_spec(spec: StudySpec, extra_enqueue: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Checks that need Optuna: sampler/pruner options and warm-start entries. All problems at once.
+
+    Returns:
+        The warm-start entries in Optuna's parameter names.
+
+    Raises:
+        ConfigError: Listing every problem.
+    """
+    problems: list[str] = []
+    for what, build in (
+        ("sampler", lambda: make_sampler(spec.study.sampler, spec.study.seed, spec.study.sampler_options)),
+        ("pruner", lambda: make_pruner(spec.study.pruner, spec.study.pruner_options)),
+    ):
+        try:
+            build()
+        except (TypeError, ValueError) as exc:
+            name = getattr(spec.study, what)
+            problems.append(f"study.{what}_options: not accepted by the {name} {what}: {exc}")
+    entries: list[dict[str, Any]] = []
+    all_entries = [(f"study.enqueue[{i}]", e) for i, e in enumerate(spec.study.enqueue)]
+    all_entries += [(f"--enqueue entry {i}", e) for i, e in enumerate(extra_enqueue)]
+    for where, entry in all_entries:
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be a mapping of parameter names to values, got {entry!r}")
+            continue
+        params, found = enqueue_params(spec.search_space, entry, where)
+        problems += found
+        entries.append(params)
+    if problems:
+        raise ConfigError(problems)
+    return entries
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is the first CUDA device when one is present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {device!r} asked for, but no CUDA device is available; use --device cpu")
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Storage
+
+
+def storage_url(spec: StudySpec, storage: str | None = None) -> str:
+    url = storage or spec.study.storage
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def _storage_exists(url: str) -> bool:
+    # Opening an SQLite URL creates the file and tables; do not, when only looking.
+    return not url.startswith("sqlite:///") or Path(url[len("sqlite:///") :]).exists()
+
+
+def find_study(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.Study | None:
+    """The stored study, or None when there is none of that name.
+
+    Raises:
+        StorageError: The storage cannot be reached.
+    """
+    if isinstance(storage, str) and not _storage_exists(storage):
+        return None
+    try:
+        if name not in optuna.get_all_study_names(storage):
+            return None
+        return optuna.load_study(study_name=name, storage=storage)
+    except Exception as exc:  # storage drivers raise many types; every one means "cannot reach it"
+        if isinstance(exc, StorageError):
+            raise
+        where = mask_password(storage) if isinstance(storage, str) else type(storage).__name__
+        raise StorageError(f"study.storage: cannot open {where}: {type(exc).__name__}: {exc}") from None
+
+
+def _changed_sections(study: optuna.Study, spec: StudySpec) -> list[str]:
+    stored = study.user_attrs.get("tuner.fingerprints", {})
+    return [s for s in FINGERPRINTED if s in stored and stored[s] != spec.fingerprint(s)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One trial
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A trained model judged honestly: the operating point from validation, measured on the holdout."""
+
+    objective: float
+    val_point: metrics.OperatingPoint
+    holdout: metrics.MeasuredPoint
+    val_auc: float
+    holdout_auc: float
+    val_ap: float
+    val_scores: np.ndarray
+    holdout_scores: np.ndarray
+
+    def final_metrics(self) -> dict[str, float]:
+        h = self.holdout
+        return {
+            "val_objective": self.objective,
+            "threshold": self.val_point.threshold,
+            "val_completeness": self.val_point.completeness,
+            "val_contamination": self.val_point.contamination,
+            "val_auc": self.val_auc,
+            "val_ap": self.val_ap,
+            "holdout_completeness": h.completeness,
+            "holdout_completeness_low": h.completeness_ci.low,
+            "holdout_completeness_high": h.completeness_ci.high,
+            "holdout_contamination": h.contamination,
+            "holdout_contamination_low": h.contamination_ci.low,
+            "holdout_contamination_high": h.contamination_ci.high,
+            "holdout_auc": self.holdout_auc,
+        }
+
+
+def validation_scorer(spec: StudySpec, dataset: Dataset) -> Callable[[np.ndarray], dict[str, float]]:
+    """Per-epoch validation metrics: the objective (what pruning compares) and the monitor when it differs."""
+    y = dataset.validation.y_numpy == dataset.positive_index
+    target = spec.objective.target_contamination
+    metric = spec.objective.metric
+    want_auc = metric == "roc_auc" or spec.train.monitor == "val_auc"
+    want_ap = metric == "average_precision" or spec.train.monitor == "val_ap"
+
+    def score(probs: np.ndarray) -> dict[str, float]:
+        p = probs[:, dataset.positive_index]
+        out: dict[str, float] = {}
+        if want_auc:
+            out["val_auc"] = metrics.roc_auc(y, p)
+        if want_ap:
+            out["val_ap"] = metrics.average_precision(y, p)
+        if metric == "completeness_at_contamination":
+            out["val_objective"] = metrics.choose_operating_point(y, p, target).completeness
+        elif metric == "roc_auc":
+            out["val_objective"] = out["val_auc"]
+        elif metric == "average_precision":
+            out["val_objective"] = out["val_ap"]
+        return out
+
+    return score
+
+
+def evaluate(model: torch.nn.Module, dataset: Dataset, spec: StudySpec, fit_result: FitResult) -> Evaluation:
+    """Choose the threshold on validation, freeze it, measure it on the holdout."""
+    chunk = spec.train.eval_batch_size
+    pos = dataset.positive_index
+
+    def scores(x: torch.Tensor) -> np.ndarray:
+        return probabilities(predict_logits(model, x, chunk), spec.task)[:, pos].cpu().numpy().astype(np.float64)
+
+    val_scores, hold_scores = scores(dataset.validation.x), scores(dataset.holdout.x)
+    y_val = dataset.validation.y_numpy == pos
+    y_hold = dataset.holdout.y_numpy == pos
+    point = metrics.choose_operating_point(y_val, val_scores, spec.objective.target_contamination)
+    measured = metrics.apply_operating_point(y_hold, hold_scores, point)
+    val_auc = metrics.roc_auc(y_val, val_scores)
+    val_ap = metrics.average_precision(y_val, val_scores)
+    objective = {
+        "completeness_at_contamination": point.completeness,
+        "val_loss": fit_result.best_metrics.get("val_loss", float("nan")),
+        "roc_auc": val_auc,
+        "average_precision": val_ap,
+    }[spec.objective.metric]
+    return Evaluation(
+        objective=float(objective),
+        val_point=point,
+        holdout=measured,
+        val_auc=val_auc,
+        holdout_auc=metrics.roc_auc(y_hold, hold_scores),
+        val_ap=val_ap,
+        val_scores=val_scores,
+        holdout_scores=hold_scores,
+    )
+
+
+class PruningCallback:
+    """Reports the validation objective to Optuna each epoch and raises ``TrialPruned`` when told to."""
+
+    def __init__(self, trial: optuna.Trial, key: str = "val_objective") -> None:
+        self.trial = trial
+        self.key = key
+        self.pruned_at: int | None = None
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        value = metrics.get(self.key, metrics["val_loss"])
+        if not math.isfinite(value):
+            return
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            self.pruned_at = epoch
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.key}={value:.6g})")
+
+
+class TrackingCallback:
+    """Buffers each epoch's metrics for the trial's run."""
+
+    def __init__(self, tracker: Tracker, run_id: str | None) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self.history: list[dict[str, float]] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.history.append(metrics)
+        self.tracker.log_epoch(self.run_id, epoch, metrics)
+
+
+def fit_config(spec: StudySpec, dataset: Dataset) -> FitConfig:
+    pos_weight: float | None
+    if spec.train.pos_weight == "balanced":
+        y = dataset.train.y_numpy == dataset.positive_index
+        pos_weight = float((~y).sum() / max(int(y.sum()), 1))
+    else:
+        pos_weight = spec.train.pos_weight if isinstance(spec.train.pos_weight, float) else None
+    monitor = spec.train.monitor
+    mode = MONITOR_MODE.get(monitor) or ("max" if OBJECTIVE_DIRECTION[spec.objective.metric] == "maximize" else "min")
+    return FitConfig(
+        task=spec.task,
+        max_epochs=spec.train.max_epochs,
+        patience=spec.train.patience,
+        min_delta=spec.train.min_delta,
+        monitor=monitor,
+        monitor_mode=mode,
+        eval_batch_size=spec.train.eval_batch_size,
+        pos_weight=pos_weight if spec.task == "binary" else None,
+    )
+
+
+class Objective:
+    """The function Optuna calls: one trial, tracked, judged on validation, measured on the holdout."""
+
+    def __init__(self, spec: StudySpec, dataset: Dataset, tracker: Tracker) -> None:
+        self.spec = spec
+        self.dataset = dataset
+        self.tracker = tracker
+        self.config = fit_config(spec, dataset)
+        self.score_validation = validation_scorer(spec, dataset)
+        self.max_layers = max_layers(spec.search_space)
+
+    def train_trial(
+        self, params: TrialParams, seed: int, callbacks: Sequence[Any]
+    ) -> tuple[torch.nn.Module, FitResult]:
+        """Build and fit one model; also used to replay a trial alone."""
+        model = build_mlp(
+            self.dataset.n_features,
+            params,
+            1 if self.spec.task == "binary" else self.dataset.n_classes,
+            generator=torch.Generator().manual_seed(seed),
+        ).to(self.dataset.device)
+        result = fit(
+            model,
+            self.dataset.train,
+            self.dataset.validation,
+            params,
+            self.config,
+            seed=seed,
+            score_validation=self.score_validation,
+            callbacks=callbacks,
+        )
+        return model, result
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest(trial, self.spec.search_space)
+        seed = self.spec.study.seed + trial.number
+        trial.set_user_attr("seed", seed)
+        run_id = self.tracker.start_trial(
+            trial.number,
+            params.as_record(self.max_layers),
+            {"optuna.trial_number": str(trial.number), "optuna.study_name": self.spec.study.name, "seed": str(seed)},
+        )
+        if run_id is not None:
+            trial.set_user_attr("mlflow_run_id", run_id)
+        tracking = TrackingCallback(self.tracker, run_id)
+        pruning = PruningCallback(trial)
+        state, final, tags, artifacts = "FAIL", {}, {}, {}
+        try:
+            try:
+                model, result = self.train_trial(params, seed, [tracking, pruning])
+            except optuna.TrialPruned as exc:
+                state = "PRUNED"
+                tags = {"stop_reason": str(exc)}
+                final = {"epochs": float(len(tracking.history))}
+                trial.set_user_attr("stop_reason", str(exc))
+                trial.set_user_attr("epochs", len(tracking.history))
+                raise
+            except torch.OutOfMemoryError as exc:
+                tags = {"stop_reason": f"out of memory: {exc}"}
+                raise TrialFailed(f"out of memory: {exc}") from None
+            trial.set_user_attr("stop_reason", result.stop_reason)
+            trial.set_user_attr("epochs", result.epochs)
+            trial.set_user_attr("best_epoch", result.best_epoch)
+            tags = {"stop_reason": result.stop_reason}
+            final = {"epochs": float(result.epochs), "best_epoch": float(result.best_epoch or 0)}
+            if result.failed:
+                trial.set_user_attr("fail_reason", result.stop_reason)
+                raise TrialFailed(result.stop_reason)
+            ev = evaluate(model, self.dataset, self.spec, result)
+            if not math.isfinite(ev.objective):
+                reason = f"non-finite objective {self.spec.objective.metric}={ev.objective}"
+                trial.set_user_attr("fail_reason", reason)
+                tags["stop_reason"] = reason
+                raise TrialFailed(reason)
+            final.update(ev.final_metrics())
+            for key, value in ev.final_metrics().items():
+                trial.set_user_attr(key, value)
+            if self.spec.tracking.enabled and self.spec.tracking.plots:
+                artifacts = self._plots(result, ev, trial.number)
+            state = "COMPLETE"
+            return ev.objective
+        finally:
+            # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
+            self.tracker.end_trial(run_id, state, final, tags, artifacts)
+
+    def _plots(self, result: FitResult, ev: Evaluation, number: int) -> dict[str, str]:
+        from tuner.report import trial_artifacts
+
+        pos = self.dataset.positive_index
+        curves = {
+            "validation": (self.dataset.validation.y_numpy == pos, ev.val_scores),
+            "holdout": (self.dataset.holdout.y_numpy == pos, ev.holdout_scores),
+        }
+        points = {
+            "validation": (ev.val_point.completeness, ev.val_point.contamination),
+            "holdout": (ev.holdout.completeness, ev.holdout.contamination),
+        }
+        return trial_artifacts(
+            result.history,
+            result.best_epoch,
+            curves,
+            points,
+            self.spec.objective.target_contamination,
+            f"trial {number}",
+            self.spec.tracking.plotlyjs,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The study
+
+
+@dataclass
+class StudyResult:
+    """What :func:`run_study` did."""
+
+    study: optuna.Study
+    dataset: Dataset
+    n_run: int
+    ui_hint: str
+    tracking_warnings: int = 0
+    facts: dict[str, str] = field(default_factory=dict)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, list | tuple) else value
+
+
+def spec_params(spec: StudySpec) -> dict[str, Any]:
+    """The spec flattened into dotted MLflow params, passwords masked."""
+    raw = spec.model_dump(mode="json")
+    raw["study"]["storage"] = mask_password(raw["study"]["storage"])
+    raw["tracking"]["uri"] = mask_password(raw["tracking"]["uri"])
+    out: dict[str, Any] = {}
+    _flatten("", raw, out)
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def environment_tags() -> dict[str, str]:
+    """Package versions and the code's commit, so a run can be traced to what produced it."""
+    import mlflow
+
+    from tuner import __version__
+
+    # "mlflow." is MLflow's own tag namespace: keep ours under "env.".
+    tags = {
+        "env.tuner": __version__,
+        "env.python": platform.python_version(),
+        "env.torch": torch.__version__,
+        "env.optuna": optuna.__version__,
+        "env.mlflow": mlflow.__version__,
+        "env.numpy": np.__version__,
+    }
+    commit = _git_commit()
+    if commit:
+        tags["env.git_commit"] = commit
+    return tags
+
+
+def make_tracker(spec: StudySpec, tracking_uri: str | None = None) -> Tracker:
+    if not spec.tracking.enabled:
+        return NullTracker()
+    return MlflowTracker(
+        tracking_uri or spec.tracking.uri,
+        spec.tracking.experiment or spec.study.name,
+        spec.tracking.artifact_location,
+    )
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    tracker: Tracker | None = None,
+    device: str | torch.device = "auto",
+    n_trials: int | None = None,
+    enqueue: Sequence[dict[str, Any]] = (),
+    dataset: Dataset | None = None,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    on_start: Callable[[optuna.Study, int], None] | None = None,
+) -> StudyResult:
+    """Run (or continue) a study until it holds ``n_trials`` finished trials in total.
+
+    Every check that can fail on user input runs before the study or any MLflow run is created.
+
+    Args:
+        spec: The validated study file.
+        storage: Overrides ``study.storage``: a URL or an Optuna storage object.
+        sampler: Overrides the sampler named in the spec.
+        pruner: Overrides the pruner named in the spec.
+        tracker: Overrides the tracker built from ``tracking``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or a torch device.
+        n_trials: Overrides ``study.n_trials`` (the total, counting earlier runs).
+        enqueue: More warm-start entries, evaluated first.
+        dataset: An already built dataset (tests, notebooks); built from the spec when None.
+        callbacks: Optuna callbacks, called after each trial (progress displays).
+        on_start: Called once with the study and the number of trials to run, before the first.
+
+    Returns:
+        The study and what was run.
+
+    Raises:
+        ConfigError, DataError, StorageError, TrackingError: With a message naming the key and the rule.
+    """
+    entries = check_spec(spec, enqueue)
+    total = n_trials or spec.study.n_trials
+    torch_device = resolve_device(device) if isinstance(device, str) else device
+    dataset = dataset or build_dataset(spec, torch_device)
+    url_or_storage: str | optuna.storages.BaseStorage = (
+        storage_url(spec, storage) if storage is None or isinstance(storage, str) else storage
+    )
+    existing = find_study(spec.study.name, url_or_storage)
+    if existing is not None:
+        changed = _changed_sections(existing, spec)
+        if changed:
+            raise ConfigError(
+                f"study.name: study {spec.study.name!r} already exists in {_where(url_or_storage)} with a different "
+                f"{', '.join(changed)}; its trials would not be comparable. Restore the study file, or start a new "
+                "study with --study-name NEW_NAME"
+            )
+        if existing.direction.name.lower() != spec.objective.direction:
+            raise ConfigError(
+                f"objective.metric: study {spec.study.name!r} exists with direction {existing.direction.name}"
+            )
+    tracker = tracker or make_tracker(spec)
+
+    study = optuna.create_study(
+        study_name=spec.study.name,
+        storage=url_or_storage,
+        sampler=sampler or make_sampler(spec.study.sampler, spec.study.seed, spec.study.sampler_options),
+        pruner=pruner or make_pruner(spec.study.pruner, spec.study.pruner_options),
+        direction="maximize" if spec.objective.direction == "maximize" else "minimize",
+        load_if_exists=True,
+    )
+    if "tuner.fingerprints" not in study.user_attrs:
+        study.set_user_attr("tuner.fingerprints", {s: spec.fingerprint(s) for s in FINGERPRINTED})
+        study.set_user_attr("tuner.spec", spec.model_dump(mode="json"))
+        study.set_user_attr("tuner.data", dataset.facts())
+    for params in entries:
+        study.enqueue_trial(params, skip_if_exists=True)
+
+    done = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+    remaining = max(total - done, 0)
+    tags = {
+        "tuner.study_name": spec.study.name,
+        "tuner.sampler": spec.study.sampler if sampler is None else type(sampler).__name__,
+        "tuner.pruner": spec.study.pruner if pruner is None else type(pruner).__name__,
+        "tuner.storage": _where(url_or_storage),
+        "tuner.device": str(torch_device),
+        **{f"tuner.{k}": v for k, v in dataset.facts().items()},
+        **environment_tags(),
+    }
+    parent = tracker.start_study(
+        spec.study.name, spec_params(spec), tags, study.user_attrs.get("tuner.mlflow_parent_run_id")
+    )
+    if parent is not None:
+        study.set_user_attr("tuner.mlflow_parent_run_id", parent)
+    if on_start is not None:
+        on_start(study, remaining)
+    status = "FAILED"
+    started = time.monotonic()
+    try:
+        if remaining:
+            study.optimize(
+                Objective(spec, dataset, tracker),
+                n_trials=remaining,
+                timeout=spec.study.timeout,
+                catch=(TrialFailed,),
+                callbacks=[MaxTrialsCallback(total, states=FINISHED_STATES), *callbacks],
+            )
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end_study(status, _study_summary_metrics(study, time.monotonic() - started))
+    return StudyResult(
+        study=study,
+        dataset=dataset,
+        n_run=len(study.get_trials(deepcopy=False, states=FINISHED_STATES)) - done,
+        ui_hint=tracker.ui_hint(),
+        tracking_warnings=getattr(tracker, "failed_writes", 0),
+        facts=dataset.facts(),
+    )
+
+
+def _where(storage: str | optuna.storages.BaseStorage) -> str:
+    return mask_password(storage) if isinstance(storage, str) else type(storage).__name__
+
+
+def _study_summary_metrics(study: optuna.Study, seconds: float) -> dict[str, float]:
+    counts = state_counts(study)
+    out = {f"n_{state.lower()}": float(n) for state, n in counts.items()}
+    out["wall_seconds_last_run"] = seconds
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if complete:
+        best = study.best_trial
+        out["best_value"] = float(best.value)  # type: ignore[arg-type]
+        out["best_trial"] = float(best.number)
+        for key in ("holdout_completeness", "holdout_contamination", "threshold"):
+            if key in best.user_attrs:
+                out[f"best_{key}"] = float(best.user_attrs[key])
+    return out
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Number of trials in each state, every state listed."""
+    counts = {state.name: 0 for state in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] += 1
+    return counts
+
+
+def load_existing(name: str, storage: str) -> optuna.Study:
+    """Open a stored study by name.
+
+    Raises:
+        StorageError: No such study (the names present are listed) or the storage is unreachable.
+    """
+    study = find_study(name, storage)
+    if study is None:
+        names = []
+        if _storage_exists(storage):
+            names = optuna.get_all_study_names(storage)
+        listing = ", ".join(names) if names else "none"
+        raise StorageError(f"study {name!r} not found in {mask_password(storage)}; studies there: {listing}")
+    return study

@@ -1,0 +1,232 @@
+"""Training one model: on-device batches, early stopping that restores the best weights, a non-finite guard.
+
+This module knows nothing of tuning or tracking. Callers observe training through callbacks; the only exception
+meant to leave :func:`fit` is one a callback raises on purpose (the pruning adapter's).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from tuner.space import TrialParams
+
+
+class Part(Protocol):
+    """Features and labels already on the device (see :class:`tuner.data.dataset.Part`)."""
+
+    @property
+    def x(self) -> torch.Tensor: ...
+
+    @property
+    def y(self) -> torch.Tensor: ...
+
+
+class Callback(Protocol):
+    """Observes training; ``on_epoch_end`` may raise to end the fit (pruning does)."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How to train, independent of the hyperparameters being tuned."""
+
+    task: str = "binary"
+    max_epochs: int = 60
+    patience: int = 8
+    min_delta: float = 0.0
+    monitor: str = "val_loss"
+    monitor_mode: str = "min"
+    eval_batch_size: int = 65_536
+    pos_weight: float | None = None
+
+
+class EarlyStopping:
+    """Watches one validation quantity; sets ``should_stop`` and ``reason`` rather than raising.
+
+    An epoch improves when the value beats the best so far by more than ``min_delta`` in the monitor's
+    direction; after ``patience`` consecutive epochs without improvement training stops (Keras' convention:
+    ``patience=0`` stops at the first epoch that does not improve). A non-finite value never improves.
+    """
+
+    def __init__(self, monitor: str, *, patience: int, min_delta: float = 0.0, mode: str = "min") -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = min_delta
+        self.mode = mode
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.bad_epochs = 0
+        self.should_stop = False
+        self.reason = ""
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record one epoch's value; return True when it is the new best."""
+        improved = math.isfinite(value) and (
+            self.best is None
+            or (value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta)
+        )
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience:
+            self.should_stop = True
+            best = "none" if self.best is None else f"{self.best:.6g} at epoch {self.best_epoch}"
+            self.reason = (
+                f"early stopping: {self.monitor} did not improve by more than {self.min_delta:g} "
+                f"for {self.bad_epochs} epochs (best {best})"
+            )
+        return False
+
+
+@dataclass
+class FitResult:
+    """What a fit produced. ``state_dict`` holds the best epoch's weights, already loaded into the model."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    stop_reason: str = ""
+    failed: bool = False
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
+
+
+def make_optimizer(model: nn.Module, params: TrialParams) -> torch.optim.Optimizer:
+    """SGD (plain or Nesterov momentum), Adam or AdamW; ``momentum`` is beta1 for the Adam family."""
+    if params.optimizer in ("sgd", "nesterov"):
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=params.lr,
+            momentum=params.momentum,
+            nesterov=params.optimizer == "nesterov",
+            weight_decay=params.weight_decay,
+        )
+    adam = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
+    return adam(model.parameters(), lr=params.lr, betas=(params.momentum, 0.999), weight_decay=params.weight_decay)
+
+
+def loss_function(config: FitConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Binary: BCE on one logit (sigmoid folded in, stable); multiclass: cross-entropy on the logits."""
+    if config.task == "binary":
+        pos_weight = None if config.pos_weight is None else torch.tensor(config.pos_weight, device=device)
+        bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        return lambda logits, y: bce(logits[:, 0], y.to(logits.dtype))
+    ce = nn.CrossEntropyLoss()
+    return ce
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, chunk: int = 65_536) -> torch.Tensor:
+    """Logits for every row, in evaluation mode, in large chunks."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
+    model.train(was_training)
+    return out
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Class probabilities: (n, 2) for binary (rest, positive), (n, k) for multiclass."""
+    if task == "binary":
+        p = torch.sigmoid(logits[:, 0])
+        return torch.stack([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def fit(
+    model: nn.Module,
+    train: Part,
+    validation: Part,
+    params: TrialParams,
+    config: FitConfig,
+    *,
+    seed: int,
+    score_validation: Callable[[np.ndarray], dict[str, float]] | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> FitResult:
+    """Train with mini-batches drawn on the device, early stopping and best-weight restore.
+
+    Args:
+        model: The network, already on the device of ``train.x``.
+        train: Training rows.
+        validation: Validation rows, for the loss and the monitored quantity.
+        params: Learning rate, momentum, weight decay, batch size, optimizer.
+        config: Epochs, patience, monitor, task.
+        seed: Seeds shuffling and dropout, so the fit can be replayed.
+        score_validation: Extra validation metrics from the (n, classes) probabilities, e.g. ``val_auc``.
+        callbacks: Called after each epoch with that epoch's metrics.
+
+    Returns:
+        The history, best epoch and stop reason; the model holds the best epoch's weights. A non-finite loss
+        ends the fit with ``failed=True`` and the reason.
+    """
+    device = train.x.device
+    torch.manual_seed(seed)  # dropout draws from the global generator
+    shuffle = torch.Generator(device=device).manual_seed(seed)
+    optimizer = make_optimizer(model, params)
+    criterion = loss_function(config, device)
+    stopper = EarlyStopping(
+        config.monitor, patience=config.patience, min_delta=config.min_delta, mode=config.monitor_mode
+    )
+    result = FitResult()
+    n = train.x.shape[0]
+    batch = params.batch_size
+    # BatchNorm cannot normalise a batch of one row: drop such a final remainder.
+    drop_last_single = params.batch_norm and n % batch == 1
+    model.train()
+    for epoch in range(config.max_epochs):
+        order = torch.randperm(n, generator=shuffle, device=device)
+        loss_sum = torch.zeros((), device=device)
+        for start in range(0, n - 1 if drop_last_single else n, batch):
+            idx = order[start : start + batch]
+            logits = model(train.x[idx])
+            loss = criterion(logits, train.y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Summed on the device: one host sync per epoch instead of one per step.
+            loss_sum += loss.detach() * idx.shape[0]
+        train_loss = float(loss_sum) / n
+        val_logits = predict_logits(model, validation.x, config.eval_batch_size)
+        val_loss = float(criterion(val_logits, validation.y))
+        metrics = {"train_loss": train_loss, "val_loss": val_loss}
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            which = "train_loss" if not math.isfinite(train_loss) else "val_loss"
+            result.history.append(metrics)
+            result.failed = True
+            result.stop_reason = f"non-finite {which} ({metrics[which]}) at epoch {epoch}"
+            break
+        if score_validation is not None:
+            metrics.update(score_validation(probabilities(val_logits, config.task).cpu().numpy()))
+        result.history.append(metrics)
+        if stopper.update(epoch, metrics.get(config.monitor, float("nan"))):
+            result.best_epoch = epoch
+            result.best_metrics = dict(metrics)
+            result.state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, metrics)
+        if stopper.should_stop:
+            result.stop_reason = stopper.reason
+            break
+    else:
+        result.stop_reason = f"max_epochs reached ({config.max_epochs})"
+    if result.state_dict:
+        model.load_state_dict(result.state_dict)
+    elif not result.failed:
+        result.failed = True
+        result.stop_reason = f"{config.monitor} was never finite; no epoch to keep"
+    return result
