@@ -88,6 +88,8 @@ def test_study_writes_one_parent_and_one_child_per_trial(tmp_path, tiny_dataset)
         assert run.data.tags["stop_reason"]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
         assert artifacts == {"plots/learning_curves.html", "plots/roc.html", "plots/completeness_efficiency.html"}
+        model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+        assert model_files == {"model/state_dict.pt", "model/model.json"}
     # Same param keys on every child, so the compare view lines up.
     assert len({frozenset(r.data.params) for r in children}) == 1
 

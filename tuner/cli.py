@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print as JSON")
         p.set_defaults(func=func)
 
+    # Further subcommands register here, each calling into its own module.
     val = sub.add_parser("validate", help="check a study file and its data without running anything")
     val.add_argument("study", help="study file (YAML)")
     val.set_defaults(func=cmd_validate)

@@ -310,6 +310,49 @@ def fit_config(spec: StudySpec, dataset: Dataset) -> FitConfig:
     )
 
 
+#: Artifact paths of a completed trial's model, read back by export.
+WEIGHTS_ARTIFACT = "model/state_dict.pt"
+MODEL_META_ARTIFACT = "model/model.json"
+
+
+def model_meta(
+    params: TrialParams, dataset: Dataset, spec: StudySpec, ev: Evaluation | None, trial_number: int
+) -> dict[str, Any]:
+    """Everything needed to rebuild a trial's model and apply it to raw catalogue columns, as plain numbers."""
+    catalogue = dataset.catalogue
+    meta: dict[str, Any] = {
+        "format": 1,
+        "trial_number": trial_number,
+        "task": spec.task,
+        "params": {**params.__dict__, "widths": list(params.widths)},
+        "feature_names": list(catalogue.feature_names),
+        "class_names": list(catalogue.class_names),
+        "positive_class": spec.data.positive,
+        "positive_index": dataset.positive_index,
+        "preprocessor": dataset.preprocessor.to_dict(),
+        "target_contamination": spec.objective.target_contamination,
+        "objective_metric": spec.objective.metric,
+        "data": dataset.facts(),
+        "seed": spec.study.seed + trial_number,
+    }
+    if ev is not None:
+        meta["threshold"] = ev.val_point.threshold
+        meta["metrics"] = ev.final_metrics()
+    return meta
+
+
+def trial_model_files(
+    model: torch.nn.Module, params: TrialParams, dataset: Dataset, spec: StudySpec, ev: Evaluation, number: int
+) -> dict[str, str | bytes]:
+    """The restored best-epoch weights (a plain state dict) and the model's description, as artifacts."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    meta = model_meta(params, dataset, spec, ev, number)
+    return {WEIGHTS_ARTIFACT: buffer.getvalue(), MODEL_META_ARTIFACT: json.dumps(meta, indent=2)}
+
+
 class Objective:
     """The function Optuna calls: one trial, tracked, judged on validation, measured on the holdout."""
 
@@ -356,7 +399,10 @@ class Objective:
             trial.set_user_attr("mlflow_run_id", run_id)
         tracking = TrackingCallback(self.tracker, run_id)
         pruning = PruningCallback(trial)
-        state, final, tags, artifacts = "FAIL", {}, {}, {}
+        state: str = "FAIL"
+        final: dict[str, float] = {}
+        tags: dict[str, str] = {}
+        artifacts: dict[str, str | bytes] = {}
         try:
             try:
                 model, result = self.train_trial(params, seed, [tracking, pruning])
@@ -387,15 +433,17 @@ class Objective:
             final.update(ev.final_metrics())
             for key, value in ev.final_metrics().items():
                 trial.set_user_attr(key, value)
-            if self.spec.tracking.enabled and self.spec.tracking.plots:
-                artifacts = self._plots(result, ev, trial.number)
+            if self.spec.tracking.enabled:
+                artifacts.update(trial_model_files(model, params, self.dataset, self.spec, ev, trial.number))
+                if self.spec.tracking.plots:
+                    artifacts.update(self._plots(result, ev, trial.number))
             state = "COMPLETE"
             return ev.objective
         finally:
             # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
             self.tracker.end_trial(run_id, state, final, tags, artifacts)
 
-    def _plots(self, result: FitResult, ev: Evaluation, number: int) -> dict[str, str]:
+    def _plots(self, result: FitResult, ev: Evaluation, number: int) -> dict[str, str | bytes]:
         from tuner.report import trial_artifacts
 
         pos = self.dataset.positive_index
@@ -407,14 +455,16 @@ class Objective:
             "validation": (ev.val_point.completeness, ev.val_point.contamination),
             "holdout": (ev.holdout.completeness, ev.holdout.contamination),
         }
-        return trial_artifacts(
-            result.history,
-            result.best_epoch,
-            curves,
-            points,
-            self.spec.objective.target_contamination,
-            f"trial {number}",
-            self.spec.tracking.plotlyjs,
+        return dict(
+            trial_artifacts(
+                result.history,
+                result.best_epoch,
+                curves,
+                points,
+                self.spec.objective.target_contamination,
+                f"trial {number}",
+                self.spec.tracking.plotlyjs,
+            )
         )
 
 

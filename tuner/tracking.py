@@ -59,9 +59,9 @@ class Tracker(Protocol):
         state: str,
         metrics: dict[str, float],
         tags: dict[str, str],
-        artifacts: dict[str, str],
+        artifacts: dict[str, str | bytes],
     ) -> None:
-        """Flush the buffer, log final metrics, tags and text artifacts, and close the run with its status."""
+        """Flush the buffer, log final metrics, tags and artifacts (path -> text or bytes), close with the status."""
         ...
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
@@ -88,7 +88,12 @@ class NullTracker:
         return None
 
     def end_trial(
-        self, run_id: str | None, state: str, metrics: dict[str, float], tags: dict[str, str], artifacts: dict[str, str]
+        self,
+        run_id: str | None,
+        state: str,
+        metrics: dict[str, float],
+        tags: dict[str, str],
+        artifacts: dict[str, str | bytes],
     ) -> None:
         return None
 
@@ -208,7 +213,12 @@ class MlflowTracker:
             self.client.log_batch(run_id, metrics=items[i : i + _BATCH_LIMIT])
 
     def end_trial(
-        self, run_id: str | None, state: str, metrics: dict[str, float], tags: dict[str, str], artifacts: dict[str, str]
+        self,
+        run_id: str | None,
+        state: str,
+        metrics: dict[str, float],
+        tags: dict[str, str],
+        artifacts: dict[str, str | bytes],
     ) -> None:
         from mlflow.entities import Metric, RunTag
         from mlflow.exceptions import MlflowException
@@ -220,8 +230,7 @@ class MlflowTracker:
             self._flush(run_id, [Metric(k, float(v), now, 0) for k, v in metrics.items()])
             if tags:
                 self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-            for name, text in artifacts.items():
-                self.client.log_text(run_id, text, name)
+            self._log_files(run_id, artifacts)
         except (MlflowException, OSError) as exc:
             self._warn(f"logging of run {run_id}", exc)
         finally:
@@ -230,6 +239,19 @@ class MlflowTracker:
                 self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
             except MlflowException as exc:
                 self._warn(f"closing run {run_id}", exc)
+
+    def _log_files(self, run_id: str, artifacts: dict[str, str | bytes]) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="tuner-artifacts-") as tmp:
+            for name, content in artifacts.items():
+                if isinstance(content, str):
+                    self.client.log_text(run_id, content, name)
+                    continue
+                path = Path(tmp) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(content)
+                self.client.log_artifact(run_id, str(path), str(Path(name).parent) if "/" in name else None)
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
         from mlflow.entities import Metric
