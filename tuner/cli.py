@@ -20,6 +20,8 @@ from rich.table import Table
 
 from tuner.config import StudySpec, load_spec
 from tuner.errors import ConfigError, TunerError
+from tuner.tracking import mask_password
+from tuner.worker import Terminated
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -124,15 +126,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
-        disable=args.quiet,
+        disable=args.quiet or args.mode == "create",
     )
     task_id = progress.add_task(spec.study.name, total=None, best="-")
     last = [time.monotonic()]
 
     def on_start(study: Any, remaining: int) -> None:
-        from tuner.study import FINISHED_STATES
+        from tuner.worker import FINISHED_STATES
 
         finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+        if args.mode == "create":
+            return
         console.print(
             f"study [bold]{spec.study.name}[/bold]: {finished} finished trial(s) stored, running {remaining} more "
             f"(n_trials {spec.study.n_trials} in total)"
@@ -149,22 +153,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress.update(task_id, advance=1, best=best)
         value = _fmt(trial.value, 5) if trial.value is not None else "-"
         reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("stop_reason", "")
-        if not args.quiet:
-            progress.console.print(
-                f"trial {trial.number:4d} {trial.state.name:8s} value {value:>8s}  "
-                f"epochs {trial.user_attrs.get('epochs', '-')}  {seconds:5.1f}s  "
-                f"{reason if trial.state.name != 'COMPLETE' else ''}"
-            )
+        # One line per trial, also under --quiet: workers' logs need them.
+        progress.console.print(
+            f"trial {trial.number:4d} {trial.state.name:8s} value {value:>8s}  "
+            f"epochs {trial.user_attrs.get('epochs', '-')}  {seconds:5.1f}s  "
+            f"{reason if trial.state.name != 'COMPLETE' else ''}"
+        )
 
     try:
-        result = run_study(spec, device=args.device, enqueue=enqueue, callbacks=[on_trial], on_start=on_start)
+        result = run_study(
+            spec,
+            device=args.device,
+            enqueue=enqueue,
+            callbacks=[on_trial],
+            on_start=on_start,
+            mode=getattr(args, "mode", "run"),
+        )
     finally:
         progress.stop()
     study = result.study
     from tuner.study import state_counts
 
     counts = {k: v for k, v in state_counts(study).items() if v}
-    console.print(f"trials by state: {', '.join(f'{k} {v}' for k, v in counts.items())}")
+    if args.mode == "create":
+        console.print(f"study {spec.study.name!r} is ready in {mask_password(spec.study.storage)}; start workers with:")
+        console.print(f"  tuner worker {args.study} --storage URL")
+        return 0
+    console.print(
+        f"this process ran {result.n_run} trial(s); the study holds: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if complete:
         print_trial(study.best_trial, spec)
@@ -246,17 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tuner {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run or continue a study from a study file")
-    run.add_argument("study", help="study file (YAML)")
-    run.add_argument("--storage", help="Optuna storage URL (overrides study.storage)")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
-    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    run.add_argument("--n-trials", type=int, help="total trials the study should hold (overrides study.n_trials)")
-    run.add_argument("--study-name", help="run under this study name (e.g. to start a new study after a change)")
-    run.add_argument("--enqueue", metavar="PARAMS_JSON", help="JSON object or list of parameter sets to try first")
-    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    run.add_argument("--quiet", action="store_true", help="no progress display")
-    run.set_defaults(func=cmd_run)
+    for mode, text in (
+        ("run", "run or continue a study from a study file (creating it when missing)"),
+        ("create", "create the study (tables, warm-start queue, MLflow parent run) before starting workers"),
+        ("worker", "join an existing study and take trials until it holds n_trials in total"),
+    ):
+        run = sub.add_parser(mode, help=text)
+        run.add_argument("study", help="study file (YAML)")
+        run.add_argument("--storage", help="Optuna storage URL (overrides study.storage)")
+        run.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+        run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        run.add_argument("--n-trials", type=int, help="total trials the study should hold (overrides study.n_trials)")
+        run.add_argument("--study-name", help="run under this study name (e.g. to start a new study after a change)")
+        if mode != "worker":
+            run.add_argument(
+                "--enqueue", metavar="PARAMS_JSON", help="JSON object or list of parameter sets to try first"
+            )
+        if mode != "create":
+            run.add_argument(
+                "--device",
+                default="auto",
+                help="auto (CUDA when present; with several GPUs each worker takes its own), cpu, cuda, cuda:N",
+            )
+        run.add_argument("--quiet", action="store_true", help="no progress display")
+        run.set_defaults(func=cmd_run, mode=mode, enqueue=None, device="cpu" if mode == "create" else "auto")
 
     for name, func, text in (
         ("status", cmd_status, "trial counts by state and the best so far"),
@@ -288,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"error: {exc}", markup=False)
         return exc.exit_code
     except KeyboardInterrupt:
-        err_console.print("interrupted: the running trial was recorded FAIL and its MLflow run closed")
+        err_console.print("interrupted: the running trial was recorded FAIL, queued again, and its MLflow run closed")
         return 130
+    except Terminated:
+        err_console.print("terminated: the running trial was recorded FAIL, queued again, and its MLflow run closed")
+        return 143
 
 
 if __name__ == "__main__":

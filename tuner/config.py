@@ -342,6 +342,10 @@ class StudySection(_Frozen):
     # Optuna's samplers seed numpy, which takes [0, 2**32 - 1].
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     enqueue: tuple[dict[str, Any], ...] = ()
+    # Worker fault tolerance (RDB storages): a trial whose heartbeat is older than grace_period is retried.
+    heartbeat_interval: int = Field(10, ge=1)
+    grace_period: int = Field(60, ge=2)
+    max_retries: int = Field(3, ge=0)
 
     @field_validator("sampler")
     @classmethod
@@ -349,6 +353,15 @@ class StudySection(_Frozen):
         if v not in SAMPLERS:
             raise ValueError(f"unknown sampler {v!r}; allowed: {', '.join(SAMPLERS)}{_did_you_mean(v, SAMPLERS)}")
         return v
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> StudySection:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                "grace_period must exceed heartbeat_interval, or live trials would be taken for dead, "
+                f"got heartbeat_interval={self.heartbeat_interval}, grace_period={self.grace_period}"
+            )
+        return self
 
     @field_validator("pruner")
     @classmethod

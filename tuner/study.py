@@ -6,8 +6,11 @@ Data flows one way: spec -> dataset (once per process) -> per trial: params -> m
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
 import platform
 import subprocess
 import time
@@ -19,7 +22,6 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import metrics
@@ -30,17 +32,23 @@ from tuner.model import build_mlp
 from tuner.space import TrialParams, enqueue_params, max_layers, suggest
 from tuner.tracking import MlflowTracker, NullTracker, Tracker, mask_password
 from tuner.train import FitConfig, FitResult, fit, predict_logits, probabilities
+from tuner.worker import (
+    Terminated,
+    TrialFailed,
+    budget,
+    is_sqlite,
+    make_storage,
+    retrying,
+    sqlite_single_process,
+    stale_trial_handler,
+    work,
+)
 
 #: Sections of the study file whose change makes earlier trials incomparable.
 FINGERPRINTED = ("data", "task", "search_space", "train", "objective")
-#: Trial states that count towards ``study.n_trials``.
-FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-class TrialFailed(Exception):
-    """A trial that cannot produce a value (non-finite loss or objective); recorded FAIL, the study goes on."""
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,9 +119,17 @@ def check_spec(spec: StudySpec, extra_enqueue: Sequence[dict[str, Any]] = ()) ->
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` is the first CUDA device when one is present, else the CPU."""
+    """``auto`` is a CUDA device when one is present, else the CPU.
+
+    With several GPUs visible, worker processes spread over them: worker ``TUNER_WORKER_INDEX`` (or, without
+    it, the process id) modulo the number of GPUs.
+    """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        index = int(os.environ.get("TUNER_WORKER_INDEX", os.getpid())) % count if count > 1 else 0
+        return torch.device(f"cuda:{index}")
     try:
         resolved = torch.device(device)
     except RuntimeError:
@@ -128,10 +144,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def storage_url(spec: StudySpec, storage: str | None = None) -> str:
-    url = storage or spec.study.storage
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    return url
+    return storage or spec.study.storage
 
 
 def _storage_exists(url: str) -> bool:
@@ -560,6 +573,7 @@ def run_study(
     dataset: Dataset | None = None,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
     on_start: Callable[[optuna.Study, int], None] | None = None,
+    mode: str = "run",
 ) -> StudyResult:
     """Run (or continue) a study until it holds ``n_trials`` finished trials in total.
 
@@ -572,11 +586,14 @@ def run_study(
         pruner: Overrides the pruner named in the spec.
         tracker: Overrides the tracker built from ``tracking``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or a torch device.
-        n_trials: Overrides ``study.n_trials`` (the total, counting earlier runs).
+        n_trials: Overrides ``study.n_trials`` (the total, counting earlier runs and every worker).
         enqueue: More warm-start entries, evaluated first.
         dataset: An already built dataset (tests, notebooks); built from the spec when None.
-        callbacks: Optuna callbacks, called after each trial (progress displays).
-        on_start: Called once with the study and the number of trials to run, before the first.
+        callbacks: Optuna-style callbacks, called after each trial this process finishes (progress displays).
+        on_start: Called once with the study and the number of trials still to run, before the first.
+        mode: ``run`` creates the study when missing and runs trials; ``create`` only creates it (tables, warm
+            start queue, MLflow parent run), so that workers started afterwards do not race; ``worker`` joins a
+            study that must already exist.
 
     Returns:
         The study and what was run.
@@ -584,86 +601,138 @@ def run_study(
     Raises:
         ConfigError, DataError, StorageError, TrackingError: With a message naming the key and the rule.
     """
+    if mode not in ("run", "create", "worker"):
+        raise ValueError(f"mode must be run, create or worker, got {mode!r}")
     entries = check_spec(spec, enqueue)
     total = n_trials or spec.study.n_trials
     torch_device = resolve_device(device) if isinstance(device, str) else device
     dataset = dataset or build_dataset(spec, torch_device)
-    url_or_storage: str | optuna.storages.BaseStorage = (
-        storage_url(spec, storage) if storage is None or isinstance(storage, str) else storage
-    )
-    existing = find_study(spec.study.name, url_or_storage)
-    if existing is not None:
-        changed = _changed_sections(existing, spec)
-        if changed:
-            raise ConfigError(
-                f"study.name: study {spec.study.name!r} already exists in {_where(url_or_storage)} with a different "
-                f"{', '.join(changed)}; its trials would not be comparable. Restore the study file, or start a new "
-                "study with --study-name NEW_NAME"
+    url = storage_url(spec, storage) if storage is None or isinstance(storage, str) else None
+    target: str | optuna.storages.BaseStorage = url if url is not None else storage  # type: ignore[assignment]
+    with sqlite_single_process(url) if url else contextlib.nullcontext():
+        existing = find_study(spec.study.name, target)
+        if existing is None and mode == "worker":
+            raise StorageError(
+                f"study.name: study {spec.study.name!r} not found in {_where(target)}; a worker joins an "
+                "existing study: create it first with `tuner create STUDY.yaml --storage URL`"
             )
-        if existing.direction.name.lower() != spec.objective.direction:
-            raise ConfigError(
-                f"objective.metric: study {spec.study.name!r} exists with direction {existing.direction.name}"
+        if existing is not None:
+            _check_compatible(existing, spec, dataset, target)
+        tracker = tracker or make_tracker(spec)
+        study_storage: str | optuna.storages.BaseStorage = (
+            make_storage(
+                url,
+                heartbeat_interval=spec.study.heartbeat_interval,
+                grace_period=spec.study.grace_period,
+                on_stale=stale_trial_handler(tracker, spec.study.max_retries, spec.study.grace_period),
+                create_tables=mode != "worker",
             )
-    tracker = tracker or make_tracker(spec)
-
-    study = optuna.create_study(
-        study_name=spec.study.name,
-        storage=url_or_storage,
-        sampler=sampler or make_sampler(spec.study.sampler, spec.study.seed, spec.study.sampler_options),
-        pruner=pruner or make_pruner(spec.study.pruner, spec.study.pruner_options),
-        direction="maximize" if spec.objective.direction == "maximize" else "minimize",
-        load_if_exists=True,
-    )
-    if "tuner.fingerprints" not in study.user_attrs:
-        study.set_user_attr("tuner.fingerprints", {s: spec.fingerprint(s) for s in FINGERPRINTED})
-        study.set_user_attr("tuner.spec", spec.model_dump(mode="json"))
-        study.set_user_attr("tuner.data", dataset.facts())
-    for params in entries:
-        study.enqueue_trial(params, skip_if_exists=True)
-
-    done = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
-    remaining = max(total - done, 0)
-    tags = {
-        "tuner.study_name": spec.study.name,
-        "tuner.sampler": spec.study.sampler if sampler is None else type(sampler).__name__,
-        "tuner.pruner": spec.study.pruner if pruner is None else type(pruner).__name__,
-        "tuner.storage": _where(url_or_storage),
-        "tuner.device": str(torch_device),
-        **{f"tuner.{k}": v for k, v in dataset.facts().items()},
-        **environment_tags(),
-    }
-    parent = tracker.start_study(
-        spec.study.name, spec_params(spec), tags, study.user_attrs.get("tuner.mlflow_parent_run_id")
-    )
-    if parent is not None:
-        study.set_user_attr("tuner.mlflow_parent_run_id", parent)
-    if on_start is not None:
-        on_start(study, remaining)
-    status = "FAILED"
-    started = time.monotonic()
-    try:
-        if remaining:
-            study.optimize(
-                Objective(spec, dataset, tracker),
-                n_trials=remaining,
-                timeout=spec.study.timeout,
-                catch=(TrialFailed,),
-                callbacks=[MaxTrialsCallback(total, states=FINISHED_STATES), *callbacks],
-            )
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.end_study(status, _study_summary_metrics(study, time.monotonic() - started))
+            if url
+            else target
+        )
+        study = retrying(
+            lambda: optuna.create_study(
+                study_name=spec.study.name,
+                storage=study_storage,
+                sampler=sampler or make_sampler(spec.study.sampler, spec.study.seed, spec.study.sampler_options),
+                pruner=pruner or make_pruner(spec.study.pruner, spec.study.pruner_options),
+                direction="maximize" if spec.objective.direction == "maximize" else "minimize",
+                load_if_exists=True,
+            ),
+            what="create the study",
+        )
+        if "tuner.fingerprints" not in study.user_attrs:
+            study.set_user_attr("tuner.fingerprints", {s: spec.fingerprint(s) for s in FINGERPRINTED})
+            study.set_user_attr("tuner.spec", spec.model_dump(mode="json"))
+            study.set_user_attr("tuner.data", dataset.facts())
+        if mode != "worker":
+            for params in entries:
+                study.enqueue_trial(params, skip_if_exists=True)
+        if url and is_sqlite(url):
+            # The lock proves no other process is running: any RUNNING trial was left by a crash.
+            _fail_orphans(study, tracker, spec)
+        tags = {
+            "tuner.study_name": spec.study.name,
+            "tuner.sampler": spec.study.sampler if sampler is None else type(sampler).__name__,
+            "tuner.pruner": spec.study.pruner if pruner is None else type(pruner).__name__,
+            "tuner.storage": _where(target),
+            **{f"tuner.{k}": v for k, v in dataset.facts().items()},
+            **environment_tags(),
+        }
+        parent = tracker.start_study(
+            spec.study.name, spec_params(spec), tags, study.user_attrs.get("tuner.mlflow_parent_run_id")
+        )
+        if parent is not None and study.user_attrs.get("tuner.mlflow_parent_run_id") != parent:
+            study.set_user_attr("tuner.mlflow_parent_run_id", parent)
+        before = budget(study, total)
+        if on_start is not None:
+            on_start(study, max(total - before.used - before.running, 0) if mode != "create" else 0)
+        started = time.monotonic()
+        finished = before.done
+        ran = 0
+        status = "FAILED"
+        try:
+            if mode != "create":
+                done = work(
+                    study,
+                    Objective(spec, dataset, tracker),
+                    total=total,
+                    timeout=spec.study.timeout,
+                    max_retries=spec.study.max_retries,
+                    poll_interval=min(spec.study.heartbeat_interval, 5),
+                    callbacks=callbacks,
+                )
+                ran, finished = done.ran, done.finished_study
+            status = "FINISHED"
+        except (KeyboardInterrupt, Terminated):
+            status = "KILLED"
+            raise
+        finally:
+            # With several workers the parent run stays open until the last one finds the study complete.
+            others_running = budget(study, total).running > 0
+            if mode != "create" and (finished or (status != "FINISHED" and not others_running)):
+                tracker.end_study(status, _study_summary_metrics(study, time.monotonic() - started))
+            elif mode == "create":
+                tracker.end_study("RUNNING")
     return StudyResult(
         study=study,
         dataset=dataset,
-        n_run=len(study.get_trials(deepcopy=False, states=FINISHED_STATES)) - done,
+        n_run=ran,
         ui_hint=tracker.ui_hint(),
         tracking_warnings=getattr(tracker, "failed_writes", 0),
         facts=dataset.facts(),
     )
+
+
+def _check_compatible(
+    existing: optuna.Study, spec: StudySpec, dataset: Dataset, where: str | optuna.storages.BaseStorage
+) -> None:
+    changed = _changed_sections(existing, spec)
+    if changed:
+        raise ConfigError(
+            f"study.name: study {spec.study.name!r} already exists in {_where(where)} with a different "
+            f"{', '.join(changed)}; its trials would not be comparable. Restore the study file, or start a new "
+            "study with --study-name NEW_NAME"
+        )
+    if existing.direction.name.lower() != spec.objective.direction:
+        raise ConfigError(
+            f"objective.metric: study {spec.study.name!r} exists with direction {existing.direction.name}, "
+            f"got {spec.objective.metric} ({spec.objective.direction})"
+        )
+    stored_hash = existing.user_attrs.get("tuner.data", {}).get("data.hash")
+    if stored_hash and stored_hash != dataset.catalogue.data_hash:
+        raise ConfigError(
+            f"data.source: the catalogue's contents changed since study {spec.study.name!r} was created "
+            f"(data hash {dataset.catalogue.data_hash}, study has {stored_hash}); use --study-name NEW_NAME"
+        )
+
+
+def _fail_orphans(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> None:
+    on_stale = stale_trial_handler(tracker, spec.study.max_retries, 0)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            log.warning("trial %d was left RUNNING by a process that died; marked FAIL and queued again", trial.number)
+            on_stale(study, study._storage.get_trial(trial._trial_id))
 
 
 def _where(storage: str | optuna.storages.BaseStorage) -> str:

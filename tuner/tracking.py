@@ -64,6 +64,10 @@ class Tracker(Protocol):
         """Flush the buffer, log final metrics, tags and artifacts (path -> text or bytes), close with the status."""
         ...
 
+    def close_lost_run(self, run_id: str | None, reason: str) -> None:
+        """Close the run of a trial whose worker died: KILLED, with the reason as ``stop_reason``."""
+        ...
+
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
         """Log the study's summary metrics and close the parent run."""
         ...
@@ -95,6 +99,9 @@ class NullTracker:
         tags: dict[str, str],
         artifacts: dict[str, str | bytes],
     ) -> None:
+        return None
+
+    def close_lost_run(self, run_id: str | None, reason: str) -> None:
         return None
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
@@ -240,6 +247,17 @@ class MlflowTracker:
             except MlflowException as exc:
                 self._warn(f"closing run {run_id}", exc)
 
+    def close_lost_run(self, run_id: str | None, reason: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        if run_id is None:
+            return
+        try:
+            self.client.set_tag(run_id, "stop_reason", reason)
+            self.client.set_terminated(run_id, status="KILLED")
+        except MlflowException as exc:
+            self._warn(f"closing lost run {run_id}", exc)
+
     def _log_files(self, run_id: str, artifacts: dict[str, str | bytes]) -> None:
         import tempfile
 
@@ -280,3 +298,277 @@ class MlflowTracker:
             f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000 "
             f"(experiment {self.experiment_name!r})"
         )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exported models: artifact downloads and uploads, the model registry and its aliases (used by tuner.export).
+# Each call names its store explicitly: MLflow's own `models:/` resolution reads the process-global tracking
+# URI (and creates ./mlflow.db when none is set), which is the global state this module exists to avoid.
+
+
+def _export_client(tracking_uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    # The registry lives in the tracking store (SQLite, PostgreSQL or a tracking server): one URI for both.
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def download_run_artifact(tracking_uri: str, run_id: str, path: str, dst_dir: str | Path) -> Path | None:
+    """Download one file of a run's artifacts.
+
+    Args:
+        tracking_uri: The tracking store.
+        run_id: The run.
+        path: The artifact's path inside the run, e.g. ``model/state_dict.pt``.
+        dst_dir: Local folder to download into (created when missing).
+
+    Returns:
+        The local file, or None when the run holds no artifact at ``path``.
+
+    Raises:
+        TrackingError: The store or the run cannot be read.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _export_client(tracking_uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else None
+    try:
+        listed = {info.path for info in client.list_artifacts(run_id, parent)}
+        if path not in listed:
+            return None
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+        return Path(client.download_artifacts(run_id, path, str(dst_dir)))
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(
+            f"tracking.uri: cannot read artifact {path!r} of run {run_id} in {mask_password(tracking_uri)}: {exc}"
+        ) from None
+
+
+def log_model_dir(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str) -> str:
+    """Upload a saved model directory into a run's artifacts.
+
+    Args:
+        tracking_uri: The tracking store.
+        run_id: The run that receives the files.
+        local_dir: The model directory.
+        artifact_path: Where inside the run, e.g. ``exports/trial-0003-20260101T120000Z``.
+
+    Returns:
+        The artifact store URI of the uploaded directory (what a registered model version points at).
+
+    Raises:
+        TrackingError: The upload failed.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _export_client(tracking_uri)
+    try:
+        client.log_artifacts(run_id, str(local_dir), artifact_path)
+        root = client.get_run(run_id).info.artifact_uri
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(
+            f"tracking.uri: cannot log the model to run {run_id} in {mask_password(tracking_uri)}: {exc}"
+        ) from None
+    return f"{root.rstrip('/')}/{artifact_path}"
+
+
+def register_model_version(
+    tracking_uri: str,
+    name: str,
+    source: str,
+    run_id: str,
+    *,
+    alias: str,
+    tags: dict[str, str] | None = None,
+    description: str | None = None,
+) -> str:
+    """Register a model directory as a new version of ``name`` and point ``alias`` at it.
+
+    The alias moves: re-registering makes the new version the one ``models:/NAME@ALIAS`` loads, and earlier
+    versions stay in the registry unchanged.
+
+    Args:
+        tracking_uri: The tracking store, which also holds the registry.
+        name: The registered model's name (created when missing).
+        source: Artifact URI of the model directory (from :func:`log_model_dir`).
+        run_id: The run the files were logged to.
+        alias: e.g. ``champion``.
+        tags: Tags of the new version.
+        description: Description of the new version.
+
+    Returns:
+        The new version number, as MLflow writes it.
+
+    Raises:
+        TrackingError: The registry refused (bad name, unreachable store).
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _export_client(tracking_uri)
+    try:
+        try:
+            client.get_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            client.create_registered_model(name)
+        version = client.create_model_version(
+            name, source, run_id=run_id, tags=dict(tags or {}), description=description
+        )
+        client.set_registered_model_alias(name, alias, str(version.version))
+    except MlflowException as exc:
+        raise TrackingError(
+            f"tracking.uri: cannot register model {name!r} in {mask_password(tracking_uri)}: {exc}"
+        ) from None
+    return str(version.version)
+
+
+def download_model(uri: str, tracking_uri: str, dst_dir: str | Path) -> Path:
+    """Download a model directory named by ``runs:/RUN_ID/PATH``, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+
+    Args:
+        uri: The model URI.
+        tracking_uri: The tracking store that holds the run or the registry.
+        dst_dir: Local folder to download into.
+
+    Returns:
+        The local model directory.
+
+    Raises:
+        TrackingError: The URI is malformed or names nothing in the store.
+    """
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    client = _export_client(tracking_uri)
+    where = mask_password(tracking_uri)
+    Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        if uri.startswith("runs:/"):
+            run_id, _, path = uri[len("runs:/") :].strip("/").partition("/")
+            if not run_id or not path:
+                raise TrackingError(f"MODEL: {uri!r} must look like runs:/RUN_ID/PATH")
+            return Path(client.download_artifacts(run_id, path, str(dst_dir)))
+        if not uri.startswith("models:/"):
+            raise TrackingError(f"MODEL: {uri!r} is not a runs:/ or models:/ URI")
+        ref = uri[len("models:/") :].strip("/")
+        name, at, alias = ref.partition("@")
+        if at:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        else:
+            name, slash, version = ref.rpartition("/")
+            if not slash or not name or not version.isdigit():
+                raise TrackingError(f"MODEL: {uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
+        source = client.get_model_version_download_uri(name, version)
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst_dir), tracking_uri=tracking_uri)
+        )
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"MODEL: cannot load {uri!r} from {where}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading a study back (reports, the UI)
+
+
+class MlflowRuns:
+    """Reads back what a study logged (metric histories, artifacts) and attaches files to its runs.
+
+    Args:
+        tracking_uri: The study's MLflow store.
+
+    Raises:
+        TrackingError: A local SQLite store that does not exist (opening it would create an empty one), or a
+            store that cannot be reached.
+    """
+
+    def __init__(self, tracking_uri: str) -> None:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        self.tracking_uri = tracking_uri
+        sqlite_dir = _local_sqlite_dir(tracking_uri)
+        if sqlite_dir is not None and not Path(tracking_uri[len("sqlite:///") :]).is_file():
+            raise TrackingError(
+                f"tracking.uri: no MLflow store at {tracking_uri[len('sqlite:///') :]} (from {tracking_uri}); "
+                "run the study with tracking first, or pass --tracking-uri"
+            )
+        try:
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(f"tracking.uri: cannot use MLflow store {mask_password(tracking_uri)}: {exc}") from None
+
+    def _fail(self, what: str, exc: Exception) -> TrackingError:
+        return TrackingError(f"{what} in {mask_password(self.tracking_uri)}: {exc}")
+
+    def experiment_id(self, name: str) -> str | None:
+        """The id of the experiment called ``name``, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_experiment_by_name(name)
+        except MlflowException as exc:
+            raise self._fail(f"cannot look up experiment {name!r}", exc) from None
+        return None if found is None else str(found.experiment_id)
+
+    def experiment_names(self) -> list[str]:
+        """Names of the store's experiments."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return [e.name for e in self.client.search_experiments()]
+        except MlflowException as exc:
+            raise self._fail("cannot list experiments", exc) from None
+
+    def epoch_history(self, run_id: str, keys: tuple[str, ...]) -> list[dict[str, float]]:
+        """Per-epoch metrics of a run as one mapping per epoch (step), for the given keys.
+
+        A key logged more than once at a step keeps its first value: final metrics are logged at step 0 too.
+        """
+        from mlflow.exceptions import MlflowException
+
+        by_step: dict[int, dict[str, float]] = {}
+        try:
+            for key in keys:
+                for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+                    by_step.setdefault(int(m.step), {}).setdefault(key, float(m.value))
+        except MlflowException as exc:
+            raise self._fail(f"cannot read the metrics of run {run_id}", exc) from None
+        return [by_step.get(step, {}) for step in range(max(by_step) + 1)] if by_step else []
+
+    def download(self, run_id: str, artifact_path: str, dest: Path) -> Path:
+        """Download one artifact of a run into ``dest``; return its local path."""
+        from mlflow.exceptions import MlflowException
+
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(self.client.download_artifacts(run_id, artifact_path, str(dest)))
+        except (MlflowException, OSError) as exc:
+            raise self._fail(f"run {run_id} has no artifact {artifact_path}", exc) from None
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """Attach ``text`` to a run as ``artifact_file`` (the run may be finished)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_text(run_id, text, artifact_file)
+        except (MlflowException, OSError) as exc:
+            raise self._fail(f"cannot log {artifact_file} to run {run_id}", exc) from None
+
+
+def mlflow_ui_command(tracking_uri: str, host: str, port: int) -> list[str]:
+    """The command line that serves the MLflow UI on a tracking store (this interpreter's MLflow)."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]

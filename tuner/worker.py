@@ -1,0 +1,407 @@
+"""Running trials against a shared study: storage, heartbeats, the exact trial budget, signals, retries.
+
+Many worker processes (on many machines) can pull trials from one study in PostgreSQL. The rules they keep:
+
+- The budget is exact: a worker takes a trial only while finished + running trials are fewer than
+  ``n_trials``, checked under a PostgreSQL advisory lock so two workers cannot both take the last slot.
+- A trial whose worker died (no heartbeat for ``grace_period`` seconds) is marked FAIL by whichever worker
+  notices, its MLflow run is closed KILLED, and a retry with the same parameters is queued; the failed trial
+  then no longer counts towards the budget, its retry does.
+- SIGTERM and Ctrl-C end the running trial as FAIL (its run closed), queue its retry, and stop the worker.
+- Transient storage errors (a database restart) are retried a bounded number of times with backoff.
+- SQLite serves one process: a second worker on the same SQLite file is refused (a lock held while running).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.errors import StorageError
+from tuner.tracking import Tracker, mask_password
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+RETRY_OF = "tuner.retry_of"
+RETRY_COUNT = "tuner.retry_count"
+
+
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    # Heartbeats and fail_stale_trials are marked experimental, and ask() warns that heartbeats are meant for
+    # optimize(): this module drives them itself (its own heartbeat thread), so the warnings say nothing new.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        yield
+
+
+class TrialFailed(Exception):
+    """A trial that cannot produce a value (non-finite loss or objective); recorded FAIL, the study goes on."""
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, like KeyboardInterrupt on Ctrl-C (neither is an ``Exception``)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Storage
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite:")
+
+
+def sqlite_path(url: str) -> Path | None:
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+
+
+def make_storage(
+    url: str,
+    *,
+    heartbeat_interval: int,
+    grace_period: int,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    create_tables: bool = True,
+) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats and connection checks, or a StorageError naming the (masked) URL."""
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs: dict[str, Any] = {}
+    if not is_sqlite(url):
+        # A pooled connection can die with a database restart: test it before use instead of failing a trial.
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        with _quiet_optuna():
+            return _open_rdb(url, engine_kwargs, heartbeat_interval, grace_period, on_stale, create_tables)
+    except StorageError:
+        raise
+    except Exception as exc:  # drivers raise many types (bad URL, missing driver, refused login)
+        raise StorageError(f"study.storage: cannot open {mask_password(url)}: {type(exc).__name__}: {exc}") from None
+
+
+def _open_rdb(
+    url: str,
+    engine_kwargs: dict[str, Any],
+    heartbeat_interval: int,
+    grace_period: int,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None,
+    create_tables: bool,
+) -> optuna.storages.RDBStorage:
+    return retrying(
+        lambda: optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=on_stale,
+            skip_table_creation=not create_tables,
+        ),
+        what=f"open {mask_password(url)}",
+    )
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def retrying(fn: Callable[[], T], *, what: str, attempts: int = 6, first_wait: float = 0.5) -> T:
+    """Call ``fn``, retrying transient database errors with exponential backoff (about 15 s in all).
+
+    Raises:
+        StorageError: Still failing after the last attempt.
+    """
+    wait = first_wait
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            if attempt == attempts:
+                raise StorageError(
+                    f"study.storage: cannot {what} after {attempts} attempts: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from None
+            log.warning("storage error (attempt %d/%d, retrying in %.1fs): %s", attempt, attempts, wait, exc)
+            time.sleep(wait)  # backoff before reconnecting, not synchronisation
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def sqlite_single_process(url: str) -> Iterator[None]:
+    """Hold an exclusive lock beside an SQLite study file; refuse a second process.
+
+    The lock dies with its process (even on kill -9), so a crashed run never blocks the next one.
+
+    Raises:
+        StorageError: Another process holds the lock.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle: IO[str] = open(lock_path, "a+")  # noqa: SIM115 (held for the whole block)
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise StorageError(
+                f"study.storage: {url} is in use by another tuner process (pid {holder}); SQLite serves one worker "
+                "process. For several workers use PostgreSQL: --storage postgresql+psycopg://USER@HOST/DB"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+@contextmanager
+def budget_lock(study: optuna.Study) -> Iterator[None]:
+    """Serialise "is there a slot left? then take a trial" across processes (PostgreSQL advisory lock)."""
+    storage = study._storage
+    engine = getattr(storage, "engine", None)
+    if engine is None or engine.dialect.name != "postgresql":
+        yield
+        return
+    from sqlalchemy import text
+
+    key = int.from_bytes(study.study_name.encode()[:8].ljust(8, b"\0"), "big", signed=True)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            conn.commit()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Budget and retries
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of ``n_trials`` is spent: finished trials (retried failures excluded), running, queued."""
+
+    used: int
+    running: int
+    waiting: int
+    total: int
+
+    @property
+    def slot_free(self) -> bool:
+        return self.used + self.running < self.total
+
+    @property
+    def done(self) -> bool:
+        return self.used >= self.total and self.running == 0
+
+
+def budget(study: optuna.Study, total: int) -> Budget:
+    trials = study.get_trials(deepcopy=False)
+    replaced = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    used = sum(1 for t in trials if t.state in FINISHED_STATES and t.number not in replaced)
+    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
+    return Budget(used=used, running=running, waiting=waiting, total=total)
+
+
+def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> bool:
+    """Queue a trial's parameters again, unless it has been retried ``max_retries`` times already."""
+    count = int(trial.user_attrs.get(RETRY_COUNT, 0))
+    if count >= max_retries:
+        log.warning("trial %d failed %d times; not retried again", trial.number, count + 1)
+        return False
+    study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number, RETRY_COUNT: count + 1})
+    return True
+
+
+def stale_trial_handler(
+    tracker: Tracker, max_retries: int, grace_period: int
+) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Called for each trial failed for a lost heartbeat: close its MLflow run KILLED, queue the retry."""
+
+    def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        tracker.close_lost_run(run_id, f"worker lost: no heartbeat for {grace_period} s; retried with the same params")
+        enqueue_retry(study, trial, max_retries)
+
+    return on_stale
+
+
+class Heartbeat:
+    """Records a running trial's heartbeat every ``interval`` seconds from a daemon thread."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int, interval: int) -> None:
+        self._storage = storage
+        self._trial_id = trial_id
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
+            except Exception as exc:  # a missed beat is retried on the next tick; the grace period absorbs it
+                log.warning("heartbeat of trial %d failed: %s", self._trial_id, exc)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> Heartbeat:
+        if isinstance(self._storage, optuna.storages.RDBStorage) and self._storage.get_heartbeat_interval():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+@contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread, so the running trial is closed properly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class WorkResult:
+    ran: int
+    finished_study: bool
+
+
+def work(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    *,
+    total: int,
+    timeout: float | None = None,
+    max_retries: int = 3,
+    poll_interval: float = 1.0,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+) -> WorkResult:
+    """Take trials until the study holds ``total`` finished trials (counting every worker's), then return.
+
+    Args:
+        study: The shared study.
+        objective: Called with each trial; raises ``optuna.TrialPruned`` or :class:`TrialFailed` to end it so.
+        total: The study's ``n_trials``.
+        timeout: Stop taking new trials after this many seconds.
+        max_retries: How often a trial lost to a dead worker or a signal is queued again.
+        poll_interval: Seconds between looks at the study while other workers hold the last slots.
+        callbacks: Called after each trial this worker finishes.
+
+    Returns:
+        How many trials this worker finished, and whether the study is complete.
+    """
+    started = time.monotonic()
+    ran = 0
+    with terminate_on_sigterm():
+        while True:
+            if timeout is not None and time.monotonic() - started > timeout:
+                break
+            with _quiet_optuna():
+                retrying(lambda: optuna.storages.fail_stale_trials(study), what="check for lost trials")
+                trial = retrying(lambda: _take_trial(study, total), what="take a trial")
+            if trial is None:
+                state = retrying(lambda: budget(study, total), what="count trials")
+                if state.done or state.running == 0:
+                    break
+                # Other workers hold the last slots; one may die and its retry need a taker.
+                time.sleep(poll_interval)
+                continue
+            frozen = _run_one(study, trial, objective, max_retries)
+            ran += 1
+            for callback in callbacks:
+                callback(study, frozen)
+    return WorkResult(ran=ran, finished_study=retrying(lambda: budget(study, total), what="count trials").done)
+
+
+def _take_trial(study: optuna.Study, total: int) -> optuna.Trial | None:
+    with budget_lock(study):
+        if not budget(study, total).slot_free:
+            return None
+        return study.ask()
+
+
+def _run_one(
+    study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float], max_retries: int
+) -> FrozenTrial:
+    storage = study._storage
+    interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+    try:
+        with Heartbeat(storage, trial._trial_id, interval or 0):
+            value = objective(trial)
+    except optuna.TrialPruned:
+        return _tell(study, trial, state=TrialState.PRUNED)
+    except TrialFailed as exc:
+        log.info("trial %d failed: %s", trial.number, exc)
+        return _tell(study, trial, state=TrialState.FAIL)
+    except (KeyboardInterrupt, Terminated):
+        frozen = _tell(study, trial, state=TrialState.FAIL)
+        retrying(lambda: enqueue_retry(study, frozen, max_retries), what="queue the interrupted trial again")
+        raise
+    except Exception as exc:
+        if not _is_transient(exc):
+            _tell(study, trial, state=TrialState.FAIL)
+            raise
+        # The database went away mid-trial (a restart): the trial is lost, not wrong; run it again.
+        log.warning("trial %d lost to a storage error, queued again: %s", trial.number, exc)
+        frozen = _tell(study, trial, state=TrialState.FAIL)
+        retrying(lambda: enqueue_retry(study, frozen, max_retries), what="queue the lost trial again")
+        return frozen
+    return _tell(study, trial, values=value)
+
+
+def _tell(
+    study: optuna.Study, trial: optuna.Trial, *, state: TrialState | None = None, values: float | None = None
+) -> FrozenTrial:
+    # skip_if_finished: after a reconnect the first attempt may have committed already.
+    return retrying(
+        lambda: study.tell(trial, values, state=state, skip_if_finished=True), what=f"record trial {trial.number}"
+    )
