@@ -132,9 +132,7 @@ def compare(real: pd.DataFrame, simulate: Callable[..., pd.DataFrame], repeats: 
                     res = evaluate(frame, negatives, clf, rep)
                     records.append({"task": task, "clf": clf, "source": source, "rep": rep, **res})
     long = pd.DataFrame.from_records(records)
-    table = long.pivot_table(
-        index=["task", "clf"], columns="source", values=["auc", "completeness"], aggfunc="mean"
-    )
+    table = long.pivot_table(index=["task", "clf"], columns="source", values=["auc", "completeness"], aggfunc="mean")
     table.columns = [f"{metric[:4]}_{source}" for metric, source in table.columns]
     table["dcomp"] = table["comp_sim"] - table["comp_real"]
     table["dauc"] = table["auc_sim"] - table["auc_real"]

@@ -8,7 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuner.data.catalogue import CLASSES, DIMENSIONS, load_catalogue_params, simulate_catalogue
+from tuner.data.catalogue import (
+    CLASSES,
+    DIMENSIONS,
+    _simulate_from_params,
+    load_catalogue_params,
+    simulate_catalogue,
+)
 from tuner.errors import DataError
 
 SDSS_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sdss_dr14_10k.csv.gz"
@@ -174,3 +180,25 @@ def test_median_colours_match_real_sdss() -> None:
     tol = pd.Series({"r": 0.25, "u-g": 0.1, "g-r": 0.1, "r-i": 0.1, "i-z": 0.1})
     diff = (sim_med - real_med.loc[sim_med.index]).abs()
     assert (diff <= tol).all().all(), f"median differences sim - real:\n{diff}"
+
+
+def test_component_counts_match_metadata() -> None:
+    # Classes may have different numbers of components; the metadata records how many each was fitted with.
+    params = load_catalogue_params()
+    recorded = params["metadata"]["n_components"]
+    assert set(recorded) == set(CLASSES)
+    for name in CLASSES:
+        assert len(params["classes"][name]["weights"]) == recorded[name]
+
+
+def test_simulate_from_params_matches_packaged() -> None:
+    # scripts/check_catalogue.py evaluates candidate fits through this path: it must equal the public one.
+    a = _simulate_from_params(load_catalogue_params(), 300, 50, 200, seed=5)
+    pd.testing.assert_frame_equal(a, simulate_catalogue(300, 50, 200, seed=5))
+
+
+def test_inconsistent_mixture_shapes_are_rejected() -> None:
+    params = load_catalogue_params()
+    params["classes"]["QSO"]["weights"].append(0.1)
+    with pytest.raises(DataError, match="inconsistent mixture shapes"):
+        _simulate_from_params(params, 10, 10, 0)

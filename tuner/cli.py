@@ -257,6 +257,149 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_mlflow_downloads() -> None:
+    import os
+
+    # MLflow's per-file download progress bars would bury the summary; the user's own setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _say(text: str) -> None:
+    # Paths and URIs are printed whole (no wrapping, no markup), so they can be copied.
+    console.print(text, markup=False, soft_wrap=True)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tuner.export import ALIAS, export_trial
+
+    _quiet_mlflow_downloads()
+    study, spec = _open_study(args)
+    result = export_trial(
+        study,
+        spec,
+        trial_number=args.trial,
+        out=args.out,
+        force=args.force,
+        register=args.register,
+        tracking_uri=args.tracking_uri,
+    )
+    for note in result.notes:
+        err_console.print(f"note: {note}", markup=False, soft_wrap=True)
+    card = result.card
+
+    def figures(entry: dict[str, Any]) -> str:
+        f, h = entry["figures"], entry["figures"]["holdout"]
+        ci_c, ci_x = h["completeness_95ci"], h["contamination_95ci"]
+        return (
+            f"validation objective {_fmt(f['val_objective'], 5)}, threshold {_fmt(f['threshold'], 5)}; holdout "
+            f"completeness {_fmt(h['completeness'])} [{_fmt(ci_c[0])}, {_fmt(ci_c[1])}], contamination "
+            f"{_fmt(h['contamination'])} [{_fmt(ci_x[0])}, {_fmt(ci_x[1])}]"
+        )
+
+    _say(f"exported trial {result.trial_number} of study {result.study_name!r} to {result.path}")
+    _say(f"  trial {result.trial_number}: {figures(card['trial'])}")
+    if card["runner_up"]:
+        _say(f"  runner-up trial {card['runner_up']['number']}: {figures(card['runner_up'])}")
+        _say(f"  {card['comparison']['reading']}")
+    _say(f"  model card: {result.path / 'model_card.md'}")
+    if result.logged_uri:
+        _say(f"  logged to MLflow: {result.logged_uri}")
+    if result.version:
+        _say(
+            f"  registered {result.registered_name!r} version {result.version}; alias {ALIAS!r} -> "
+            f"{result.champion_uri}",
+        )
+        uri = result.champion_uri
+    else:
+        _say(f"  (with --register it would load as {result.champion_uri})")
+        uri = str(result.path)
+    _say(f"  use: tuner predict {uri} --data CATALOGUE --out SCORES.csv")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tuner.export import predict_file
+
+    _quiet_mlflow_downloads()
+    result = predict_file(args.model, args.data, args.out, id_columns=args.id_columns, tracking_uri=args.tracking_uri)
+    selected = ""
+    if result.selected is not None:
+        selected = f"; {result.selected} selected as {result.positive_class} at threshold {result.threshold:.6g}"
+    _say(f"scored {result.rows} rows of {args.data} into {result.out}{selected}")
+    _say(f"columns: {', '.join(result.columns)}")
+    return 0
+
+
+def _is_study_file(study: str) -> bool:
+    return Path(study).suffix in (".yaml", ".yml") or Path(study).is_file()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tuner.report import build_report, log_report, write_report
+
+    study, spec = _open_study(args)
+    report = build_report(study, spec, tracking_uri=args.tracking_uri, replay=not args.no_replay, say=_say)
+    path = write_report(report, args.out or Path("reports") / f"{spec.study.name}.html")
+    size = path.stat().st_size / 1e6
+    _say(f"report of study {spec.study.name!r} written to {path} ({size:.1f} MB)")
+    for text in report.warnings:
+        err_console.print(f"warning: {text}", markup=False)
+    if not args.no_mlflow:
+        try:
+            _say(f"logged to {log_report(study, spec, report, args.tracking_uri)}")
+        except TunerError as exc:
+            # The report is written; a copy MLflow refused is worth a warning, not a failed command.
+            err_console.print(f"warning: report not logged to MLflow: {exc}", markup=False)
+    return 0
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    from tuner.report import trials_frame, trials_table, write_trials
+
+    study, spec = _open_study(args)
+    frame = trials_frame(study, spec)
+    if args.csv or args.parquet:
+        path = write_trials(frame, args.csv or args.parquet, "csv" if args.csv else "parquet")
+        _say(f"{len(frame)} trial(s) of study {spec.study.name!r} written to {path}")
+    else:
+        console.print(trials_table(frame, f"study {spec.study.name}: {len(frame)} trial(s)"))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from tuner.report import serve_mlflow_ui
+
+    tracking_uri, experiment, minimize = args.tracking_uri, None, False
+    if args.study:
+        _, spec = _open_study(args)
+        tracking_uri = tracking_uri or spec.tracking.uri
+        experiment = spec.tracking.experiment or spec.study.name
+        minimize = spec.objective.direction == "minimize"
+    return serve_mlflow_ui(
+        tracking_uri or StudySpec().tracking.uri,
+        host=args.host,
+        port=args.port,
+        experiment=experiment,
+        minimize=minimize,
+        say=_say,
+    )
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from tuner.report import serve_dashboard
+
+    _, spec = _open_study(args)
+    # Where _open_study found the study: the file's storage, or --storage / the default for a bare name.
+    storage = spec.study.storage if _is_study_file(args.study) else args.storage or StudySpec().study.storage
+    return serve_dashboard(
+        storage,
+        study_name=spec.study.name,
+        host=args.host,
+        port=args.port,
+        say=_say,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuner", description="Tune and track neural-network classifiers.")
     from tuner import __version__
@@ -301,6 +444,66 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     # Further subcommands register here, each calling into its own module.
+    storage_help = "Optuna storage URL (default: the study file's, else sqlite:///optuna.db)"
+    rpt = sub.add_parser("report", help="write the study report: one self-contained HTML page, also logged to MLflow")
+    rpt.add_argument("study", help="study file (YAML) or study name")
+    rpt.add_argument("--out", help="HTML file to write (default: reports/<study>.html)")
+    rpt.add_argument("--storage", help=storage_help)
+    rpt.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's tracking.uri)")
+    rpt.add_argument("--no-mlflow", action="store_true", help="do not attach the report to the study's MLflow run")
+    rpt.add_argument("--no-replay", action="store_true", help="never retrain a trial whose model MLflow does not hold")
+    rpt.set_defaults(func=cmd_report)
+
+    trl = sub.add_parser("trials", help="every trial as one row: a table, or written with --csv / --parquet")
+    trl.add_argument("study", help="study file (YAML) or study name")
+    trl.add_argument("--storage", help=storage_help)
+    out = trl.add_mutually_exclusive_group()
+    out.add_argument("--csv", metavar="PATH", help="write the trials as CSV instead of printing them")
+    out.add_argument("--parquet", metavar="PATH", help="write the trials as Parquet instead of printing them")
+    trl.set_defaults(func=cmd_trials)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI on the study's tracking store until Ctrl-C")
+    ui.add_argument("study", nargs="?", help="study file (YAML) or study name; opens its experiment")
+    ui.add_argument("--port", type=int, default=5000, help="port to serve on (default: 5000)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    ui.add_argument("--storage", help=storage_help)
+    ui.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: the study's tracking.uri, else sqlite:///mlruns/mlflow.db)",
+    )
+    ui.set_defaults(func=cmd_ui)
+
+    dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage until Ctrl-C")
+    dash.add_argument("study", help="study file (YAML) or study name")
+    dash.add_argument("--port", type=int, default=8080, help="port to serve on (default: 8080)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    dash.add_argument("--storage", help=storage_help)
+    dash.set_defaults(func=cmd_dashboard)
+
+    exp = sub.add_parser("export", help="export a trial (the best by default) as an MLflow pyfunc model + model card")
+    exp.add_argument("study", help="study file (YAML) or study name")
+    exp.add_argument("--trial", type=int, help="trial number to export (default: the best COMPLETE trial)")
+    exp.add_argument("--out", help="model directory to write (default: exports/<study>-trial-<N>)")
+    exp.add_argument("--force", action="store_true", help="replace --out when it holds a previous export")
+    exp.add_argument(
+        "--register", action="store_true", help="register under the study's name and move alias 'champion' to it"
+    )
+    exp.add_argument("--storage", help="Optuna storage URL (default: the study file's, else sqlite:///optuna.db)")
+    exp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's tracking.uri)")
+    exp.set_defaults(func=cmd_export)
+
+    pred = sub.add_parser("predict", help="score a catalogue with an exported model")
+    pred.add_argument("model", help="model directory, runs:/RUN_ID/PATH, models:/NAME@ALIAS or models:/NAME/VERSION")
+    pred.add_argument("--data", required=True, help="catalogue with the raw columns (CSV, CSV.gz, TSV, Parquet)")
+    pred.add_argument("--out", required=True, help="scores to write (.csv, .csv.gz, .tsv, .parquet)")
+    pred.add_argument(
+        "--id-columns", nargs="+", default=[], metavar="COLUMN", help="columns to copy through, besides data.id_columns"
+    )
+    pred.add_argument(
+        "--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ URIs (default: $MLFLOW_TRACKING_URI)"
+    )
+    pred.set_defaults(func=cmd_predict)
+
     val = sub.add_parser("validate", help="check a study file and its data without running anything")
     val.add_argument("study", help="study file (YAML)")
     val.set_defaults(func=cmd_validate)

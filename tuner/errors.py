@@ -37,3 +37,10 @@ class StorageError(TunerError):
 
 class TrackingError(TunerError):
     """The MLflow tracking store cannot be reached or refused a write."""
+
+
+class ExportError(TunerError):
+    """A trial cannot be exported, or an exported model cannot be used.
+
+    For example: no such trial, an occupied output folder, weights that do not reproduce the recorded figures.
+    """

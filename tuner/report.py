@@ -1,13 +1,39 @@
-"""Figures (plotly) for a trial: learning curves, ROC, completeness vs efficiency with the operating point."""
+"""Seeing a study: plotly figures for a trial, the self-contained HTML study report, the table of trials.
+
+A trial's figures (learning curves, ROC, completeness vs efficiency with the operating point) are logged with
+its MLflow run. The study report gathers Optuna's study plots (``optuna.visualization``), the best trial and the
+runner-up side by side, and a table of the top trials into one HTML file that embeds plotly.js once and so opens
+offline. :func:`trials_frame` is every trial as one row, for ``tuner trials``.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+import html
+import math
+import socket
+import subprocess
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import optuna
 import plotly.graph_objects as go
 
 from tuner import metrics
+from tuner.errors import ConfigError, TunerError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from optuna.trial import FrozenTrial
+
+    from tuner.config import StudySpec
+    from tuner.data.dataset import Dataset
+    from tuner.tracking import MlflowRuns
 
 IncludeJs = Literal["cdn", "embed"]
 
@@ -16,12 +42,44 @@ def _html(fig: go.Figure, plotlyjs: IncludeJs) -> str:
     return str(fig.to_html(full_html=True, include_plotlyjs="cdn" if plotlyjs == "cdn" else True))
 
 
-def learning_curves(history: list[dict[str, float]], best_epoch: int | None, title: str) -> go.Figure:
-    """Training and validation loss per epoch, with the restored (best) epoch marked."""
+def learning_curves(
+    history: list[dict[str, float]],
+    best_epoch: int | None,
+    title: str,
+    objective: dict[int, float] | None = None,
+    objective_name: str = "validation objective",
+) -> go.Figure:
+    """Training and validation loss per epoch, with the restored (best) epoch marked.
+
+    Args:
+        history: One mapping per epoch with ``train_loss`` and ``val_loss``.
+        best_epoch: The epoch whose weights were kept, or None.
+        title: Figure title.
+        objective: The validation objective per epoch (Optuna's intermediate values), drawn on a second axis.
+        objective_name: Its label.
+
+    Returns:
+        The figure.
+    """
     fig = go.Figure()
     epochs = list(range(len(history)))
     for key, name in (("train_loss", "training loss"), ("val_loss", "validation loss")):
         fig.add_scatter(x=epochs, y=[h.get(key) for h in history], mode="lines+markers", name=name)
+    if objective:
+        steps = sorted(objective)
+        fig.add_scatter(
+            x=steps,
+            y=[objective[s] for s in steps],
+            mode="lines+markers",
+            name=objective_name,
+            yaxis="y2",
+            line={"dash": "dot"},
+        )
+        fig.update_layout(
+            yaxis2={"title": objective_name, "overlaying": "y", "side": "right", "showgrid": False},
+            # Beside the plot the legend would cover the second axis: put it underneath.
+            legend={"orientation": "h", "yanchor": "top", "y": -0.22, "x": 0},
+        )
     if best_epoch is not None:
         fig.add_vline(x=best_epoch, line_dash="dash", annotation_text=f"restored epoch {best_epoch}")
     fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="loss", template="plotly_white")
@@ -93,3 +151,1116 @@ def trial_artifacts(
             plotlyjs,
         ),
     }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The study report
+
+#: The report's sections, in order: key (the HTML id) -> heading.
+SECTION_TITLES: dict[str, str] = {
+    "facts": "Study facts",
+    "history": "Optimization history",
+    "intermediate": "Intermediate values",
+    "importance": "Hyperparameter importances",
+    "parallel": "Parallel coordinates",
+    "slice-contour": "Slice and contour of the top pair",
+    "pareto": "Pareto front",
+    "compare": "Best trial and runner-up",
+    "top": "Top trials",
+}
+#: Where the report goes in the study's parent MLflow run.
+REPORT_ARTIFACT = "report/study_report.html"
+
+_PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+_STATE_STYLE = {
+    "COMPLETE": ("completed", "rgba(31,119,180,0.45)"),
+    "PRUNED": ("pruned (cut short)", "rgba(255,127,14,0.75)"),
+    "FAIL": ("failed", "rgba(214,39,40,0.75)"),
+}
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1500px;
+  padding:1rem 2rem;color:#1f2933}
+h1{margin-bottom:.2rem} .sub{color:#52606d;margin-top:0}
+nav{margin:.8rem 0} nav a{margin-right:1rem;color:#1f5fa8;text-decoration:none}
+section{margin:1.5rem 0;border-top:1px solid #d9e2ec;padding-top:.3rem}
+table{border-collapse:collapse;font-size:.86rem;margin:.5rem 0;max-width:100%}
+td,th{border:1px solid #d9e2ec;padding:.25rem .55rem;text-align:left;vertical-align:top}
+th{background:#f0f4f8} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.key{font-weight:600;white-space:nowrap} td.params{min-width:16rem}
+td.mono{font-family:monospace;font-size:.8rem;word-break:break-all}
+/* Two fixed columns: plotly sizes a figure once, when its script runs, before the second column exists. */
+.pair{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:1.5rem} .pair>div{min-width:0}
+.note{color:#7c5e10;background:#fffbea;padding:.35rem .6rem;border-left:3px solid #f0b429}
+.figure{min-height:320px} footer{color:#7b8794;font-size:.8rem;margin:2rem 0}
+"""
+
+
+@dataclass
+class Section:
+    """One ``<h2>`` section of the report: HTML fragments in order."""
+
+    key: str
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return SECTION_TITLES[self.key]
+
+    def note(self, text: str) -> None:
+        """Add a visible remark (why something is missing or approximate)."""
+        self.parts.append(f'<p class="note">{html.escape(text)}</p>')
+
+    def figure(self, fig: go.Figure, name: str, height: int = 450) -> None:
+        """Add a plotly figure (its data only: plotly.js is embedded once, in the page head)."""
+        self.parts.append(figure_div(fig, f"fig-{self.key}-{name}", height))
+
+    def html(self) -> str:
+        return f'<section id="{self.key}"><h2>{html.escape(self.title)}</h2>\n' + "\n".join(self.parts) + "</section>"
+
+
+@dataclass
+class Report:
+    """A rendered study report and what could not go into it."""
+
+    html: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def figure_div(fig: go.Figure, div_id: str, height: int = 450) -> str:
+    """A figure as a ``<div>`` with its ``Plotly.newPlot`` call; no plotly.js."""
+    import plotly.io as pio
+
+    fig.update_layout(height=height)
+    body = pio.to_html(
+        fig, full_html=False, include_plotlyjs=False, div_id=div_id, config=_PLOT_CONFIG, default_height=height
+    )
+    return f'<div class="figure">{body}</div>'
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    """A number for people: ``digits`` significant digits; a dash when there is none (None, NaN)."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]], classes: Sequence[str] = ()) -> str:
+    """An HTML table; ``classes[i]`` is the CSS class of column i (``num``, ``params``, ``mono``)."""
+    head = "" if header is None else "<thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr></thead>"
+    body = []
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            cls = f' class="{classes[i]}"' if i < len(classes) and classes[i] else ""
+            cells.append(f"<td{cls}>{_esc(cell)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table>{head}<tbody>{''.join(body)}</tbody></table>"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def objective_names(study: optuna.Study, spec: StudySpec) -> list[str]:
+    """A name per objective: the study's metric names, else the spec's objective metric."""
+    if study.metric_names:
+        return list(study.metric_names)
+    if len(study.directions) == 1:
+        return [spec.objective.metric]
+    return [f"objective {i}" for i in range(len(study.directions))]
+
+
+def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials, best first by the (first) objective; ties go to the earlier trial."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    sign = -1.0 if study.directions[0] == StudyDirection.MAXIMIZE else 1.0
+    return sorted(complete, key=lambda t: (sign * t.values[0], t.number))
+
+
+def trial_params(trial: FrozenTrial, spec: StudySpec) -> Any:
+    """The trial's :class:`~tuner.space.TrialParams` (batch size as used, fixed values included), or None.
+
+    None when the trial holds no parameters yet (waiting or just started).
+    """
+    from tuner.space import suggest
+
+    try:
+        return suggest(trial, spec.search_space)
+    except (ValueError, KeyError):  # FrozenTrial.suggest_* raise for a parameter the trial never drew
+        return None
+
+
+def _params_text(trial: FrozenTrial, spec: StudySpec) -> str:
+    params = trial_params(trial, spec)
+    if params is None:
+        return ", ".join(f"{k}={_num(v, 3)}" for k, v in trial.params.items())
+    widths = "×".join(str(w) for w in params.widths)
+    return (
+        f"{widths} {params.activation} {params.optimizer}, lr {_num(params.lr, 3)}, momentum "
+        f"{_num(params.momentum, 3)}, dropout {_num(params.dropout, 3)}, weight decay {_num(params.weight_decay, 3)}, "
+        f"batch {params.batch_size}, init {params.init}, batch norm {'on' if params.batch_norm else 'off'}"
+    )
+
+
+def study_facts(study: optuna.Study, spec: StudySpec) -> list[tuple[str, str]]:
+    """What the study is and how far it got, as (label, text) rows."""
+    from tuner.tracking import mask_password
+
+    trials = study.get_trials(deepcopy=False)
+    data = study.user_attrs.get("tuner.data", {})
+    by_state: dict[str, int] = {}
+    for t in trials:
+        by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
+    ranked = ranked_trials(study)
+    names = objective_names(study, spec)
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
+    busy = sum(t.duration.total_seconds() for t in trials if t.duration is not None)
+    wall = (
+        f"{_duration((max(ends) - min(starts)).total_seconds())} from the first trial's start to the last one's end "
+        f"({_duration(busy)} inside trials)"
+        if starts and ends
+        else "no finished trial"
+    )
+
+    train = spec.train
+    parent = study.user_attrs.get("tuner.mlflow_parent_run_id", "none")
+
+    def options(values: dict[str, Any]) -> str:
+        return f" {values}" if values else ""
+
+    rows = [
+        ("study", study.study_name),
+        ("task", f"{spec.task}, positive class {spec.data.positive}"),
+        (
+            "objective",
+            ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(names, study.directions, strict=True))
+            + f"; target contamination {spec.objective.target_contamination:g}",
+        ),
+        ("trials by state", ", ".join(f"{s} {n}" for s, n in sorted(by_state.items())) or "none"),
+        ("best trial", f"#{ranked[0].number}: {_num(ranked[0].values[0], 5)}" if ranked else "none completed"),
+        ("sampler", f"{spec.study.sampler}{options(spec.study.sampler_options)}, seed {spec.study.seed}"),
+        ("pruner", f"{spec.study.pruner}{options(spec.study.pruner_options)}"),
+        ("wall time", wall),
+        ("data source", data.get("data.source", spec.data.source)),
+        ("data hash", data.get("data.hash", "not recorded")),
+        ("rows", data.get("data.rows", "not recorded")),
+        ("class counts", data.get("data.class_counts", "not recorded")),
+        ("split sizes", data.get("data.split_sizes", "not recorded")),
+        ("features", data.get("data.features", ", ".join(spec.data.features))),
+        ("preprocessing", spec.data.preprocess),
+        ("training", f"max {train.max_epochs} epochs, patience {train.patience}, monitor {train.monitor}"),
+        ("MLflow", f"{mask_password(spec.tracking.uri)}, parent run {parent}"),
+    ]
+    return rows
+
+
+def intermediate_values_figure(study: optuna.Study, objective_name: str, best: int | None) -> go.Figure:
+    """The validation objective per epoch of every trial, coloured by state; pruned trials end in a cross.
+
+    Hand-written rather than ``optuna.visualization.plot_intermediate_values``: Optuna draws one trace per trial
+    in one colour, so a pruned trial cannot be told from one that stopped early, and restyling its 1,000 traces
+    took 5 s (bench/bench_report.py) and made the page slow to draw. Here each state is one trace, trials
+    separated by gaps, and every point still names its trial.
+    """
+    groups: dict[str, tuple[list[Any], list[Any], list[Any]]] = {}
+    counts: dict[str, int] = {}
+    ends: tuple[list[Any], list[Any], list[str]] = ([], [], [])
+    best_curve: tuple[list[int], list[float]] | None = None
+    for t in study.get_trials(deepcopy=False):
+        if not t.intermediate_values:
+            continue
+        steps = sorted(t.intermediate_values)
+        values = [t.intermediate_values[s] for s in steps]
+        if t.number == best:
+            best_curve = (steps, values)
+        xs, ys, texts = groups.setdefault(t.state.name, ([], [], []))
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        xs += [*steps, None]
+        ys += [*values, None]
+        texts += [f"trial {t.number}"] * len(steps) + [None]
+        if t.state.name == "PRUNED":
+            ends[0].append(steps[-1])
+            ends[1].append(values[-1])
+            ends[2].append(f"trial {t.number} pruned after epoch {steps[-1]}")
+    fig = go.Figure()
+    order = ["COMPLETE", "FAIL", "PRUNED"]
+    for state in sorted(groups, key=lambda name: order.index(name) if name in order else len(order)):
+        xs, ys, texts = groups[state]
+        label, color = _STATE_STYLE.get(state, (state.lower(), "rgba(120,120,120,0.6)"))
+        fig.add_scatter(
+            x=xs,
+            y=ys,
+            text=texts,
+            mode="lines",
+            name=f"{label}: {counts[state]}",
+            line={"color": color, "width": 1},
+            hovertemplate=f"%{{text}} ({state.lower()})<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>",
+        )
+    if best_curve is not None:  # drawn last, on top
+        fig.add_scatter(
+            x=best_curve[0],
+            y=best_curve[1],
+            mode="lines+markers",
+            name=f"best: trial {best}",
+            line={"color": "rgb(20,20,20)", "width": 3},
+            hovertemplate=f"trial {best} (best)<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>",
+        )
+    if ends[0]:
+        fig.add_scatter(
+            x=ends[0],
+            y=ends[1],
+            text=ends[2],
+            mode="markers",
+            marker={"symbol": "x", "size": 8, "color": "rgb(230,110,0)"},
+            name="pruned here",
+            hoverinfo="text",
+        )
+    fig.update_layout(
+        title="Validation objective per epoch (Optuna's intermediate values)",
+        xaxis_title="epoch",
+        yaxis_title=objective_name,
+        template="plotly_white",
+    )
+    return fig
+
+
+def importance_figure(importances: dict[str, float], target_name: str) -> go.Figure:
+    """Parameter importances as horizontal bars, the most important on top.
+
+    Hand-written rather than ``optuna.visualization.plot_param_importances``: for its hover text Optuna copies
+    every trial once per parameter, 7 s of a 1,000-trial report (bench/bench_report.py), to show a
+    distribution's name.
+    """
+    names = list(importances)[::-1]
+    fig = go.Figure(
+        go.Bar(
+            x=[importances[n] for n in names],
+            y=names,
+            orientation="h",
+            text=[f"{importances[n]:.2f}" for n in names],
+            textposition="outside",
+            hovertemplate="%{y}: %{x:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=f"Hyperparameter importances for {target_name} (Optuna's default evaluator, PED-ANOVA)",
+        xaxis_title="importance (normalised to sum to 1)",
+        yaxis_title="parameter",
+        template="plotly_white",
+    )
+    return fig
+
+
+def param_importances(
+    study: optuna.Study, target: Callable[[FrozenTrial], float] | None
+) -> tuple[dict[str, float], list[str]]:
+    """Optuna's parameter importances (its default evaluator), most important first, and remarks.
+
+    Returns:
+        The importances (empty when they cannot be computed) and why, or Optuna's warnings about them.
+    """
+    n = len(ranked_trials(study))
+    if n < 2:
+        return {}, [f"importances need at least 2 completed trials; this study has {n}"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            values = optuna.importance.get_param_importances(study, target=target)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            return {}, [f"importances could not be computed: {exc}"]
+    notes = sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)})
+    return dict(sorted(values.items(), key=lambda kv: -kv[1])), notes
+
+
+def study_sections(study: optuna.Study, spec: StudySpec, *, top: int = 10) -> list[Section]:
+    """Every section of the report except the best-trial comparison (which needs the models).
+
+    Args:
+        study: The study.
+        spec: The spec the study was created with.
+        top: Rows in the top-trials table.
+
+    Returns:
+        The sections, in report order (the comparison belongs before "top").
+    """
+    from optuna import visualization as vis
+
+    names = objective_names(study, spec)
+    multi = len(study.directions) > 1
+    # Optuna's study plots need a single target; with several objectives they show the first.
+    target: Callable[[FrozenTrial], float] | None = (lambda t: t.values[0]) if multi else None
+    target_name = names[0]
+    ranked = ranked_trials(study)
+    best = ranked[0].number if ranked else None
+    sections: list[Section] = []
+
+    facts = Section("facts")
+    facts.parts.append(_table(None, study_facts(study, spec), ("key",)))
+    sections.append(facts)
+
+    history = Section("history")
+    intermediate = Section("intermediate")
+    importance = Section("importance")
+    parallel = Section("parallel")
+    pair = Section("slice-contour")
+    sections += [history, intermediate, importance, parallel, pair]
+    if not ranked:
+        for section in (history, importance, parallel, pair):
+            section.note("no completed trial yet")
+    else:
+        history.figure(vis.plot_optimization_history(study, target=target, target_name=target_name), "history")
+        importances, notes = param_importances(study, target)
+        for text in notes:
+            importance.note(text)
+        if importances:
+            fig = importance_figure(importances, target_name)
+            importance.figure(fig, "importances", height=max(300, 60 + 28 * len(importances)))
+        parallel.figure(vis.plot_parallel_coordinate(study, target=target, target_name=target_name), "parallel")
+        top_pair = list(importances)[:2]
+        if not top_pair:
+            pair.note("no parameter importances, so no top pair to show")
+        else:
+            pair.parts.append(f'<p>Most important: {_esc(", ".join(top_pair))}.</p><div class="pair">')
+            pair.figure(vis.plot_slice(study, params=top_pair, target=target, target_name=target_name), "slice")
+            if len(top_pair) == 2:
+                contour = vis.plot_contour(study, params=top_pair, target=target, target_name=target_name)
+                pair.figure(contour, "contour")
+            else:
+                pair.note("a contour needs two tuned parameters; the study has one")
+            pair.parts.append("</div>")
+    if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        intermediate.figure(intermediate_values_figure(study, target_name, best), "intermediate", height=500)
+    else:
+        intermediate.note("no trial reported intermediate values")
+
+    if multi:
+        pareto = Section("pareto")
+        if ranked:
+            pareto.figure(vis.plot_pareto_front(study, target_names=names), "pareto")
+        else:
+            pareto.note("no completed trial yet")
+        sections.append(pareto)
+
+    table = Section("top")
+    rows = []
+    for rank, trial in enumerate(ranked[:top], start=1):
+        a = trial.user_attrs
+
+        def ci(key: str, attrs: dict[str, Any] = a) -> str:
+            if key not in attrs:
+                return "–"
+            return f"{_num(attrs[key])} [{_num(attrs.get(key + '_low'))}, {_num(attrs.get(key + '_high'))}]"
+
+        rows.append(
+            (
+                rank,
+                trial.number,
+                ", ".join(_num(v, 5) for v in trial.values),
+                ci("holdout_completeness"),
+                ci("holdout_contamination"),
+                _num(a.get("holdout_auc")),
+                _num(a.get("threshold")),
+                f"{a.get('epochs', '–')} ({a.get('best_epoch', '–')})",
+                _params_text(trial, spec),
+                a.get("mlflow_run_id", "–"),
+            )
+        )
+    header = (
+        "rank",
+        "trial",
+        "objective" if len(names) == 1 else "objectives",
+        "holdout completeness [95% CI]",
+        "holdout contamination [95% CI]",
+        "holdout AUC",
+        "threshold",
+        "epochs (best)",
+        "parameters",
+        "MLflow run",
+    )
+    if rows:
+        table.parts.append(_table(header, rows, ("num",) * 8 + ("params", "mono")))
+        n_complete = len(ranked)
+        if n_complete > top:
+            table.parts.append(f"<p>{top} of {n_complete} completed trials; <code>tuner trials</code> lists all.</p>")
+    else:
+        table.note("no completed trial yet")
+    sections.append(table)
+    return sections
+
+
+@dataclass
+class TrialEvidence:
+    """What the comparison shows of one trial: its curves, and its scores at the frozen threshold.
+
+    Attributes:
+        trial: The Optuna trial.
+        history: Per-epoch ``train_loss`` / ``val_loss`` (empty when unknown).
+        curves: ``{"validation"|"holdout": (is_positive, score)}``; empty when the model could not be had.
+        counts: Confusion counts at the frozen threshold, per part.
+        source: Where the model came from.
+        notes: What is missing or approximate, and why.
+    """
+
+    trial: FrozenTrial
+    history: list[dict[str, float]] = field(default_factory=list)
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    counts: dict[str, metrics.ConfusionCounts] = field(default_factory=dict)
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def study_dataset(study: optuna.Study, spec: StudySpec) -> Dataset:
+    """The study's data, rebuilt on the CPU and checked against the hash the study recorded.
+
+    Raises:
+        DataError: The catalogue cannot be read, or it is not the one the study was run on.
+    """
+    from tuner.data.dataset import build_dataset
+    from tuner.errors import DataError
+
+    dataset = build_dataset(spec, "cpu")
+    recorded = study.user_attrs.get("tuner.data", {}).get("data.hash")
+    if recorded and recorded != dataset.catalogue.data_hash:
+        raise DataError(
+            f"data.source: {dataset.catalogue.source} now hashes to {dataset.catalogue.data_hash}, but study "
+            f"{study.study_name!r} was run on data with hash {recorded}; the curves would not describe its trials"
+        )
+    return dataset
+
+
+def _model_from_mlflow(runs: MlflowRuns, run_id: str, dataset: Dataset, workdir: Path) -> Any:
+    import json
+    import pickle
+
+    import torch
+
+    from tuner.errors import DataError, TrackingError
+    from tuner.model import build_mlp
+    from tuner.space import TrialParams
+    from tuner.study import MODEL_META_ARTIFACT, WEIGHTS_ARTIFACT
+
+    meta = json.loads(runs.download(run_id, MODEL_META_ARTIFACT, workdir).read_text())
+    if list(meta["feature_names"]) != list(dataset.catalogue.feature_names):
+        raise DataError(
+            f"data.features: run {run_id} was trained on {meta['feature_names']}, the study's data has "
+            f"{list(dataset.catalogue.feature_names)}"
+        )
+    params = TrialParams(**{**meta["params"], "widths": tuple(meta["params"]["widths"])})
+    n_out = 1 if meta["task"] == "binary" else len(meta["class_names"])
+    net = build_mlp(dataset.n_features, params, n_out)
+    weights = runs.download(run_id, WEIGHTS_ARTIFACT, workdir)
+    try:
+        # weights_only: a state dict is plain tensors; never unpickle code from an artifact store.
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except (RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        raise TrackingError(f"{WEIGHTS_ARTIFACT} of run {run_id} cannot be loaded: {exc}") from None
+    return net
+
+
+def trial_evidence(
+    trial: FrozenTrial,
+    spec: StudySpec,
+    dataset: Dataset | None,
+    runs: MlflowRuns | None,
+    *,
+    replay: bool = True,
+    workdir: Path,
+    say: Callable[[str], None] | None = None,
+) -> TrialEvidence:
+    """Gather one trial's curves: the model from its MLflow run, else replayed from its seed.
+
+    Args:
+        trial: A completed trial.
+        spec: The study's spec.
+        dataset: The study's data; None when it could not be rebuilt (then only the learning curves).
+        runs: The MLflow store; None when unreachable.
+        replay: Retrain the trial from its seed when MLflow does not hold its model.
+        workdir: Where downloaded artifacts go.
+        say: Told before a replay, which can take minutes.
+
+    Returns:
+        The evidence, with notes on anything missing.
+    """
+    ev = TrialEvidence(trial=trial)
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    model = None
+    if runs is not None and run_id:
+        try:
+            ev.history = runs.epoch_history(run_id, ("train_loss", "val_loss"))
+            if dataset is not None:
+                model = _model_from_mlflow(runs, run_id, dataset, workdir / run_id)
+                ev.source = f"model from MLflow run {run_id}"
+        except TunerError as exc:
+            ev.notes.append(f"MLflow run {run_id}: {exc}")
+    elif not run_id:
+        ev.notes.append("the trial has no MLflow run (tracking was disabled)")
+    if model is None and dataset is not None and replay:
+        from tuner.study import Objective
+        from tuner.tracking import NullTracker
+
+        params = trial_params(trial, spec)
+        seed = int(trial.user_attrs.get("seed", spec.study.seed + trial.number))
+        if say is not None:
+            say(f"replaying trial {trial.number} from seed {seed} for its curves (MLflow holds no model of it) ...")
+        model, result = Objective(spec, dataset, NullTracker()).train_trial(params, seed, [])
+        ev.history = ev.history or result.history
+        ev.source = f"replayed from seed {seed} on the CPU"
+        ev.notes.append(f"model {ev.source}; figures may differ slightly from the recorded trial")
+    if model is None or dataset is None:
+        if dataset is not None:
+            ev.notes.append("no model: ROC and completeness curves are not shown")
+        return ev
+    from tuner.train import predict_logits, probabilities
+
+    threshold = trial.user_attrs.get("threshold")
+    if threshold is None:
+        ev.notes.append(f"trial {trial.number} has no recorded threshold (user attribute 'threshold')")
+        return ev
+    pos = dataset.positive_index
+    for part_name, part in (("validation", dataset.validation), ("holdout", dataset.holdout)):
+        probs = probabilities(predict_logits(model, part.x, spec.train.eval_batch_size), spec.task)
+        score = probs[:, pos].numpy().astype(np.float64)
+        y = part.y_numpy == pos
+        ev.curves[part_name] = (y, score)
+        ev.counts[part_name] = metrics.confusion_counts(y, score, float(threshold))
+    return ev
+
+
+def _trial_column(ev: TrialEvidence, role: str, spec: StudySpec, names: list[str]) -> str:
+    t = ev.trial
+    a = t.user_attrs
+    key = f"{role}-{t.number}"
+    out = [f"<div><h3>{_esc(role)}: trial {t.number}</h3>"]
+    facts = [
+        (", ".join(names), ", ".join(_num(v, 5) for v in t.values)),
+        ("parameters", _params_text(t, spec)),
+        ("threshold (frozen on validation)", _num(a.get("threshold"))),
+        (
+            "holdout completeness",
+            f"{_num(a.get('holdout_completeness'))} "
+            f"[{_num(a.get('holdout_completeness_low'))}, {_num(a.get('holdout_completeness_high'))}]",
+        ),
+        (
+            "holdout contamination",
+            f"{_num(a.get('holdout_contamination'))} "
+            f"[{_num(a.get('holdout_contamination_low'))}, {_num(a.get('holdout_contamination_high'))}]",
+        ),
+        ("epochs (best)", f"{a.get('epochs', '–')} ({a.get('best_epoch', '–')}); {a.get('stop_reason', '')}"),
+        ("MLflow run", a.get("mlflow_run_id", "–")),
+    ]
+    if ev.source:
+        facts.append(("curves from", ev.source))
+    out.append(_table(None, facts, ("key", "", "")))
+    out += [f'<p class="note">{_esc(n)}</p>' for n in ev.notes]
+    label = f"trial {t.number}"
+    out.append(
+        figure_div(
+            learning_curves(ev.history, a.get("best_epoch"), f"{label}: learning curves", dict(t.intermediate_values)),
+            f"fig-{key}-learning",
+            380,
+        )
+    )
+    if ev.curves:
+        points = {part: (metrics.completeness(c), metrics.contamination(c)) for part, c in ev.counts.items()}
+        out.append(figure_div(roc_figure(ev.curves, f"{label}: ROC"), f"fig-{key}-roc", 380))
+        ce = completeness_efficiency_figure(
+            ev.curves, points, spec.objective.target_contamination, f"{label}: completeness vs efficiency"
+        )
+        out.append(figure_div(ce, f"fig-{key}-ce", 380))
+        rows = [
+            (
+                part,
+                c.tp,
+                c.fp,
+                c.tn,
+                c.fn,
+                _num(metrics.completeness(c)),
+                _num(metrics.contamination(c)),
+            )
+            for part, c in ev.counts.items()
+        ]
+        out.append("<p>Confusion counts at the frozen threshold (positive = " + _esc(spec.data.positive) + "):</p>")
+        out.append(
+            _table(
+                ("part", "TP", "FP", "TN", "FN", "completeness", "contamination"),
+                rows,
+                ("", "num", "num", "num", "num", "num", "num"),
+            )
+        )
+    out.append("</div>")
+    return "\n".join(out)
+
+
+def comparison_section(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    tracking_uri: str | None = None,
+    replay: bool = True,
+    dataset: Dataset | None = None,
+    say: Callable[[str], None] | None = None,
+) -> tuple[Section, list[str]]:
+    """The best trial and the runner-up side by side: learning curves, ROC, completeness vs efficiency.
+
+    Arguments are :func:`build_report`'s.
+
+    Returns:
+        The section and warnings for the person running the report (also shown in the section).
+    """
+    import tempfile
+
+    from tuner.tracking import MlflowRuns
+
+    section = Section("compare")
+    found: list[str] = []
+    leaders = ranked_trials(study)[:2]
+    if not leaders:
+        section.note("no completed trial yet")
+        return section, found
+    if len(leaders) == 1:
+        section.note("only one completed trial: no runner-up")
+    if dataset is None:
+        try:
+            dataset = study_dataset(study, spec)
+        except TunerError as exc:
+            hint = ""
+            if spec.data_path() is not None and not Path(spec.data.source).is_absolute():
+                hint = f" ({spec.data.source} is relative: give the study file rather than the study's name)"
+            found.append(f"ROC and completeness curves left out: {exc}{hint}")
+    runs = None
+    if spec.tracking.enabled or tracking_uri:
+        try:
+            runs = MlflowRuns(tracking_uri or spec.tracking.uri)
+        except TunerError as exc:
+            found.append(f"MLflow not read: {exc}")
+    names = objective_names(study, spec)
+    columns = []
+    with tempfile.TemporaryDirectory(prefix="tuner-report-") as tmp:
+        for role, trial in zip(("best", "runner-up"), leaders, strict=False):
+            ev = trial_evidence(trial, spec, dataset, runs, replay=replay, workdir=Path(tmp), say=say)
+            columns.append(_trial_column(ev, role, spec, names))
+    for text in found:
+        section.note(text)
+    section.parts.append('<div class="pair">' + "\n".join(columns) + "</div>")
+    return section, found
+
+
+def build_report(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    compare: bool = True,
+    tracking_uri: str | None = None,
+    replay: bool = True,
+    top: int = 10,
+    dataset: Dataset | None = None,
+    say: Callable[[str], None] | None = None,
+) -> Report:
+    """The whole study report: one self-contained HTML page (plotly.js embedded once; opens offline).
+
+    Args:
+        study: The study.
+        spec: The spec it was created with (``tuner.spec`` in the study's user attributes).
+        compare: Include the best trial and runner-up side by side (reads MLflow, rebuilds the data).
+        tracking_uri: Overrides ``spec.tracking.uri`` for reading the trials' runs.
+        replay: Retrain a compared trial from its seed when MLflow does not hold its model.
+        top: Rows in the top-trials table.
+        dataset: The study's data, when already built.
+        say: Told about slow steps (a trial replayed from its seed).
+
+    Returns:
+        The page and warnings about what could not go into it.
+    """
+    from plotly.offline import get_plotlyjs
+
+    from tuner import __version__
+
+    sections = study_sections(study, spec, top=top)
+    found: list[str] = []
+    if compare:
+        section, found = comparison_section(
+            study, spec, tracking_uri=tracking_uri, replay=replay, dataset=dataset, say=say
+        )
+        sections.insert(len(sections) - 1, section)
+    nav = "".join(f'<a href="#{s.key}">{_esc(s.title)}</a>' for s in sections)
+    when = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Study {_esc(study.study_name)}: tuner report</title>
+<style>{_CSS}</style>
+<script type="text/javascript">{get_plotlyjs()}</script>
+</head><body>
+<h1>Study {_esc(study.study_name)}</h1>
+<p class="sub">tuner {__version__} report, generated {_esc(when)}</p>
+<nav>{nav}</nav>
+{"".join(s.html() for s in sections)}
+<footer>Validation picks each trial's threshold; the holdout only measures it (95% Wilson intervals).</footer>
+</body></html>
+"""
+    return Report(html=page, warnings=found)
+
+
+def write_report(report: Report, out: str | Path) -> Path:
+    """Write the page, creating its folder.
+
+    Raises:
+        ConfigError: The file cannot be written (names ``--out``, the path and the reason).
+    """
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out: {path} is a directory; give a file name such as {path / 'report.html'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report.html, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def log_report(study: optuna.Study, spec: StudySpec, report: Report, tracking_uri: str | None = None) -> str:
+    """Attach the written report to the study's parent MLflow run.
+
+    Returns:
+        Where it went, for the person running the command.
+
+    Raises:
+        TrackingError: The study has no parent run, or MLflow refused the file.
+    """
+    from tuner.errors import TrackingError
+    from tuner.tracking import MlflowRuns
+
+    parent = study.user_attrs.get("tuner.mlflow_parent_run_id")
+    if not parent:
+        raise TrackingError(
+            f"study {study.study_name!r} has no MLflow parent run (tuner.mlflow_parent_run_id); "
+            "it was run with tracking disabled"
+        )
+    runs = MlflowRuns(tracking_uri or spec.tracking.uri)
+    runs.log_text(parent, report.html, REPORT_ARTIFACT)
+    return f"MLflow run {parent}: {REPORT_ARTIFACT}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every trial as a row
+
+#: Per-trial figures ``tuner trials`` reports, after the parameters.
+TRIAL_METRICS = (
+    "holdout_completeness",
+    "holdout_completeness_low",
+    "holdout_completeness_high",
+    "holdout_contamination",
+    "holdout_contamination_low",
+    "holdout_contamination_high",
+    "holdout_auc",
+    "threshold",
+    "val_completeness",
+    "val_contamination",
+    "val_auc",
+    "val_ap",
+)
+
+
+def trials_frame(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
+    """Every trial as one row: number, state, objective(s), parameters, holdout figures, epochs, stop reason, run.
+
+    Parameters use the names read in MLflow (``batch_size``, not ``log2_batch_size``; ``widths`` as ``64-32``
+    and one ``n_units_lN`` per possible layer, 0 where absent), so every row has the same columns.
+
+    Args:
+        study: The study.
+        spec: The spec it was created with.
+
+    Returns:
+        One row per trial, in trial order.
+    """
+    import dataclasses
+
+    import pandas as pd
+
+    from tuner.space import TrialParams, max_layers
+
+    n_max = max_layers(spec.search_space)
+    names = objective_names(study, spec)
+    objective_cols = ["objective"] if len(names) == 1 else [f"objective_{n}" for n in names]
+    param_cols = [f.name for f in dataclasses.fields(TrialParams)] + [f"n_units_l{i}" for i in range(n_max)]
+    columns = [
+        "number",
+        "state",
+        *objective_cols,
+        "last_reported",
+        *param_cols,
+        *TRIAL_METRICS,
+        "epochs",
+        "best_epoch",
+        "stop_reason",
+        "duration_s",
+        "datetime_start",
+        "mlflow_run_id",
+    ]
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+        # Optuna stores a pruned trial's last report as its value: that is no objective, keep it apart.
+        values = list(t.values or []) if t.state.name == "COMPLETE" else []
+        steps = sorted(t.intermediate_values)
+        row["last_reported"] = t.intermediate_values[steps[-1]] if steps else None
+        for i, col in enumerate(objective_cols):
+            row[col] = values[i] if i < len(values) else None
+        params = trial_params(t, spec)
+        if params is not None:
+            row.update(params.as_record(n_max))
+        for key in (*TRIAL_METRICS, "epochs", "best_epoch", "mlflow_run_id"):
+            row[key] = a.get(key)
+        # A failed trial's own reason first: its stop_reason may be the (normal) end of training before it.
+        row["stop_reason"] = a.get("fail_reason") or a.get("stop_reason") or ""
+        row["duration_s"] = t.duration.total_seconds() if t.duration is not None else None
+        row["datetime_start"] = t.datetime_start
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=columns)
+    for col in (
+        *objective_cols,
+        "last_reported",
+        *TRIAL_METRICS,
+        "lr",
+        "momentum",
+        "dropout",
+        "weight_decay",
+        "duration_s",
+    ):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+    for col in ("epochs", "best_epoch", "n_layers", "batch_size", *param_cols[len(dataclasses.fields(TrialParams)) :]):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
+    frame["batch_norm"] = frame["batch_norm"].astype("boolean")
+    return frame
+
+
+def write_trials(frame: pd.DataFrame, path: str | Path, fmt: Literal["csv", "parquet"]) -> Path:
+    """Write the trial table as CSV or Parquet.
+
+    Raises:
+        ConfigError: The path is a folder, has the other format's suffix, or cannot be written.
+    """
+    out = Path(path)
+    flag = f"--{fmt}"
+    other = {"csv": (".parquet", ".pq"), "parquet": (".csv", ".tsv")}[fmt]
+    if out.suffix.lower() in other:
+        fix = "--parquet" if fmt == "csv" else "--csv"
+        raise ConfigError(f"{flag}: {out} has a {out.suffix} suffix but {fmt} was asked for; use {fix} {out}")
+    if out.is_dir():
+        raise ConfigError(f"{flag}: {out} is a directory; give a file name such as {out / ('trials.' + fmt)}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "csv":
+            frame.to_csv(out, index=False)
+        else:
+            frame.to_parquet(out, index=False)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot write {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def trials_table(frame: pd.DataFrame, title: str) -> Any:
+    """The trial table for the terminal (a rich ``Table``): the columns that fit, parameters condensed."""
+    import pandas as pd
+    from rich.table import Table
+    from rich.text import Text
+
+    objective_cols = [c for c in frame.columns if c == "objective" or c.startswith("objective_")]
+    table = Table(title=title, title_justify="left")
+    for name, justify in (
+        ("#", "right"),
+        ("state", "left"),
+        *((c, "right") for c in objective_cols),
+        ("holdout compl.", "right"),
+        ("holdout contam.", "right"),
+        ("epochs", "right"),
+        ("parameters", "left"),
+        ("stop reason", "left"),
+        ("MLflow run", "left"),
+    ):
+        # fold, not ellipsis: a run id cut short cannot be pasted into MLflow.
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    style = {"COMPLETE": "", "PRUNED": "yellow", "FAIL": "red"}
+
+    def cell(value: Any) -> Text:
+        # Text, not str: a stop reason such as "[...]" must not be read as rich markup.
+        return Text("–" if value is None or pd.isna(value) else _num(value))
+
+    for row in frame.itertuples(index=False):
+        r = row._asdict()
+        params = (
+            f"{r['widths']} {r['activation']} {r['optimizer']} lr={_num(r['lr'], 3)} bs={r['batch_size']}"
+            if isinstance(r.get("widths"), str)
+            else "–"
+        )
+        table.add_row(
+            Text(str(r["number"])),
+            Text(r["state"]),
+            *(cell(r[c]) for c in objective_cols),
+            cell(r["holdout_completeness"]),
+            cell(r["holdout_contamination"]),
+            cell(r["epochs"]),
+            Text(params),
+            Text("" if pd.isna(r["stop_reason"]) else str(r["stop_reason"])),
+            Text("–" if pd.isna(r["mlflow_run_id"]) else str(r["mlflow_run_id"])),
+            style=style.get(r["state"], "dim"),
+        )
+    return table
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Serving: the MLflow UI and optuna-dashboard, in the foreground until Ctrl-C
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail early, and clearly, when the server could not listen there.
+
+    Raises:
+        ConfigError: The port is out of range or already taken.
+    """
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port: must lie in 1..65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as exc:
+        raise ConfigError(f"--host: cannot resolve {host!r}: {exc}") from None
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"--port: cannot listen on {host}:{port} ({exc.strerror or exc}); another server may be using it, "
+                "choose another with --port"
+            ) from None
+
+
+def _url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
+def experiment_url(base: str, experiment_id: str, *, minimize: bool = False) -> str:
+    """The MLflow UI page of an experiment's runs, trials sorted best first by ``val_objective``.
+
+    Sorted by a metric, the UI lists the trials' (nested) runs flat instead of folded under the study's run.
+    """
+    return (
+        f"{base}/#/experiments/{experiment_id}/runs?orderByKey=metrics.%60val_objective%60"
+        f"&orderByAsc={'true' if minimize else 'false'}"
+    )
+
+
+def run_foreground(command: list[str], say: Callable[[str], None]) -> int:
+    """Run a server until it exits or Ctrl-C (or SIGTERM), then stop it and everything it started.
+
+    The server gets a session of its own so that stopping it reaches any workers it spawned; Ctrl-C is
+    forwarded to it.
+
+    Returns:
+        0 after Ctrl-C, else the server's exit status.
+    """
+    import os
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    proc = subprocess.Popen(command, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # A second Ctrl-C must not cut this short: the server would be left running, detached.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        say("stopping ...")
+        for sig, wait in ((signal.SIGINT, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def serve_mlflow_ui(
+    tracking_uri: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    experiment: str | None = None,
+    minimize: bool = False,
+    say: Callable[[str], None] = print,
+) -> int:
+    """Start ``mlflow ui`` on the study's tracking store and say where to look.
+
+    Args:
+        tracking_uri: The MLflow store.
+        host: Address to listen on.
+        port: Port to listen on.
+        experiment: The study's experiment, whose trials the printed link lists; None for the home page.
+        minimize: The objective is minimised (the link sorts trials best first).
+        say: Prints a line for the person.
+
+    Returns:
+        0 after Ctrl-C, else the server's exit status.
+
+    Raises:
+        ConfigError: The port cannot be used.
+        TrackingError: No MLflow store there, or it has no such experiment.
+    """
+    from tuner.errors import TrackingError
+    from tuner.tracking import MlflowRuns, mask_password, mlflow_ui_command
+
+    check_port(host, port)
+    runs = MlflowRuns(tracking_uri)
+    url = _url(host, port)
+    if experiment is not None:
+        experiment_id = runs.experiment_id(experiment)
+        if experiment_id is None:
+            raise TrackingError(
+                f"tracking.experiment: no experiment {experiment!r} in {mask_password(tracking_uri)}; "
+                f"experiments there: {', '.join(runs.experiment_names()) or 'none'}"
+            )
+        url = experiment_url(url, experiment_id, minimize=minimize)
+    say(f"MLflow UI for {mask_password(tracking_uri)}: {url}   (Ctrl-C to stop)")
+    return run_foreground(mlflow_ui_command(tracking_uri, host, port), say)
+
+
+def serve_dashboard(
+    storage: str, *, study_name: str, host: str = "127.0.0.1", port: int = 8080, say: Callable[[str], None] = print
+) -> int:
+    """Start optuna-dashboard on the study's storage and say where to look; returns 0 when stopped.
+
+    Raises:
+        ConfigError: The port cannot be used.
+    """
+    import optuna_dashboard
+
+    from tuner.tracking import mask_password
+
+    check_port(host, port)
+    say(f"optuna-dashboard for {mask_password(storage)} (study {study_name!r}): {_url(host, port)}   (Ctrl-C to stop)")
+    # Bottle, under optuna-dashboard, ends quietly on Ctrl-C; an interrupt while starting still reaches here.
+    with contextlib.suppress(KeyboardInterrupt):
+        optuna_dashboard.run_server(storage, host=host, port=port)
+    say("stopped")
+    return 0

@@ -123,7 +123,8 @@ class MlflowTracker:
     Args:
         tracking_uri: ``sqlite:///mlruns/mlflow.db``, ``http://host:5000``, ...
         experiment: Experiment name; created when missing.
-        artifact_location: Where a new experiment stores artifacts (a path or URI); ignored for an existing one.
+        artifact_location: Where a new experiment stores artifacts (a path or URI); ignored for an existing one,
+            and a local path is ignored for an http(s) tracking server, whose own artifact store serves workers.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None) -> None:
@@ -144,10 +145,13 @@ class MlflowTracker:
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
                 location = None
-                if artifact_location and "://" not in artifact_location:
+                remote = tracking_uri.startswith(("http://", "https://"))
+                if artifact_location and "://" not in artifact_location and not remote:
                     location = Path(artifact_location).resolve().as_uri()
-                elif artifact_location:
+                elif artifact_location and "://" in artifact_location:
                     location = artifact_location
+                # A local path means nothing to a tracking server that workers on other machines share:
+                # there the server's own artifact store (mlflow-artifacts:/) is used.
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
                 self.experiment_id = found.experiment_id
@@ -538,13 +542,24 @@ class MlflowRuns:
 
     def download(self, run_id: str, artifact_path: str, dest: Path) -> Path:
         """Download one artifact of a run into ``dest``; return its local path."""
+        import os
+
         from mlflow.exceptions import MlflowException
 
         dest.mkdir(parents=True, exist_ok=True)
+        # MLflow draws a progress bar per download; a report fetches several small files. Quiet for this call.
+        key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+        saved = os.environ.get(key)
+        os.environ[key] = "false"
         try:
             return Path(self.client.download_artifacts(run_id, artifact_path, str(dest)))
         except (MlflowException, OSError) as exc:
             raise self._fail(f"run {run_id} has no artifact {artifact_path}", exc) from None
+        finally:
+            if saved is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = saved
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Attach ``text`` to a run as ``artifact_file`` (the run may be finished)."""
@@ -557,18 +572,11 @@ class MlflowRuns:
 
 
 def mlflow_ui_command(tracking_uri: str, host: str, port: int) -> list[str]:
-    """The command line that serves the MLflow UI on a tracking store (this interpreter's MLflow)."""
+    """The command line that serves the MLflow UI on a tracking store (this interpreter's MLflow).
+
+    One worker: MLflow's default four take half a minute to start on a two-core machine, for one reader.
+    """
     import sys
 
-    return [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        tracking_uri,
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
+    options = ["--backend-store-uri", tracking_uri, "--host", host, "--port", str(port), "--workers", "1"]
+    return [sys.executable, "-m", "mlflow", "ui", *options]

@@ -118,12 +118,18 @@ def _open_rdb(
     )
 
 
-def _is_transient(exc: BaseException) -> bool:
+def _is_transient(exc: BaseException | None) -> bool:
+    """A lost or refused database connection, possibly wrapped (Optuna re-raises it as StorageInternalError)."""
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-    if isinstance(exc, OperationalError | InterfaceError):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OperationalError | InterfaceError):
+            return True
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def retrying(fn: Callable[[], T], *, what: str, attempts: int = 6, first_wait: float = 0.5) -> T:
@@ -260,25 +266,36 @@ def stale_trial_handler(
 
 
 class Heartbeat:
-    """Records a running trial's heartbeat every ``interval`` seconds from a daemon thread."""
+    """Records a running trial's heartbeat every ``interval`` seconds from a daemon thread.
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int, interval: int) -> None:
-        self._storage = storage
+    The same thread looks for other workers' lost trials every ``check_every`` seconds, so a dead worker's
+    trial is failed and retried within about the grace period even while every live worker is mid-trial.
+    """
+
+    def __init__(self, study: optuna.Study, trial_id: int, interval: int, check_every: float) -> None:
+        self._study = study
+        self._storage = study._storage
         self._trial_id = trial_id
         self._interval = interval
+        self._check_every = check_every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
 
     def _beat(self) -> None:
+        last_check = time.monotonic()
         while not self._stop.is_set():
             try:
                 self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
+                if time.monotonic() - last_check >= self._check_every:
+                    last_check = time.monotonic()
+                    with _quiet_optuna():
+                        optuna.storages.fail_stale_trials(self._study)
             except Exception as exc:  # a missed beat is retried on the next tick; the grace period absorbs it
                 log.warning("heartbeat of trial %d failed: %s", self._trial_id, exc)
             self._stop.wait(self._interval)
 
     def __enter__(self) -> Heartbeat:
-        if isinstance(self._storage, optuna.storages.RDBStorage) and self._storage.get_heartbeat_interval():
+        if self._interval:
             self._thread.start()
         return self
 
@@ -286,6 +303,18 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+
+
+def heartbeat_settings(study: optuna.Study) -> tuple[int, float]:
+    """(heartbeat interval, grace period) in seconds; interval 0 when the storage keeps no heartbeats."""
+    storage = study._storage
+    # Optuna wraps an RDBStorage in a caching layer: look through it for the settings.
+    backend = getattr(storage, "_backend", storage)
+    interval = backend.get_heartbeat_interval() if isinstance(backend, optuna.storages.RDBStorage) else None
+    if not interval:
+        return 0, 0.0
+    grace = getattr(backend, "grace_period", None) or 2 * interval
+    return int(interval), float(grace)
 
 
 @contextmanager
@@ -372,10 +401,9 @@ def _take_trial(study: optuna.Study, total: int) -> optuna.Trial | None:
 def _run_one(
     study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float], max_retries: int
 ) -> FrozenTrial:
-    storage = study._storage
-    interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+    interval, grace = heartbeat_settings(study)
     try:
-        with Heartbeat(storage, trial._trial_id, interval or 0):
+        with Heartbeat(study, trial._trial_id, interval, check_every=grace / 2):
             value = objective(trial)
     except optuna.TrialPruned:
         return _tell(study, trial, state=TrialState.PRUNED)

@@ -106,15 +106,11 @@ def _sample(mixture: Mixture, n: int, rng: np.random.Generator) -> np.ndarray:
     # Exact per-component counts from one multinomial draw, then one block of normals per component:
     # vectorised, and the stream of draws depends only on the seed and n.
     counts = rng.multinomial(n, weights)
-    blocks = [
-        means[j] + rng.standard_normal((c, means.shape[1])) @ chol[j].T for j, c in enumerate(counts) if c
-    ]
+    blocks = [means[j] + rng.standard_normal((c, means.shape[1])) @ chol[j].T for j, c in enumerate(counts) if c]
     return np.concatenate(blocks) if blocks else np.empty((0, len(DIMENSIONS)))
 
 
-def simulate_catalogue(
-    n_star: int = 100_000, n_quasar: int = 1_000, n_galaxy: int = 0, seed: int = 0
-) -> pd.DataFrame:
+def simulate_catalogue(n_star: int = 100_000, n_quasar: int = 1_000, n_galaxy: int = 0, seed: int = 0) -> pd.DataFrame:
     """Simulate a photometric catalogue with SDSS-like colours.
 
     The default (100k stars, 1k quasars) mimics the quasar-selection problem: a rare class to find in a

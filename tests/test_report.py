@@ -1,0 +1,408 @@
+"""Seeing a study: the HTML report, the trial table (CSV, Parquet, terminal), and the servers' guard rails."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState, create_trial
+from plotly.offline import get_plotlyjs
+
+from tuner import study as study_mod
+from tuner.cli import main
+from tuner.config import spec_from_dict
+from tuner.report import (
+    REPORT_ARTIFACT,
+    SECTION_TITLES,
+    build_report,
+    check_port,
+    experiment_url,
+    learning_curves,
+    ranked_trials,
+    study_sections,
+    trials_frame,
+)
+from tuner.study import run_study
+
+TINY = {
+    "data": {"simulated": {"n_star": 1500, "n_quasar": 150}, "seed": 3},
+    "search_space": {
+        "n_layers": {"low": 1, "high": 2},
+        "width": {"low": 8, "high": 32, "log": True},
+        "lr": {"low": 1e-3, "high": 3e-2, "log": True},
+        "batch_size": {"low": 128, "high": 256, "log": True, "powers_of_two": True},
+        "optimizer": {"choices": ["adam", "nesterov"]},
+    },
+    "train": {"max_epochs": 4, "patience": 2},
+    "study": {"name": "tiny-report", "n_trials": 5, "seed": 11, "pruner": "none"},
+}
+#: Trial states the fixture's study ends with: trial 2 pruned, trial 3 failed.
+STATES = ["COMPLETE", "COMPLETE", "PRUNED", "FAIL", "COMPLETE"]
+
+
+class PruneTrialTwo(optuna.pruners.BasePruner):
+    """Prunes trial 2 at its second report, nothing else."""
+
+    def prune(self, study, trial):
+        return trial.number == 2 and len(trial.intermediate_values) >= 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A finished tiny study with MLflow tracking: three completed trials, one pruned, one failed."""
+    root = tmp_path_factory.mktemp("report")
+    raw = {
+        **TINY,
+        "study": {**TINY["study"], "storage": f"sqlite:///{root}/optuna.db"},
+        "tracking": {"uri": f"sqlite:///{root}/mlruns/mlflow.db", "artifact_location": str(root / "art")},
+    }
+    spec = spec_from_dict(raw)
+    real = study_mod.evaluate
+    calls = []
+
+    def third_evaluation_is_infinite(*args, **kwargs):
+        ev = real(*args, **kwargs)
+        calls.append(1)
+        return study_mod.Evaluation(**{**ev.__dict__, "objective": math.inf}) if len(calls) == 3 else ev
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study_mod, "evaluate", third_evaluation_is_infinite)
+        study = run_study(spec, pruner=PruneTrialTwo()).study
+    assert [t.state.name for t in study.trials] == STATES
+    return {"root": root, "spec": spec, "study": study, "storage": spec.study.storage, "raw": raw}
+
+
+def cli(tiny, *args: str) -> int:
+    """``tuner COMMAND STUDY --storage URL ARGS...`` on the fixture's study."""
+    return main([*args[:1], tiny["spec"].study.name, "--storage", tiny["storage"], *args[1:]])
+
+
+def flat(text: str) -> str:
+    """Terminal output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The report
+
+
+@pytest.fixture(scope="module")
+def report_html(tiny):
+    out = tiny["root"] / "out" / "report.html"
+    assert cli(tiny, "report", "--out", str(out)) == 0
+    return out.read_text()
+
+
+def test_report_has_every_section_once_plotly_embedded_once(tiny, report_html):
+    for key, title in SECTION_TITLES.items():
+        if key == "pareto":  # one objective: no Pareto front
+            assert title not in report_html
+        else:
+            assert report_html.count(f"<h2>{title}</h2>") == 1, title
+    # Self-contained: plotly.js inlined exactly once, nothing fetched.
+    assert report_html.count(get_plotlyjs()[:500]) == 1
+    rest = report_html.replace(get_plotlyjs(), "")
+    assert "<script src=" not in rest and "cdn.plot.ly" not in rest
+    divs = re.findall(r'<div id="(fig-[^"]+)" class="plotly-graph-div"', report_html)
+    calls = re.findall(r'Plotly\.newPlot\(\s*"(fig-[^"]+)"', report_html)
+    assert divs == calls and len(set(divs)) == len(divs)
+    # history, intermediate, importances, parallel, slice, contour; per compared trial: learning, ROC, C-vs-E.
+    for name in ("history", "intermediate", "importances", "parallel", "slice", "contour"):
+        assert any(d.endswith(f"-{name}") for d in divs), name
+    assert len(divs) == 6 + 2 * 3
+
+
+def test_report_facts_pruned_curves_and_the_comparison(tiny, report_html):
+    study = tiny["study"]
+    data = study.user_attrs["tuner.data"]
+    for fact in (data["data.hash"], data["data.split_sizes"], "tpe", "seed 11", "COMPLETE 3, FAIL 1, PRUNED 1"):
+        assert fact in report_html, fact
+    assert "wall time" in report_html
+    # Pruned trials are drawn apart and end in a marker.
+    assert "pruned (cut short)" in report_html and "pruned here" in report_html
+    best, runner_up = ranked_trials(study)[:2]
+    assert f"best: trial {best.number}</h3>" in report_html
+    assert f"runner-up: trial {runner_up.number}</h3>" in report_html
+    assert f"model from MLflow run {best.user_attrs['mlflow_run_id']}" in report_html
+    assert "at frozen threshold" in report_html  # the operating point on the completeness-efficiency curve
+    assert report_html.count("<th>TP</th><th>FP</th><th>TN</th><th>FN</th>") == 2
+    # Top trials: every completed trial, none of the others.
+    top = report_html.split('<section id="top">')[1]
+    numbers = re.findall(r'<tr><td class="num">\d+</td><td class="num">(\d+)</td>', top)
+    assert sorted(map(int, numbers)) == [t.number for t in study.trials if t.state == TrialState.COMPLETE]
+
+
+def test_report_is_logged_to_the_study_parent_run(tiny, report_html):
+    client = MlflowClient(tiny["spec"].tracking.uri)
+    parent = tiny["study"].user_attrs["tuner.mlflow_parent_run_id"]
+    assert REPORT_ARTIFACT in {a.path for a in client.list_artifacts(parent, "report")}
+
+
+def test_report_default_path_and_no_mlflow(tiny, monkeypatch, capsys):
+    monkeypatch.chdir(tiny["root"])
+    assert cli(tiny, "report", "--no-mlflow") == 0
+    assert (tiny["root"] / "reports" / "tiny-report.html").is_file()
+    assert "logged to" not in capsys.readouterr().out
+
+
+def in_memory_copy(tiny, trials, **user_attrs):
+    """A study in memory holding the given trials and the fixture study's attributes (some replaced)."""
+    study = optuna.create_study(direction="maximize", study_name="copy")
+    for key, value in {**tiny["study"].user_attrs, **user_attrs}.items():
+        study.set_user_attr(key, value)
+    study.add_trials(trials)
+    return study
+
+
+def test_fewer_than_two_completed_trials_are_reported_gracefully(tiny):
+    spec = tiny["spec"]
+    best = ranked_trials(tiny["study"])[0]
+    one = in_memory_copy(tiny, [best])
+    page = build_report(one, spec).html
+    assert "importances need at least 2 completed trials; this study has 1" in page
+    assert "only one completed trial: no runner-up" in page
+    assert f"best: trial {one.trials[0].number}</h3>" in page  # add_trials numbers the copy afresh
+    pruned = [t for t in tiny["study"].trials if t.state != TrialState.COMPLETE]
+    none = in_memory_copy(tiny, pruned)
+    report = build_report(none, spec)
+    assert report.html.count("no completed trial yet") >= 4
+    assert "<h2>Top trials</h2>" in report.html
+
+
+def test_a_trial_without_mlflow_model_is_replayed_from_its_seed(tiny):
+    best = ranked_trials(tiny["study"])[0]
+    attrs = {k: v for k, v in best.user_attrs.items() if k != "mlflow_run_id"}
+    orphan = create_trial(
+        value=best.value,
+        params=best.params,
+        distributions=best.distributions,
+        user_attrs=attrs,
+        intermediate_values=best.intermediate_values,
+    )
+    study = in_memory_copy(tiny, [orphan])
+    page = build_report(study, tiny["spec"]).html
+    assert "the trial has no MLflow run (tracking was disabled)" in page
+    assert f"replayed from seed {best.user_attrs['seed']} on the CPU" in page
+    assert "-roc" in page and "-ce" in page
+    assert build_report(study, tiny["spec"], replay=False).html.count("-roc") == 0
+
+
+def test_data_that_changed_since_the_study_is_named_not_plotted(tiny):
+    facts = {**tiny["study"].user_attrs["tuner.data"], "data.hash": "0000000000000000"}
+    study = in_memory_copy(tiny, tiny["study"].trials, **{"tuner.data": facts})
+    report = build_report(study, tiny["spec"])
+    assert any("was run on data with hash 0000000000000000" in w for w in report.warnings)
+    assert "data.source:" in report.html and "-roc" not in report.html
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_multi_objective_study_gets_a_pareto_front(tiny):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_metric_names(["completeness", "contamination"])
+    best = ranked_trials(tiny["study"])[0]
+    for i, (comp, cont) in enumerate([(0.9, 0.1), (0.8, 0.05), (0.7, 0.2), (0.95, 0.3)]):
+        params = {**best.params, "lr": 1e-3 * (i + 1)}
+        study.add_trial(create_trial(values=[comp, cont], params=params, distributions=best.distributions))
+    keys = [s.key for s in study_sections(study, tiny["spec"])]
+    assert "pareto" in keys
+    assert "<h2>Pareto front</h2>" in build_report(study, tiny["spec"], compare=False).html
+
+
+def test_learning_curves_keep_their_old_call_and_take_the_objective():
+    history = [{"train_loss": 1.0, "val_loss": 1.1}, {"train_loss": 0.5, "val_loss": 0.7}]
+    assert len(learning_curves(history, 1, "t").data) == 2
+    fig = learning_curves(history, 1, "t", {0: 0.2, 1: 0.4})
+    assert len(fig.data) == 3 and fig.data[2].yaxis == "y2"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every trial as a row
+
+EXPECTED_COLUMNS = [
+    "number",
+    "state",
+    "objective",
+    "last_reported",
+    "n_layers",
+    "widths",
+    "lr",
+    "momentum",
+    "dropout",
+    "weight_decay",
+    "batch_size",
+    "optimizer",
+    "activation",
+    "init",
+    "batch_norm",
+    "n_units_l0",
+    "n_units_l1",
+    "holdout_completeness",
+    "holdout_completeness_low",
+    "holdout_completeness_high",
+    "holdout_contamination",
+    "holdout_contamination_low",
+    "holdout_contamination_high",
+    "holdout_auc",
+    "threshold",
+    "val_completeness",
+    "val_contamination",
+    "val_auc",
+    "val_ap",
+    "epochs",
+    "best_epoch",
+    "stop_reason",
+    "duration_s",
+    "datetime_start",
+    "mlflow_run_id",
+]
+
+
+def test_trials_csv_has_one_row_per_trial_with_the_expected_columns(tiny, tmp_path, capsys):
+    out = tmp_path / "t" / "trials.csv"
+    assert cli(tiny, "trials", "--csv", str(out)) == 0
+    assert "5 trial(s) of study 'tiny-report' written to" in flat(capsys.readouterr().out)
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == EXPECTED_COLUMNS
+    assert list(frame["number"]) == [0, 1, 2, 3, 4]
+    assert list(frame["state"]) == STATES
+    assert frame["mlflow_run_id"].notna().all() and frame["batch_size"].isin([128, 256]).all()
+    complete = frame[frame["state"] == "COMPLETE"]
+    assert complete["objective"].notna().all() and complete["holdout_completeness"].notna().all()
+    pruned, failed = frame.iloc[2], frame.iloc[3]
+    # A pruned trial has no objective (Optuna's stored value is its last report) and stopped early.
+    assert math.isnan(pruned["objective"]) and not math.isnan(pruned["last_reported"])
+    assert pruned["stop_reason"].startswith("pruned at epoch 1") and pruned["epochs"] == 2
+    assert math.isnan(failed["objective"]) and math.isnan(failed["holdout_completeness"])
+    assert failed["stop_reason"].startswith("non-finite objective")
+    study = tiny["study"]
+    for trial in study.trials:
+        row = frame.iloc[trial.number]
+        assert row["mlflow_run_id"] == trial.user_attrs["mlflow_run_id"]
+        assert row["lr"] == pytest.approx(trial.params["lr"])
+
+
+def test_trials_parquet_round_trips(tiny, tmp_path):
+    out = tmp_path / "trials.parquet"
+    assert cli(tiny, "trials", "--parquet", str(out)) == 0
+    frame = pd.read_parquet(out)
+    expected = trials_frame(tiny["study"], tiny["spec"])
+    assert list(frame.columns) == EXPECTED_COLUMNS and len(frame) == 5
+    pd.testing.assert_frame_equal(frame, expected, check_dtype=False)
+
+
+def test_trials_table_shows_pruned_and_failed_trials(tiny, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    from tuner import cli as cli_mod
+
+    monkeypatch.setattr(cli_mod.console, "width", 200)
+    assert cli(tiny, "trials") == 0
+    out = capsys.readouterr().out
+    for text in ("COMPLETE", "PRUNED", "FAIL", "pruned at epoch 1", "non-finite objective", "5 trial(s)"):
+        assert text in out, text
+
+
+def test_trials_by_study_file(tiny, tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny["raw"]))
+    assert main(["trials", str(path), "--csv", str(tmp_path / "x.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "x.csv")) == 5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mistakes: exit 2, a message naming the option, the value and the rule
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("trials", "--csv", "out.parquet"), "--csv: out.parquet has a .parquet suffix but csv was asked for"),
+        (("trials", "--parquet", "out.csv"), "--parquet: out.csv has a .csv suffix but parquet was asked for"),
+    ],
+)
+def test_wrong_file_kind_is_a_user_error(tiny, capsys, args, message):
+    assert cli(tiny, *args) == 2
+    assert message in flat(capsys.readouterr().err)
+
+
+def test_report_into_a_directory_is_a_user_error(tiny, tmp_path, capsys):
+    assert cli(tiny, "report", "--out", str(tmp_path), "--no-mlflow") == 2
+    assert f"--out: {tmp_path} is a directory" in flat(capsys.readouterr().err)
+
+
+def test_unknown_study_is_a_user_error(tiny, capsys):
+    assert main(["trials", "no-such-study", "--storage", tiny["storage"]]) == 2
+    assert "study 'no-such-study' not found" in flat(capsys.readouterr().err)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_port_checks():
+    with pytest.raises(Exception, match=r"--port: must lie in 1\.\.65535, got 0"):
+        check_port("127.0.0.1", 0)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--port", str(port), "--tracking-uri", "sqlite:///nowhere/mlflow.db"]) == 2
+
+
+def test_ui_without_a_store_says_so(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/none/mlflow.db"
+    assert main(["ui", "--port", str(free_port()), "--tracking-uri", uri]) == 2
+    assert "tracking.uri: no MLflow store at" in flat(capsys.readouterr().err)
+    assert not (tmp_path / "none").exists()  # looking did not create one
+
+
+def test_experiment_url_sorts_trials_best_first():
+    assert experiment_url("http://h:1", "7") == (
+        "http://h:1/#/experiments/7/runs?orderByKey=metrics.%60val_objective%60&orderByAsc=false"
+    )
+    assert experiment_url("http://h:1", "7", minimize=True).endswith("orderByAsc=true")
+
+
+def test_dashboard_serves_the_study_until_ctrl_c(tiny, tmp_path):
+    port = free_port()
+    log = (tmp_path / "dashboard.log").open("w")
+    command = [sys.executable, "-m", "tuner.cli", "dashboard", "tiny-report", "--storage", tiny["storage"]]
+    proc = subprocess.Popen(
+        [*command, "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        body = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    body = response.read().decode()
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert '"study_name": "tiny-report"' in body, (tmp_path / "dashboard.log").read_text()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "dashboard.log").read_text()
+    assert f"http://127.0.0.1:{port}" in text and "stopped" in text

@@ -1,0 +1,344 @@
+"""Many worker processes on one study: exact totals, lost workers, signals, database restarts, MLflow over HTTP.
+
+These tests start real `tuner` processes against the local PostgreSQL at 127.0.0.1:5432. They run in CI; on a
+machine without PostgreSQL they skip with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from tuner.worker import RETRY_OF, sqlite_single_process
+
+PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+
+def _pg_reason() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_DSN):
+            return None
+    except Exception as exc:
+        return f"PostgreSQL not reachable at 127.0.0.1:5432 ({type(exc).__name__}: {exc})"
+
+
+_PG_DOWN = _pg_reason()
+if _PG_DOWN and os.environ.get("CI"):
+    raise RuntimeError(f"CI needs PostgreSQL for the worker tests: {_PG_DOWN}")
+
+postgres = pytest.mark.postgres
+needs_pg = pytest.mark.skipif(_PG_DOWN is not None, reason=_PG_DOWN or "")
+
+
+@pytest.fixture
+def pg_database() -> Iterator[Callable[[], str]]:
+    """Makes fresh databases (one per call) and drops them afterwards; returns their SQLAlchemy URLs."""
+    import psycopg
+
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"tuner_test_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+    yield make
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        for name in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def write_study(tmp_path: Path, *, n_trials: int, big: bool = False, tracking: str | None = None, **study) -> Path:
+    # "big" trials last a few seconds: long enough to be interrupted mid-trial.
+    data = {"simulated": {"n_star": 8000 if big else 1200, "n_quasar": 200 if big else 120}}
+    raw = {
+        "data": data,
+        "search_space": {
+            "n_layers": {"low": 1, "high": 2},
+            "width": {"low": 8, "high": 32, "log": True},
+            "batch_size": {"value": 32} if big else {"low": 128, "high": 256, "log": True, "powers_of_two": True},
+            "optimizer": {"choices": ["adam", "nesterov"]},
+        },
+        "train": {"max_epochs": 10 if big else 2, "patience": 10 if big else 2},
+        "study": {
+            "name": "workers",
+            "n_trials": n_trials,
+            "pruner": "none",
+            "heartbeat_interval": 1,
+            "grace_period": 4,
+            **study,
+        },
+        "tracking": {
+            "enabled": tracking is not None,
+            "uri": tracking or "sqlite:///unused.db",
+            "artifact_location": str(tmp_path / "artifacts"),
+        },
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def tuner(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tuner.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll an observable condition (a trial's state in the database), failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="workers", storage=url).get_trials(deepcopy=False)
+
+
+def has_running_tracked_trial(url: str) -> bool:
+    """A trial is RUNNING and has its MLflow run; False while the study is still being created."""
+    try:
+        trials = trials_of(url)
+    except KeyError:  # the storage exists, the study not yet
+        return False
+    return any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials)
+
+
+def assert_exact(trials: list[optuna.trial.FrozenTrial], n_trials: int) -> None:
+    """Finished trials, retried failures aside, number exactly n_trials; numbers are contiguous, none RUNNING."""
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials)))
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    replaced = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    counted = [t for t in trials if t.number not in replaced]
+    assert len(counted) == n_trials
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in counted)
+
+
+def mlflow_runs(uri: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("workers")
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def assert_one_run_per_trial(trials, runs) -> None:
+    children = [r for r in runs if r.data.tags.get("tuner.kind") == "trial"]
+    per_trial = Counter(int(r.data.tags["optuna.trial_number"]) for r in children)
+    assert per_trial == Counter({t.number: 1 for t in trials})
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    for t in trials:
+        run = by_number[t.number]
+        assert run.info.run_id == t.user_attrs["mlflow_run_id"]
+        lost = "worker lost" in run.data.tags.get("stop_reason", "")
+        expected = "KILLED" if lost else STATUS[t.state.name]
+        assert run.info.status == expected, (t.number, t.state.name, run.info.status)
+    parents = [r for r in runs if r.data.tags.get("tuner.kind") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+@postgres
+@needs_pg
+def test_three_workers_share_one_study_with_exact_totals(tmp_path, pg_database):
+    storage, tracking = pg_database(), pg_database()
+    study = write_study(tmp_path, n_trials=30, tracking=tracking)
+    code, out = finish(tuner("create", str(study), "--storage", storage, cwd=tmp_path))
+    assert code == 0, out
+    workers = [tuner("worker", str(study), "--storage", storage, "--quiet", cwd=tmp_path) for _ in range(3)]
+    results = [finish(w) for w in workers]
+    assert all(code == 0 for code, _ in results), [out for _, out in results]
+    trials = trials_of(storage)
+    assert len(trials) == 30
+    assert_exact(trials, 30)
+    # Every worker took part.
+    assert all("this process ran" in out for _, out in results)
+    assert_one_run_per_trial(trials, mlflow_runs(tracking))
+
+
+@postgres
+@needs_pg
+def test_a_killed_worker_trial_fails_and_is_retried_with_the_same_params(tmp_path, pg_database):
+    storage, tracking = pg_database(), pg_database()
+    study = write_study(tmp_path, n_trials=3, big=True, tracking=tracking)
+    assert finish(tuner("create", str(study), "--storage", storage, cwd=tmp_path))[0] == 0
+    victim = tuner("worker", str(study), "--storage", storage, "--quiet", cwd=tmp_path)
+    wait_until(
+        lambda: has_running_tracked_trial(storage),
+        timeout=120,
+        what="the first worker's trial to start",
+    )
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    killed = next(t for t in trials_of(storage) if t.state.name == "RUNNING")
+    started = time.monotonic()
+    survivor = tuner("worker", str(study), "--storage", storage, "--quiet", cwd=tmp_path)
+    wait_until(
+        lambda: next(t for t in trials_of(storage) if t.number == killed.number).state.name == "FAIL",
+        timeout=60,
+        what="the killed trial to be failed",
+    )
+    # Failed by the survivor once the heartbeat was older than the grace period (4 s), plus its start-up.
+    assert time.monotonic() - started < 60
+    code, out = finish(survivor, timeout=600)
+    assert code == 0, out
+    trials = trials_of(storage)
+    retry = next(t for t in trials if t.user_attrs.get(RETRY_OF) == killed.number)
+    assert retry.params == killed.params and retry.state.name == "COMPLETE"
+    assert_exact(trials, 3)
+    runs = {r.info.run_id: r for r in mlflow_runs(tracking)}
+    lost = runs[killed.user_attrs["mlflow_run_id"]]
+    assert lost.info.status == "KILLED"
+    assert "worker lost" in lost.data.tags["stop_reason"]
+    assert not [r for r in runs.values() if r.info.status == "RUNNING"]
+
+
+def _pg_cluster() -> tuple[str, str] | None:
+    if shutil.which("pg_ctlcluster") is None or not Path("/etc/postgresql").is_dir() or os.geteuid() != 0:
+        return None
+    versions = sorted(os.listdir("/etc/postgresql"))
+    return (versions[-1], "main") if versions else None
+
+
+@postgres
+@needs_pg
+@pytest.mark.skipif(_pg_cluster() is None, reason="needs root and pg_ctlcluster to restart the local PostgreSQL")
+def test_a_database_restart_mid_study_loses_and_doubles_nothing(tmp_path, pg_database):
+    storage = pg_database()
+    study = write_study(tmp_path, n_trials=16)
+    assert finish(tuner("create", str(study), "--storage", storage, cwd=tmp_path))[0] == 0
+    workers = [tuner("worker", str(study), "--storage", storage, "--quiet", cwd=tmp_path) for _ in range(2)]
+    wait_until(lambda: len([t for t in trials_of(storage) if t.state.name == "COMPLETE"]) >= 3, 180, "3 trials")
+    version, cluster = _pg_cluster()  # type: ignore[misc]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "restart"], check=True, timeout=120)
+    results = [finish(w, timeout=600) for w in workers]
+    assert all(code == 0 for code, _ in results), [out[-3000:] for _, out in results]
+    assert_exact(trials_of(storage), 16)
+
+
+@postgres
+@needs_pg
+def test_workers_log_to_an_mlflow_server_over_http(tmp_path, pg_database):
+    storage, backend = pg_database(), pg_database()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            str(tmp_path / "served"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import urllib.request
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                    return reply.status == 200
+            except OSError:
+                return False
+
+        wait_until(healthy, timeout=120, what="the MLflow server")
+        uri = f"http://127.0.0.1:{port}"
+        study = write_study(tmp_path, n_trials=8, tracking=uri)
+        assert finish(tuner("create", str(study), "--storage", storage, cwd=tmp_path))[0] == 0
+        workers = [tuner("worker", str(study), "--storage", storage, "--quiet", cwd=tmp_path) for _ in range(2)]
+        results = [finish(w) for w in workers]
+        assert all(code == 0 for code, _ in results), [out for _, out in results]
+        trials = trials_of(storage)
+        assert_exact(trials, 8)
+        assert_one_run_per_trial(trials, mlflow_runs(uri))
+        assert (tmp_path / "served").is_dir()  # artifacts went through the server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_second_process_on_an_sqlite_study_is_refused(tmp_path):
+    study = write_study(tmp_path, n_trials=1)
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    with sqlite_single_process(url):
+        code, out = finish(tuner("run", str(study), "--storage", url, cwd=tmp_path))
+    assert code == 2
+    assert "is in use by another tuner process" in out and "PostgreSQL" in out
+    # Once the holder is gone the study runs.
+    code, out = finish(tuner("run", str(study), "--storage", url, cwd=tmp_path))
+    assert code == 0, out
+
+
+def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    study = write_study(tmp_path, n_trials=3, big=True, tracking=tracking)
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    proc = tuner("run", str(study), "--storage", url, "--quiet", cwd=tmp_path)
+    wait_until(
+        lambda: (
+            (tmp_path / "optuna.db").exists()
+            and any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials_of(url))
+        ),
+        timeout=120,
+        what="a running trial",
+    )
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, timeout=60)
+    assert code == 143, out
+    assert time.monotonic() - sent < 30, "the worker must exit promptly"
+    trials = trials_of(url)
+    failed = next(t for t in trials if t.state.name == "FAIL")
+    queued = next(t for t in trials if t.state.name == "WAITING")
+    assert queued.user_attrs[RETRY_OF] == failed.number
+    assert queued.system_attrs["fixed_params"] == failed.params  # a queued trial holds its params there
+    runs = {r.info.run_id: r for r in mlflow_runs(tracking)}
+    assert runs[failed.user_attrs["mlflow_run_id"]].info.status == "FAILED"
+    assert not [r for r in runs.values() if r.info.status == "RUNNING"]

@@ -1,0 +1,1329 @@
+"""A study's best trial as an MLflow pyfunc model that scores raw catalogue columns, with a model card.
+
+The exported directory holds no pickle. The best epoch's weights are a plain state dict (loadable with
+``torch.load(..., weights_only=True)``); the feature derivation (``u-g`` from magnitudes ``u`` and ``g``), the
+scaling fitted on the training rows, the classes, the frozen threshold and the target contamination are
+numbers in a JSON file; the code is :class:`TunerModel` in this module, reached through a three-line MLflow
+"models from code" entry script. ``mlflow.pyfunc.load_model(uri).predict(frame)`` and ``tuner predict`` run the
+same code and give the same answer.
+
+Exporting never retrains unless the trial's weights artifact is missing; then it says so, replays the trial
+from its stored parameters and seed, and refuses unless the replay reproduces the recorded validation
+objective. Either way the saved model is scored again on the validation and holdout rows, so the figures in
+the model card are those of the exported files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+
+from tuner.data.preprocess import Preprocessor
+from tuner.errors import DataError, ExportError, TunerError
+from tuner.model import build_mlp
+from tuner.space import TrialParams
+from tuner.train import predict_logits, probabilities
+
+if TYPE_CHECKING:
+    import optuna
+
+    from tuner.config import StudySpec
+    from tuner.data.dataset import Dataset
+    from tuner.study import Evaluation
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ALIAS",
+    "ExportResult",
+    "PredictResult",
+    "Scorer",
+    "TunerModel",
+    "check_input",
+    "export_trial",
+    "load_model_dir",
+    "predict_file",
+    "predict_frame",
+]
+
+#: Version of ``tuner_model.json``; a loader refuses a format it does not know.
+FORMAT = 1
+#: Files inside an exported model directory.
+CONFIG_FILE = "tuner_model.json"
+WEIGHTS_FILE = "state_dict.pt"
+ENTRY_FILE = "tuner_model.py"
+CARD_MD = "model_card.md"
+CARD_JSON = "model_card.json"
+CURVE_HTML = "completeness_efficiency.html"
+#: The registry alias that always names the latest export of a study.
+ALIAS = "champion"
+#: How closely re-measured (or retrained) figures must match the recorded ones. CPU training and evaluation
+#: are deterministic for a given seed, so on the machine that ran the study the match is exact; the margin
+#: only absorbs float formatting.
+TOLERANCE = 1e-6
+#: Contamination ceilings at which the card tabulates the holdout completeness-vs-efficiency curve.
+CURVE_CEILINGS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+#: Recorded per-trial figures compared with the exported model's (Optuna user attributes of the trial).
+CHECKED = (
+    "threshold",
+    "val_completeness",
+    "val_contamination",
+    "holdout_completeness",
+    "holdout_contamination",
+)
+#: Packages whose installed versions are pinned in the model's requirements.
+PINNED = ("torch", "numpy", "pandas", "mlflow")
+
+# Models from code instead of a pickled PythonModel instance: MLflow would cloudpickle an instance into
+# python_model.pkl, and loading any pickle runs arbitrary code (and ties the file to one cloudpickle version).
+# With this entry script the directory holds only JSON, a plain state dict and readable code, and it loads
+# even with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. The price: the tuner package must be importable where
+# the model is loaded; it is listed in the model's requirements.
+ENTRY_SCRIPT = '''"""MLflow "models from code" entry point of a tuner export.
+
+mlflow.pyfunc.load_model executes this file. The model class comes from the installed tuner package; it reads
+the weights (a plain state dict) and the preprocessing (JSON) from the model's artifacts in load_context.
+"""
+
+from mlflow.models import set_model
+
+from tuner.export import TunerModel
+
+set_model(TunerModel())
+'''
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scoring: raw catalogue columns -> features -> scaling -> network -> probabilities and decisions
+
+
+def _describe_derivation(d: dict[str, Any]) -> str:
+    return d["feature"] if "column" in d else f"{d['feature']} = {d['colour'][0]} - {d['colour'][1]}"
+
+
+def check_input(frame: Any, config: dict[str, Any]) -> None:
+    """Check that a frame holds the model's raw input columns, numeric and finite, before anything is scored.
+
+    Args:
+        frame: The rows to score.
+        config: The exported model's ``tuner_model.json``.
+
+    Raises:
+        DataError: Naming every missing column, every non-numeric column and every column with NaN or inf
+            values (how many, and the first rows), so that no row is ever scored as NaN.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        raise DataError(
+            f"model input: expected a pandas DataFrame of raw catalogue columns, got {type(frame).__name__}"
+        )
+    needed: list[str] = list(config["input_columns"])
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        features = ", ".join(_describe_derivation(d) for d in config["derivations"])
+        present = ", ".join(map(str, frame.columns[:30])) + (", ..." if len(frame.columns) > 30 else "")
+        raise DataError(
+            f"model input: missing column(s) {', '.join(map(repr, missing))}; the model needs "
+            f"{', '.join(needed)} to compute its features ({features}); columns present: {present}"
+        )
+    problems: list[str] = []
+    for name in needed:
+        series = frame[name]
+        if isinstance(series, pd.DataFrame):
+            problems.append(f"column {name!r} appears {series.shape[1]} times; keep one")
+            continue
+        if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
+            bad = series[pd.to_numeric(series, errors="coerce").isna() & series.notna()]
+            example = f" (e.g. {bad.iloc[0]!r} in row {frame.index.get_loc(bad.index[0])})" if len(bad) else ""
+            problems.append(f"column {name!r} must be numeric, got dtype {series.dtype}{example}")
+            continue
+        values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad_rows = np.flatnonzero(~np.isfinite(values))
+        if bad_rows.size:
+            problems.append(
+                f"column {name!r} has {bad_rows.size} non-finite value(s) (NaN or inf), first at rows "
+                f"{bad_rows[:5].tolist()}; clean or drop those rows before scoring"
+            )
+    if problems:
+        if len(problems) == 1:
+            raise DataError(f"model input: {problems[0]}")
+        raise DataError("model input has problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def raw_features(frame: pd.DataFrame, config: dict[str, Any]) -> np.ndarray:
+    """The model's features from raw columns, as float32 like the training catalogue (so scores match exactly).
+
+    Raises:
+        DataError: See :func:`check_input`.
+    """
+    check_input(frame, config)
+    columns: list[np.ndarray] = []
+    for d in config["derivations"]:
+        if "column" in d:
+            columns.append(frame[d["column"]].to_numpy(dtype=np.float64))
+        else:
+            left, right = d["colour"]
+            columns.append(frame[left].to_numpy(dtype=np.float64) - frame[right].to_numpy(dtype=np.float64))
+    if not columns:
+        return np.empty((len(frame), 0), dtype=np.float32)
+    return np.column_stack(columns).astype(np.float32)
+
+
+def output_columns(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """The model's output columns and their MLflow types, in order."""
+    positive = config["positive_class"]
+    if config["task"] == "binary":
+        return [(f"p_{positive}", "double"), (f"predicted_{positive}", "boolean")]
+    out = [(f"p_{name}", "double") for name in config["class_names"]]
+    out.append(("predicted_class", "string"))
+    if positive is not None:
+        out.append((f"predicted_{positive}", "boolean"))
+    return out
+
+
+def _build_net(params: dict[str, Any], n_in: int, n_out: int) -> torch.nn.Module:
+    trial_params = TrialParams(**{**params, "widths": tuple(params["widths"])})
+    return build_mlp(n_in, trial_params, n_out)
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only: a state dict is tensors in plain containers; refuse anything that would run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a corrupt or non-tensor file; all mean "unusable"
+        raise ExportError(f"weights: cannot load {path} as a plain state dict: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExportError(f"weights: {path} does not hold a state dict of tensors")
+    return state
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """An exported model in memory: its configuration, network and scaling."""
+
+    config: dict[str, Any]
+    net: torch.nn.Module
+    preprocessor: Preprocessor
+
+    @classmethod
+    def load(cls, config_path: str | Path, weights_path: str | Path) -> Scorer:
+        """Read ``tuner_model.json`` and the state dict of an exported model.
+
+        Raises:
+            ExportError: An unknown format or weights that do not fit the described network.
+        """
+        config = json.loads(Path(config_path).read_text())
+        if config.get("format") != FORMAT:
+            raise ExportError(
+                f"{config_path}: tuner model format {config.get('format')!r} is not supported (expected {FORMAT}); "
+                "export the study again with this version of tuner"
+            )
+        net = _build_net(config["params"], config["n_features"], config["n_outputs"])
+        try:
+            net.load_state_dict(_load_state(Path(weights_path)))
+        except RuntimeError as exc:
+            raise ExportError(
+                f"weights: {weights_path} does not fit the network described in {config_path}: {exc}"
+            ) from None
+        net.eval()
+        return cls(config, net, Preprocessor.from_dict(config["preprocessor"]))
+
+    def score(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Probabilities and decisions at the frozen threshold, one row per input row (same index).
+
+        Raises:
+            DataError: Missing, non-numeric or non-finite input columns.
+        """
+        cfg = self.config
+        x = self.preprocessor.transform(raw_features(frame, cfg))
+        if len(x):
+            logits = predict_logits(self.net, torch.from_numpy(x), int(cfg["eval_batch_size"]))
+            probs = probabilities(logits, cfg["task"]).numpy().astype(np.float64)
+        else:  # no rows: an empty answer with the right columns, not an error
+            probs = np.empty((0, len(cfg["class_names"])), dtype=np.float64)
+        threshold = float(cfg["threshold"])
+        out: dict[str, Any] = {}
+        positive, pos = cfg["positive_class"], int(cfg["positive_index"])
+        if cfg["task"] == "binary":
+            out[f"p_{positive}"] = probs[:, pos]
+            out[f"predicted_{positive}"] = probs[:, pos] >= threshold
+        else:
+            classes = list(cfg["class_names"])
+            for i, name in enumerate(classes):
+                out[f"p_{name}"] = probs[:, i]
+            out["predicted_class"] = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
+            if positive is not None:
+                out[f"predicted_{positive}"] = probs[:, pos] >= threshold
+        return pd.DataFrame(out, index=frame.index)
+
+
+class TunerModel(PythonModel):
+    """The pyfunc model of a tuner export: raw catalogue columns in, probabilities and decisions out.
+
+    Created empty by the models-from-code entry script when MLflow loads the model (never pickled); everything
+    it knows is read from ``context.artifacts`` in :meth:`load_context`.
+    """
+
+    _scorer: Scorer
+
+    def load_context(self, context: Any) -> None:
+        self._scorer = Scorer.load(context.artifacts["config"], context.artifacts["weights"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Score a frame of raw catalogue columns (``u, g, r, i, z`` ...); see :meth:`Scorer.score`."""
+        return self._scorer.score(model_input)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_trial` wrote."""
+
+    path: Path
+    study_name: str
+    trial_number: int
+    runner_up: int | None
+    retrained: bool
+    card: dict[str, Any]
+    notes: tuple[str, ...] = ()
+    run_id: str | None = None
+    logged_uri: str | None = None
+    registered_name: str | None = None
+    version: str | None = None
+
+    @property
+    def champion_uri(self) -> str:
+        """``models:/<study>@champion``: what loads the latest registered export."""
+        return f"models:/{self.registered_name or self.study_name}@{ALIAS}"
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON: NaN and inf become null, numpy scalars become Python numbers, tuples become lists."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _study_spec(study: optuna.Study, spec: StudySpec) -> tuple[StudySpec, list[str]]:
+    """The spec the trials ran with (stored in the study), with the caller's data folder and stores."""
+    from tuner.config import spec_from_dict
+    from tuner.study import FINGERPRINTED
+
+    stored = study.user_attrs.get("tuner.spec")
+    if not stored:
+        return spec, []
+    ran = spec_from_dict(stored, base_dir=spec.base_dir).with_overrides(
+        {"tracking.uri": spec.tracking.uri, "study.storage": spec.study.storage}
+    )
+    changed = [s for s in FINGERPRINTED if ran.fingerprint(s) != spec.fingerprint(s)]
+    notes = []
+    if changed:
+        notes.append(
+            f"the study file's {', '.join(changed)} differ from what study {ran.study.name!r} ran with; "
+            "exporting with the stored settings"
+        )
+    return ran, notes
+
+
+def _pick_trials(
+    study: optuna.Study, spec: StudySpec, number: int | None
+) -> tuple[optuna.trial.FrozenTrial, optuna.trial.FrozenTrial | None]:
+    """The trial to export (best by default) and the best other COMPLETE trial to compare it with."""
+    from optuna.trial import TrialState
+
+    name = spec.study.name
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if number is None:
+        if not complete:
+            raise ExportError(f"study {name!r} has no COMPLETE trial to export")
+        chosen = study.best_trial
+    else:
+        found = [t for t in trials if t.number == number]
+        if not found:
+            raise ExportError(
+                f"--trial: study {name!r} has no trial {number}; its trials are numbered 0 to {len(trials) - 1}"
+            )
+        chosen = found[0]
+        if chosen.state != TrialState.COMPLETE:
+            listing = ", ".join(str(t.number) for t in complete) or "none"
+            raise ExportError(
+                f"--trial: trial {number} is {chosen.state.name}; only COMPLETE trials have a model to export "
+                f"(complete trials: {listing})"
+            )
+    maximize = spec.objective.direction == "maximize"
+    others = sorted(
+        (t for t in complete if t.number != chosen.number),
+        key=lambda t: (-(t.value or 0.0) if maximize else (t.value or 0.0), t.number),
+    )
+    return chosen, (others[0] if others else None)
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out: {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ExportError(f"--out: {out} exists and is not empty; choose another directory or pass --force")
+        if not (out / "MLmodel").is_file():
+            # --force only ever deletes a previous export, never an arbitrary folder given by mistake.
+            raise ExportError(
+                f"--out: {out} is not empty and is not a previous export (no MLmodel file); --force replaces only "
+                "an exported model directory"
+            )
+
+
+def _raw_frame(spec: StudySpec) -> tuple[pd.DataFrame, str]:
+    """The catalogue's raw rows (the dataset keeps only features): for the input example and the checks."""
+    from tuner.data.load import read_table
+
+    path = spec.data_path()
+    if path is None:
+        from tuner.data.catalogue import simulate_catalogue
+
+        sim = spec.data.simulated
+        frame = simulate_catalogue(n_star=sim.n_star, n_quasar=sim.n_quasar, n_galaxy=sim.n_galaxy, seed=spec.data.seed)
+        # The same words tuner.data.dataset.load_catalogue uses, so the card's facts match the study's.
+        source = (
+            f"simulated(n_star={sim.n_star}, n_quasar={sim.n_quasar}, n_galaxy={sim.n_galaxy}, seed={spec.data.seed})"
+        )
+        return frame, source
+    return read_table(path), str(path)
+
+
+def _load_data(study: optuna.Study, spec: StudySpec) -> tuple[pd.DataFrame, Dataset]:
+    from tuner.data.dataset import build_dataset
+    from tuner.data.load import catalogue_from_frame
+
+    frame, source = _raw_frame(spec)
+    catalogue = catalogue_from_frame(frame, spec.data, task=spec.task, source=source)
+    recorded = study.user_attrs.get("tuner.data", {}).get("data.hash")
+    if recorded and recorded != catalogue.data_hash:
+        raise DataError(
+            f"data.source: the catalogue changed since study {spec.study.name!r} ran (data hash "
+            f"{catalogue.data_hash}, the study recorded {recorded}); its trials cannot be checked or exported "
+            "against these rows"
+        )
+    return frame, build_dataset(spec, "cpu", catalogue)
+
+
+def _derivations(columns: Sequence[Any], features: Sequence[str]) -> list[dict[str, Any]]:
+    """How each feature comes from raw columns, decided as tuner.data.load.derive_feature decided in training."""
+    present = {str(c) for c in columns}
+    out: list[dict[str, Any]] = []
+    for name in features:
+        if name in present:
+            out.append({"feature": name, "column": name})
+        else:
+            left, _, right = name.partition("-")
+            out.append({"feature": name, "colour": [left, right]})
+    return out
+
+
+def _measure(net: torch.nn.Module, dataset: Dataset, spec: StudySpec) -> Evaluation:
+    """The threshold chosen on validation and its holdout figures, for a network as it stands."""
+    from tuner.study import evaluate, fit_config
+    from tuner.train import FitResult, loss_function
+
+    # val_loss computed as fit computes it, for studies whose objective is the validation loss.
+    logits = predict_logits(net, dataset.validation.x, spec.train.eval_batch_size)
+    val_loss = float(loss_function(fit_config(spec, dataset), dataset.device)(logits, dataset.validation.y))
+    return evaluate(net, dataset, spec, FitResult(best_metrics={"val_loss": val_loss}))
+
+
+def _differs(a: Any, b: Any, tolerance: float) -> bool:
+    if a is None or b is None:
+        return False
+    a, b = float(a), float(b)
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) != math.isnan(b)
+    return abs(a - b) > tolerance
+
+
+def _recorded(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
+    out = {"val_objective": float(trial.value)} if trial.value is not None else {}
+    out.update({k: float(trial.user_attrs[k]) for k in CHECKED if k in trial.user_attrs})
+    return out
+
+
+def _curve_table(y: np.ndarray, scores: np.ndarray, target: float) -> list[dict[str, Any]]:
+    """Points of the holdout completeness-vs-efficiency curve: the most complete cut under each ceiling."""
+    from tuner import metrics
+
+    rows = []
+    for ceiling in sorted({*CURVE_CEILINGS, float(target)}):
+        point = metrics.choose_operating_point(y, scores, ceiling)
+        rows.append(
+            {
+                "max_contamination": ceiling,
+                "completeness": point.completeness,
+                "contamination": point.contamination,
+                "efficiency": 1.0 - point.contamination if point.feasible else None,
+                "threshold": point.threshold,
+                "selected": point.counts.n_pred_pos,
+            }
+        )
+    return rows
+
+
+def _figures(ev: Evaluation, y_hold: np.ndarray, target: float) -> dict[str, Any]:
+    h = ev.holdout
+    c = h.counts
+    return {
+        "val_objective": ev.objective,
+        "threshold": ev.val_point.threshold,
+        "validation": {
+            "completeness": ev.val_point.completeness,
+            "contamination": ev.val_point.contamination,
+            "auc": ev.val_auc,
+            "feasible": ev.val_point.feasible,
+        },
+        "holdout": {
+            "completeness": h.completeness,
+            "completeness_95ci": [h.completeness_ci.low, h.completeness_ci.high],
+            "contamination": h.contamination,
+            "contamination_95ci": [h.contamination_ci.low, h.contamination_ci.high],
+            "counts": {"tp": c.tp, "fp": c.fp, "fn": c.fn, "tn": c.tn},
+            "auc": ev.holdout_auc,
+        },
+        "holdout_curve": _curve_table(y_hold, ev.holdout_scores, target),
+    }
+
+
+def _recorded_figures(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    a = trial.user_attrs
+    return {
+        "val_objective": trial.value,
+        "threshold": a.get("threshold"),
+        "validation": {
+            "completeness": a.get("val_completeness"),
+            "contamination": a.get("val_contamination"),
+            "auc": a.get("val_auc"),
+        },
+        "holdout": {
+            "completeness": a.get("holdout_completeness"),
+            "completeness_95ci": [a.get("holdout_completeness_low"), a.get("holdout_completeness_high")],
+            "contamination": a.get("holdout_contamination"),
+            "contamination_95ci": [a.get("holdout_contamination_low"), a.get("holdout_contamination_high")],
+            "counts": None,
+            "auc": a.get("holdout_auc"),
+        },
+        "holdout_curve": None,
+    }
+
+
+def _trial_info(trial: optuna.trial.FrozenTrial, params: dict[str, Any]) -> dict[str, Any]:
+    a = trial.user_attrs
+    return {
+        "number": trial.number,
+        "params": params,
+        "seed": a.get("seed"),
+        "epochs": a.get("epochs"),
+        "best_epoch": a.get("best_epoch"),
+        "stop_reason": a.get("stop_reason"),
+        "mlflow_run_id": a.get("mlflow_run_id"),
+    }
+
+
+def _trial_params(trial: optuna.trial.FrozenTrial, spec: StudySpec) -> TrialParams:
+    from tuner.space import suggest
+
+    # A FrozenTrial answers suggest_* with its stored values: the same names and fixed values as in training.
+    return suggest(trial, spec.search_space)
+
+
+def _params_record(params: TrialParams) -> dict[str, Any]:
+    record = asdict(params)
+    record["widths"] = list(params.widths)
+    return record
+
+
+@dataclass
+class _Trained:
+    net: torch.nn.Module
+    params: dict[str, Any]
+    weights_file: Path | None  # the run's own file, copied verbatim; None when retrained
+    retrained: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _fetch_trial(
+    trial: optuna.trial.FrozenTrial, tracking_uri: str, tmp: Path
+) -> tuple[Path | None, dict[str, Any] | None, str | None]:
+    """The trial's weights file and model description from its MLflow run; (None, None, why) without a run."""
+    from tuner.study import MODEL_META_ARTIFACT, WEIGHTS_ARTIFACT
+    from tuner.tracking import download_run_artifact
+
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return None, None, f"trial {trial.number} has no MLflow run (tracking was off)"
+    meta_file = download_run_artifact(tracking_uri, run_id, MODEL_META_ARTIFACT, tmp)
+    weights = download_run_artifact(tracking_uri, run_id, WEIGHTS_ARTIFACT, tmp)
+    meta = json.loads(meta_file.read_text()) if meta_file is not None else None
+    why = None if weights is not None else f"the weights artifact {WEIGHTS_ARTIFACT} is missing from run {run_id}"
+    return weights, meta, why
+
+
+def _trained_model(
+    trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset, tracking_uri: str, tmp: Path
+) -> _Trained:
+    """The trial's best-epoch network: its stored weights, or (only when they are missing) a checked replay."""
+    n_out = 1 if spec.task == "binary" else dataset.n_classes
+    weights, meta, why = _fetch_trial(trial, tracking_uri, tmp)
+    if weights is not None:
+        params = meta["params"] if meta else _params_record(_trial_params(trial, spec))
+        net = _build_net(params, dataset.n_features, n_out)
+        try:
+            net.load_state_dict(_load_state(weights))
+        except RuntimeError as exc:
+            raise ExportError(f"trial {trial.number}: its weights do not fit its parameters: {exc}") from None
+        return _Trained(net.eval(), params, weights)
+    return _retrain(trial, spec, dataset, why or "no weights")
+
+
+def _retrain(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset, why: str) -> _Trained:
+    from tuner.study import Objective, evaluate
+    from tuner.tracking import NullTracker
+
+    params = _trial_params(trial, spec)
+    seed = int(trial.user_attrs.get("seed", spec.study.seed + trial.number))
+    note = (
+        f"{why}: retraining trial {trial.number} on the CPU from its stored parameters and seed {seed}; it is "
+        f"exported only if the retrained validation objective matches the recorded one within {TOLERANCE:g}"
+    )
+    log.warning("%s", note)
+    model, result = Objective(spec, dataset, NullTracker()).train_trial(params, seed, [])
+    if result.failed:
+        raise ExportError(f"trial {trial.number}: retraining failed ({result.stop_reason}); not exported")
+    ev = evaluate(model, dataset, spec, result)
+    if trial.value is None or _differs(ev.objective, trial.value, TOLERANCE) or math.isnan(ev.objective):
+        raise ExportError(
+            f"trial {trial.number}: retraining gave validation objective {ev.objective:.10g}, the trial recorded "
+            f"{trial.value!r} (tolerance {TOLERANCE:g}); the data, code or library versions no longer reproduce "
+            "it, so it is not exported. Restore the weights artifact or export another trial with --trial"
+        )
+    notes = [note, f"retrained validation objective {ev.objective:.10g} matches the recorded {trial.value:.10g}"]
+    return _Trained(model.cpu().eval(), _params_record(params), None, retrained=True, notes=notes)
+
+
+def pinned_requirements() -> list[str]:
+    """``name==version`` of the installed torch, numpy, pandas and mlflow, and of tuner (the model's code)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from tuner import __version__
+
+    out = []
+    for name in PINNED:
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            continue
+        # A local build tag (torch's "+cpu") names no version an index serves; pin the public version.
+        out.append(f"{name}=={installed.split('+')[0]}")
+    out.append(f"tuner=={__version__}")
+    return out
+
+
+def _signature(config: dict[str, Any]) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("double", name) for name in config["input_columns"]])
+    outputs = Schema([ColSpec(kind, name) for name, kind in output_columns(config)])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _comparison(chosen: dict[str, Any], other: dict[str, Any] | None, direction: str) -> dict[str, Any] | None:
+    """Whether the holdout separates the exported trial from the runner-up: do their 95% intervals overlap?"""
+    if other is None:
+        return None
+    a, b = chosen["val_objective"], other["val_objective"]
+    lead = None if a is None or b is None else (a - b if direction == "maximize" else b - a)
+    out: dict[str, Any] = {"validation_lead": lead}
+    for key in ("completeness", "contamination"):
+        lo1, hi1 = chosen["holdout"][f"{key}_95ci"]
+        lo2, hi2 = other["holdout"][f"{key}_95ci"]
+        known = None not in (lo1, hi1, lo2, hi2) and not any(math.isnan(float(v)) for v in (lo1, hi1, lo2, hi2))
+        out[f"holdout_{key}_intervals_overlap"] = (max(lo1, lo2) <= min(hi1, hi2)) if known else None
+    if out["holdout_completeness_intervals_overlap"]:
+        out["reading"] = (
+            "The holdout completeness intervals overlap: on the holdout the two trials are not distinguishable at "
+            "95%, so the lead on validation may be noise."
+        )
+    elif out["holdout_completeness_intervals_overlap"] is False:
+        out["reading"] = "The holdout completeness intervals do not overlap: the holdout confirms a real difference."
+    else:
+        out["reading"] = "The holdout figures are missing; the lead cannot be judged."
+    return out
+
+
+def _curve_html(
+    dataset: Dataset, spec: StudySpec, scored: dict[str, tuple[np.ndarray, dict[str, Any]]], title: str
+) -> str:
+    from tuner.report import completeness_efficiency_figure
+
+    y = dataset.holdout.y_numpy == dataset.positive_index
+    curves = {label: (y, scores) for label, (scores, _) in scored.items()}
+    points = {
+        label: (fig["holdout"]["completeness"], fig["holdout"]["contamination"]) for label, (_, fig) in scored.items()
+    }
+    figure = completeness_efficiency_figure(curves, points, spec.objective.target_contamination, title)
+    return str(figure.to_html(full_html=True, include_plotlyjs="cdn" if spec.tracking.plotlyjs == "cdn" else True))
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _ci(pair: Sequence[Any]) -> str:
+    return f"[{_fmt(pair[0])}, {_fmt(pair[1])}]"
+
+
+def _space_lines(space: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, p in space.items():
+        if p.get("value") is not None:
+            lines.append(f"- {name}: fixed at {_fmt(p['value'])}")
+        elif p.get("choices") is not None:
+            lines.append(f"- {name}: one of {', '.join(_fmt(c) for c in p['choices'])}")
+        else:
+            scale = ", log scale" if p.get("log") else ""
+            scale += ", powers of two" if p.get("powers_of_two") else ""
+            lines.append(f"- {name}: [{_fmt(p['low'])}, {_fmt(p['high'])}]{scale}")
+    return lines
+
+
+def render_card(card: dict[str, Any]) -> str:
+    """The model card as Markdown, from ``model_card.json``'s content."""
+    m, d, t, r = card["model"], card["data"], card["trial"], card.get("runner_up")
+    lines = [
+        f"# Model card: study `{m['study']}`, trial {t['number']}",
+        "",
+        f"Exported {m['exported_at']} by tuner {m['tuner_version']}. Task: {card['task']}; classes: "
+        f"{', '.join(card['classes'])}; positive class: {card['positive_class']}.",
+        "",
+        f"**Weights:** {m['weights']}",
+        "",
+        "## Data",
+        "",
+        f"- source: `{d['source']}`",
+        f"- hash: `{d['hash']}`; rows: {d['rows']}; classes: {d['class_counts']}",
+        f"- split sizes: {', '.join(f'{k} {v}' for k, v in d['split_sizes'].items())} (stratified, fixed by "
+        f"data.seed {d['seed']})",
+        f"- features: {', '.join(_describe_derivation(x) for x in d['derivations'])}",
+        f"- raw input columns: {', '.join(d['input_columns'])}; preprocessing: {d['preprocess']} "
+        "(fitted on the training rows only, stored as numbers)",
+        "",
+        "## Search space and trial",
+        "",
+        *_space_lines(card["search_space"]),
+        "",
+        "| parameter | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in t["params"].items()]
+    lines += [
+        "",
+        f"Seed {t['seed']}; trained {t['epochs']} epochs, restored epoch {t['best_epoch']} ({t['stop_reason']}).",
+        "",
+        "## Figures at the frozen threshold",
+        "",
+        f"Objective: {card['objective']['metric']} ({card['objective']['direction']}), target contamination "
+        f"{card['objective']['target_contamination']}. The threshold is chosen on validation and frozen; the holdout "
+        "only measures it. Intervals are 95% Wilson intervals.",
+        "",
+        "| | trial " + str(t["number"]) + (f" (exported) | trial {r['number']} (runner-up) |" if r else " |"),
+        "|---|---|" + ("---|" if r else ""),
+    ]
+    rows = [
+        ("validation objective", lambda f: _fmt(f["val_objective"], 6)),
+        ("threshold", lambda f: _fmt(f["threshold"], 6)),
+        ("validation completeness", lambda f: _fmt(f["validation"]["completeness"])),
+        ("validation contamination", lambda f: _fmt(f["validation"]["contamination"])),
+        (
+            "holdout completeness (95% CI)",
+            lambda f: f"{_fmt(f['holdout']['completeness'])} {_ci(f['holdout']['completeness_95ci'])}",
+        ),
+        (
+            "holdout contamination (95% CI)",
+            lambda f: f"{_fmt(f['holdout']['contamination'])} {_ci(f['holdout']['contamination_95ci'])}",
+        ),
+        ("holdout AUC", lambda f: _fmt(f["holdout"]["auc"])),
+    ]
+    for label, get in rows:
+        lines.append(f"| {label} | {get(t['figures'])} |" + (f" {get(r['figures'])} |" if r else ""))
+    if card.get("comparison"):
+        lines += ["", f"**Is the lead real?** {card['comparison']['reading']}"]
+    lines += [
+        "",
+        "## Holdout completeness vs efficiency",
+        "",
+        f"The most complete cut of the holdout under each contamination ceiling (descriptive: these thresholds are "
+        f"read off the holdout, not chosen for use). Plot: `{CURVE_HTML}`.",
+        "",
+    ]
+    for label, entry in (("exported", t), ("runner-up", r)):
+        if entry is None:
+            continue
+        curve = entry["figures"].get("holdout_curve")
+        lines.append(f"Trial {entry['number']} ({label}):")
+        lines.append("")
+        if not curve:
+            lines += [f"_{entry.get('curve_note') or 'curve not available'}_", ""]
+            continue
+        lines += [
+            "| max contamination | completeness | contamination | threshold | selected |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {_fmt(p['max_contamination'])} | {_fmt(p['completeness'])} | {_fmt(p['contamination'])} | "
+            f"{_fmt(p['threshold'], 6)} | {p['selected']} |"
+            for p in curve
+        ]
+        lines.append("")
+    v = card["verification"]
+    lines += [
+        "## Verification",
+        "",
+        f"Re-measured from the exported files on the study's validation and holdout rows: "
+        f"{'matches' if v['passed'] else 'DOES NOT match'} the trial's recorded figures (tolerance {v['tolerance']:g}; "
+        f"largest difference {_fmt(v['max_abs_difference'], 3)}). The saved pyfunc model's scores equal the "
+        f"network's within {_fmt(v['pyfunc_max_abs_score_difference'], 3)}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import mlflow, pandas as pd",
+        f"model = mlflow.pyfunc.load_model({card['usage']['uri']!r})",
+        f"scores = model.predict(catalogue[{d['input_columns']!r}])",
+        "```",
+        "",
+        f"or `tuner predict {card['usage']['uri']} --data catalogue.csv --out scored.csv`. Requirements: "
+        f"{', '.join(card['usage']['requirements'])}; the model's code is the tuner package (install it from its "
+        "repository where the model is loaded).",
+    ]
+    if m.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in m["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _verification(trial: optuna.trial.FrozenTrial, ev: Evaluation) -> dict[str, Any]:
+    """The trial's recorded figures against those of the network being exported."""
+    recorded = _recorded(trial)
+    final = ev.final_metrics()
+    measured = {"val_objective": ev.objective, **{k: final[k] for k in CHECKED}}
+    common = [k for k in recorded if k in measured]
+    diffs = [abs(float(measured[k]) - recorded[k]) for k in common if not math.isnan(recorded[k] - measured[k])]
+    mismatched = [k for k in common if _differs(measured[k], recorded[k], TOLERANCE)]
+    return {
+        "tolerance": TOLERANCE,
+        "recorded": recorded,
+        "exported_model": measured,
+        "max_abs_difference": max(diffs, default=0.0),
+        "mismatched": mismatched,
+        "passed": not mismatched,
+    }
+
+
+def _model_config(
+    name: str,
+    trial: optuna.trial.FrozenTrial,
+    spec: StudySpec,
+    dataset: Dataset,
+    frame: pd.DataFrame,
+    params: Any,
+    ev: Evaluation,
+) -> dict[str, Any]:
+    """``tuner_model.json``: everything the scorer needs besides the weights, as plain numbers and names."""
+    from tuner import __version__
+
+    derivations = _derivations(frame.columns, dataset.catalogue.feature_names)
+    columns = (c for d in derivations for c in ([d["column"]] if "column" in d else d["colour"]))
+    return {
+        "format": FORMAT,
+        "study": name,
+        "trial_number": trial.number,
+        "task": spec.task,
+        "params": params,
+        "n_features": dataset.n_features,
+        "n_outputs": 1 if spec.task == "binary" else dataset.n_classes,
+        "feature_names": list(dataset.catalogue.feature_names),
+        "derivations": derivations,
+        "input_columns": list(dict.fromkeys(columns)),
+        "id_columns": list(spec.data.id_columns),
+        "preprocessor": dataset.preprocessor.to_dict(),
+        "class_names": list(dataset.catalogue.class_names),
+        "positive_class": spec.data.positive,
+        "positive_index": dataset.positive_index,
+        # Chosen on validation with these very weights (equal to the recorded one when verification passed).
+        "threshold": ev.val_point.threshold,
+        "target_contamination": spec.objective.target_contamination,
+        "eval_batch_size": spec.train.eval_batch_size,
+        "tuner_version": __version__,
+    }
+
+
+def _save_pyfunc(stage: Path, src: Path, trained: _Trained, config: dict[str, Any], example: pd.DataFrame) -> None:
+    """Write the weights, the JSON and the entry script, and let MLflow assemble the model directory."""
+    import mlflow.pyfunc
+
+    src.mkdir(parents=True)
+    weights_file = src / WEIGHTS_FILE
+    if trained.weights_file is not None:
+        shutil.copyfile(trained.weights_file, weights_file)  # verbatim: the run's own best-epoch state dict
+    else:
+        torch.save({k: v.detach().cpu() for k, v in trained.net.state_dict().items()}, weights_file)
+    config_file = src / CONFIG_FILE
+    config_file.write_text(json.dumps(_json_safe(config), indent=1))
+    entry = src / ENTRY_FILE
+    entry.write_text(ENTRY_SCRIPT)
+    mlflow.pyfunc.save_model(
+        str(stage),
+        python_model=str(entry),  # a path: models from code, see ENTRY_SCRIPT
+        artifacts={"weights": str(weights_file), "config": str(config_file)},
+        signature=_signature(config),
+        input_example=example,
+        pip_requirements=pinned_requirements(),
+        metadata={"tuner.study": config["study"], "tuner.trial_number": config["trial_number"]},
+    )
+
+
+def _check_saved(stage: Path, frame: pd.DataFrame, dataset: Dataset, ev: Evaluation, config: dict[str, Any]) -> float:
+    """Load the saved directory as a user would and score the validation and holdout rows from raw columns.
+
+    Returns:
+        The largest difference from the scores the network gave during measurement (zero when all is well).
+
+    Raises:
+        ExportError: The saved model scores differently: derivation, scaling or weights did not survive.
+    """
+    rows = np.concatenate([dataset.split.validation, dataset.split.holdout])
+    score_col = f"p_{config['class_names'][config['positive_index']]}"
+    saved = predict_frame(stage, frame.iloc[rows])[score_col].to_numpy()
+    expected = np.concatenate([ev.val_scores, ev.holdout_scores])
+    diff = float(np.max(np.abs(saved - expected))) if len(rows) else 0.0
+    if diff > TOLERANCE:
+        raise ExportError(
+            f"the saved model scores the study's rows differently from the trained network (largest difference "
+            f"{diff:.3g} > {TOLERANCE:g}); not exported"
+        )
+    return diff
+
+
+def _card(
+    study: optuna.Study,
+    spec: StudySpec,
+    dataset: Dataset,
+    config: dict[str, Any],
+    trial: optuna.trial.FrozenTrial,
+    trained: _Trained,
+    chosen: dict[str, Any],
+    runner: dict[str, Any] | None,
+    verification: dict[str, Any],
+    usage_uri: str,
+    notes: list[str],
+) -> dict[str, Any]:
+    """``model_card.json``: provenance, data, search space, the trial and its runner-up, and the checks."""
+    from tuner import __version__
+
+    facts = {**dataset.facts(), **study.user_attrs.get("tuner.data", {})}
+    if trained.retrained:
+        weights = (
+            "retrained from the stored parameters and seed (the run's weights artifact was missing); the retrained "
+            f"validation objective matched the recorded {trial.value!r} within {TOLERANCE:g}"
+        )
+    else:
+        run = trial.user_attrs.get("mlflow_run_id")
+        weights = f"the best epoch's state dict as logged by trial run {run}, copied verbatim"
+    card = {
+        "format": FORMAT,
+        "model": {
+            "study": config["study"],
+            "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "tuner_version": __version__,
+            "weights": weights,
+            "retrained": trained.retrained,
+            "mlflow_parent_run_id": study.user_attrs.get("tuner.mlflow_parent_run_id"),
+            "notes": list(notes),
+        },
+        "task": spec.task,
+        "classes": config["class_names"],
+        "positive_class": config["positive_class"],
+        "data": {
+            "source": facts.get("data.source"),
+            "hash": facts.get("data.hash"),
+            "rows": facts.get("data.rows"),
+            "class_counts": facts.get("data.class_counts"),
+            "split_sizes": dataset.split.sizes(),
+            "seed": spec.data.seed,
+            "features": config["feature_names"],
+            "derivations": config["derivations"],
+            "input_columns": config["input_columns"],
+            "id_columns": config["id_columns"],
+            "preprocess": spec.data.preprocess,
+        },
+        "search_space": spec.search_space.model_dump(mode="json"),
+        "training": spec.train.model_dump(mode="json"),
+        "objective": {
+            "metric": spec.objective.metric,
+            "direction": spec.objective.direction,
+            "target_contamination": spec.objective.target_contamination,
+        },
+        "trial": {**_trial_info(trial, trained.params), "figures": chosen},
+        "runner_up": runner,
+        "comparison": _comparison(chosen, runner["figures"] if runner else None, spec.objective.direction),
+        "verification": verification,
+        "usage": {
+            "uri": usage_uri,
+            "requirements": pinned_requirements(),
+            "input_columns": config["input_columns"],
+            "output_columns": [c for c, _ in output_columns(config)],
+        },
+    }
+    safe: dict[str, Any] = _json_safe(card)
+    return safe
+
+
+def _log_and_register(
+    uri: str,
+    run_id: str,
+    target: Path,
+    name: str,
+    trial: optuna.trial.FrozenTrial,
+    card: dict[str, Any],
+    register: bool,
+) -> tuple[str, str | None]:
+    """Upload the directory to ``run_id``; with ``register``, make it a new version of ``name`` at ``champion``."""
+    from tuner.tracking import log_model_dir, register_model_version
+
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    # A fresh path per export: a registered version must never see its files replaced by a later export.
+    artifact_path = f"exports/trial-{trial.number:04d}-{stamp}"
+    source = log_model_dir(uri, run_id, target, artifact_path)
+    if not register:
+        return f"runs:/{run_id}/{artifact_path}", None
+    h = card["trial"]["figures"]["holdout"]
+    metric = card["objective"]["metric"]
+    version = register_model_version(
+        uri,
+        name,
+        source,
+        run_id,
+        alias=ALIAS,
+        tags={
+            "tuner.study": name,
+            "tuner.trial_number": str(trial.number),
+            "tuner.val_objective": str(trial.value),
+            "tuner.holdout_completeness": str(h["completeness"]),
+            "tuner.holdout_contamination": str(h["contamination"]),
+            "tuner.retrained": str(card["model"]["retrained"]).lower(),
+        },
+        description=(
+            f"Trial {trial.number} of study {name}: validation {metric} {_fmt(trial.value)}; holdout completeness "
+            f"{_fmt(h['completeness'])} {_ci(h['completeness_95ci'])}, contamination {_fmt(h['contamination'])} "
+            f"{_ci(h['contamination_95ci'])} at the frozen threshold."
+        ),
+    )
+    return f"runs:/{run_id}/{artifact_path}", version
+
+
+def export_trial(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    trial_number: int | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    register: bool = False,
+    tracking_uri: str | None = None,
+    log_to_mlflow: bool = True,
+) -> ExportResult:
+    """Export a COMPLETE trial as an MLflow pyfunc model directory, log it to MLflow and optionally register it.
+
+    Args:
+        study: The stored study.
+        spec: The study's spec (a study file, or the one stored in the study); the stored one wins for what the
+            trials ran with, this one says where the data and the stores are.
+        trial_number: The trial to export; the best trial when None.
+        out: The model directory; ``exports/<study>-trial-<N>`` when None.
+        force: Replace ``out`` when it holds a previous export.
+        register: Register the model under the study's name and move alias ``champion`` to the new version.
+        tracking_uri: The MLflow tracking store; ``tracking.uri`` of the spec when None.
+        log_to_mlflow: Upload the directory to the study's parent run (else the trial's run).
+
+    Returns:
+        Where the model went, its card, and any notes (a retrained trial, a changed study file).
+
+    Raises:
+        ExportError: No such trial, an occupied ``out``, weights that cannot be used or reproduced.
+        DataError: The study's catalogue is unreadable or changed since the study ran.
+        TrackingError: The MLflow store cannot be read or written.
+    """
+    spec, notes = _study_spec(study, spec)
+    uri = tracking_uri or spec.tracking.uri
+    trial, runner = _pick_trials(study, spec, trial_number)
+    name = spec.study.name
+    target = Path(out) if out is not None else Path("exports") / f"{name.replace('/', '_')}-trial-{trial.number}"
+    _prepare_out(target, force)
+    run_id = study.user_attrs.get("tuner.mlflow_parent_run_id") or trial.user_attrs.get("mlflow_run_id")
+    if register and not (log_to_mlflow and run_id):
+        raise ExportError(
+            f"--register: study {name!r} has no MLflow run to log the model to (tracking was off); export without "
+            "--register"
+        )
+    frame, dataset = _load_data(study, spec)
+    y_hold = dataset.holdout.y_numpy == dataset.positive_index
+    target_contamination = spec.objective.target_contamination
+
+    with tempfile.TemporaryDirectory(prefix="tuner-export-") as tmp_name:
+        tmp = Path(tmp_name)
+        trained = _trained_model(trial, spec, dataset, uri, tmp / "trial")
+        notes += trained.notes
+        ev = _measure(trained.net, dataset, spec)
+        verification = _verification(trial, ev)
+        if verification["mismatched"]:
+            # Stored weights are the trial's own, so a mismatch means other numerics (a study trained on a GPU,
+            # measured here on the CPU): the card gives the exported model's figures and says so. A retrained
+            # model was held to the recorded objective in _retrain.
+            m, r = verification["exported_model"], verification["recorded"]
+            detail = ", ".join(f"{k} recorded {r[k]:.6g}, exported {m[k]:.6g}" for k in verification["mismatched"])
+            notes.append(f"the exported model's figures differ from the trial's recorded ones: {detail}")
+            log.warning("%s", notes[-1])
+
+        config = _model_config(name, trial, spec, dataset, frame, trained.params, ev)
+        stage = tmp / "model"
+        example = frame.iloc[dataset.split.train[:5]][config["input_columns"]].reset_index(drop=True)
+        _save_pyfunc(stage, tmp / "src", trained, config, example.astype(np.float64))
+        verification["pyfunc_max_abs_score_difference"] = _check_saved(stage, frame, dataset, ev, config)
+
+        # The runner-up (best other COMPLETE trial) so a reader can judge whether the lead is real.
+        chosen = _figures(ev, y_hold, target_contamination)
+        scored = {f"trial {trial.number} (exported)": (ev.holdout_scores, chosen)}
+        runner_card = None
+        if runner is not None:
+            runner_card = _runner_up(runner, spec, dataset, uri, tmp / "runner", y_hold, scored)
+        usage_uri = f"models:/{name}@{ALIAS}" if register else str(target)
+        card = _card(study, spec, dataset, config, trial, trained, chosen, runner_card, verification, usage_uri, notes)
+        (stage / CARD_JSON).write_text(json.dumps(card, indent=1))
+        (stage / CARD_MD).write_text(render_card(card))
+        title = f"study {name}: holdout completeness vs efficiency"
+        (stage / CURVE_HTML).write_text(_curve_html(dataset, spec, scored, title))
+        if target.exists():
+            shutil.rmtree(target)  # _prepare_out allowed it: empty, or a previous export with --force
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(stage, target)
+
+    logged_uri = version = None
+    if log_to_mlflow and run_id:
+        logged_uri, version = _log_and_register(uri, run_id, target, name, trial, card, register)
+    elif log_to_mlflow:
+        notes.append("the study has no MLflow run; the model was saved locally only")
+    return ExportResult(
+        path=target,
+        study_name=name,
+        trial_number=trial.number,
+        runner_up=runner.number if runner is not None else None,
+        retrained=trained.retrained,
+        card=card,
+        notes=tuple(notes),
+        run_id=run_id if logged_uri else None,
+        logged_uri=logged_uri,
+        registered_name=name if version else None,
+        version=version,
+    )
+
+
+def _runner_up(
+    runner: optuna.trial.FrozenTrial,
+    spec: StudySpec,
+    dataset: Dataset,
+    tracking_uri: str,
+    tmp: Path,
+    y_hold: np.ndarray,
+    scored: dict[str, tuple[np.ndarray, dict[str, Any]]],
+) -> dict[str, Any]:
+    """The runner-up's figures: re-measured from its stored weights when present (never retrained), else recorded."""
+    info = _trial_info(runner, _params_record(_trial_params(runner, spec)))
+    try:
+        weights, meta, why = _fetch_trial(runner, tracking_uri, tmp)
+    except TunerError as exc:
+        weights, meta, why = None, None, str(exc)
+    if weights is None:
+        return {**info, "figures": _recorded_figures(runner), "curve_note": f"curve not available: {why}"}
+    params = meta["params"] if meta else info["params"]
+    net = _build_net(params, dataset.n_features, 1 if spec.task == "binary" else dataset.n_classes)
+    try:
+        net.load_state_dict(_load_state(weights))
+    except (RuntimeError, ExportError) as exc:
+        return {**info, "figures": _recorded_figures(runner), "curve_note": f"curve not available: {exc}"}
+    ev = _measure(net.eval(), dataset, spec)
+    figures = _figures(ev, y_hold, spec.objective.target_contamination)
+    scored[f"trial {runner.number} (runner-up)"] = (ev.holdout_scores, figures)
+    return {**info, "figures": figures, "curve_note": None}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scoring files: tuner predict
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What :func:`predict_file` wrote."""
+
+    out: Path
+    rows: int
+    selected: int | None
+    positive_class: str | None
+    threshold: float
+    columns: tuple[str, ...]
+
+
+def load_model_dir(model: str, tracking_uri: str | None, tmp: str | Path) -> Path:
+    """A local model directory from a directory, ``runs:/...`` or ``models:/...`` (downloaded into ``tmp``).
+
+    Raises:
+        ExportError: ``model`` is neither an exported directory nor a model URI.
+        TrackingError: The URI names nothing in the tracking store.
+    """
+    from tuner.tracking import download_model
+
+    if model.startswith(("runs:/", "models:/")):
+        import os
+
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns/mlflow.db"
+        path = download_model(model, uri, tmp)
+    else:
+        path = Path(model)
+        if not path.is_dir():
+            raise ExportError(f"MODEL: {model!r} is neither a directory nor a runs:/ or models:/ URI")
+    if not (path / "MLmodel").is_file() or not (path / "artifacts" / CONFIG_FILE).is_file():
+        raise ExportError(f"MODEL: {model} is not a tuner export (no MLmodel or artifacts/{CONFIG_FILE} in it)")
+    return path
+
+
+def predict_frame(model_dir: str | Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """Score raw catalogue rows with an exported model directory, through MLflow as a user would.
+
+    Raises:
+        DataError: Missing, non-numeric or non-finite input columns (checked before MLflow's own schema check,
+            so the message names them).
+    """
+    import mlflow.pyfunc
+
+    config = json.loads((Path(model_dir) / "artifacts" / CONFIG_FILE).read_text())
+    check_input(frame, config)
+    # Only the columns the signature names: MLflow warns about (and drops) any others.
+    scores: pd.DataFrame = mlflow.pyfunc.load_model(str(model_dir)).predict(frame[config["input_columns"]])
+    return scores
+
+
+def _read_input(path: Path) -> pd.DataFrame:
+    from tuner.data.load import read_table
+
+    try:
+        return read_table(path)
+    except DataError as exc:
+        raise DataError(str(exc).replace("data.source:", "--data:", 1)) from None
+
+
+def _writer(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if ".parquet" in suffixes or ".pq" in suffixes:
+        return "parquet"
+    if ".tsv" in suffixes:
+        return "tsv"
+    if ".csv" in suffixes:
+        return "csv"
+    raise ExportError(
+        f"--out: unknown file type {''.join(path.suffixes)!r} for {path}; use .csv, .csv.gz, .tsv or .parquet"
+    )
+
+
+def predict_file(
+    model: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    id_columns: Sequence[str] = (),
+    tracking_uri: str | None = None,
+) -> PredictResult:
+    """Score a catalogue file with an exported model and write the id columns, probabilities and decisions.
+
+    Args:
+        model: A model directory, ``runs:/RUN_ID/PATH``, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+        data: CSV (optionally compressed), TSV or Parquet with the model's raw input columns.
+        out: Where to write; the type follows the suffix (.csv, .csv.gz, .tsv, .parquet).
+        id_columns: More columns to copy through, besides the study's ``data.id_columns`` found in the input.
+        tracking_uri: The MLflow store for a URI ``model``; ``MLFLOW_TRACKING_URI`` or tuner's default when None.
+
+    Returns:
+        What was written.
+
+    Raises:
+        DataError: An unreadable input, a missing id or feature column, non-numeric or non-finite values.
+        ExportError: An unknown model or output type.
+        TrackingError: The model URI names nothing in the store.
+    """
+    out_path, data_path = Path(out), Path(data)
+    kind = _writer(out_path)
+    frame = _read_input(data_path)
+    with tempfile.TemporaryDirectory(prefix="tuner-model-") as tmp:
+        model_dir = load_model_dir(model, tracking_uri, tmp)
+        config = json.loads((model_dir / "artifacts" / CONFIG_FILE).read_text())
+        missing = [c for c in id_columns if c not in frame.columns]
+        if missing:
+            raise DataError(
+                f"--id-columns: column(s) {', '.join(map(repr, missing))} not in {data_path}; columns: "
+                f"{', '.join(map(str, frame.columns))}"
+            )
+        ids = list(dict.fromkeys([*(c for c in config["id_columns"] if c in frame.columns), *id_columns]))
+        outputs = [c for c, _ in output_columns(config)]
+        clash = [c for c in ids if c in outputs]
+        if clash:
+            raise DataError(
+                f"--id-columns: {', '.join(map(repr, clash))} would collide with the model's output columns"
+            )
+        scores = predict_frame(model_dir, frame)
+    result = pd.concat([frame[ids].reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "parquet":
+        result.to_parquet(out_path, index=False)
+    else:
+        result.to_csv(out_path, index=False, sep="\t" if kind == "tsv" else ",")
+    positive = config["positive_class"]
+    decision = f"predicted_{positive}" if positive is not None else None
+    return PredictResult(
+        out=out_path,
+        rows=len(result),
+        selected=int(result[decision].sum()) if decision in result.columns else None,
+        positive_class=positive,
+        threshold=float(config["threshold"]),
+        columns=tuple(result.columns),
+    )
