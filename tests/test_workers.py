@@ -60,6 +60,10 @@ def pg_database() -> Iterator[Callable[[], str]]:
         return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
     yield make
+    for name in made:
+        storage = _STORAGES.pop(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", None)
+        if storage is not None:
+            storage.engine.dispose()
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         for name in made:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -123,15 +127,26 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+_STORAGES: dict[str, optuna.storages.RDBStorage] = {}
+
+
 def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name="workers", storage=url).get_trials(deepcopy=False)
+    # One storage (one small connection pool) per database: polling must not open a pool per look.
+    if url not in _STORAGES:
+        from sqlalchemy.pool import NullPool
+
+        kwargs = {"poolclass": NullPool} if url.startswith("postgresql") else {}
+        _STORAGES[url] = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=True)
+    return optuna.load_study(study_name="workers", storage=_STORAGES[url]).get_trials(deepcopy=False)
 
 
 def has_running_tracked_trial(url: str) -> bool:
     """A trial is RUNNING and has its MLflow run; False while the study is still being created."""
+    from sqlalchemy.exc import OperationalError
+
     try:
         trials = trials_of(url)
-    except KeyError:  # the storage exists, the study not yet
+    except (KeyError, OperationalError):  # the storage or its tables exist, the study not yet
         return False
     return any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials)
 
@@ -322,10 +337,7 @@ def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_
     url = f"sqlite:///{tmp_path}/optuna.db"
     proc = tuner("run", str(study), "--storage", url, "--quiet", cwd=tmp_path)
     wait_until(
-        lambda: (
-            (tmp_path / "optuna.db").exists()
-            and any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials_of(url))
-        ),
+        lambda: (tmp_path / "optuna.db").exists() and has_running_tracked_trial(url),
         timeout=120,
         what="a running trial",
     )
