@@ -1,12 +1,15 @@
-"""Orchestration: storage, sampler and pruner by name, the objective, the pruning adapter, resume rules.
+"""Orchestration: storage, sampler and pruner by name, the objective, the pruning adapter, resume rules, replay.
 
 Data flows one way: spec -> dataset (once per process) -> per trial: params -> model -> fit -> evaluation
-(validation picks the operating point, the holdout only measures it) -> tracker -> objective value.
+(validation picks the operating point, the holdout only measures it) -> tracker -> objective value. Every trial
+records a manifest of what its numbers depend on, and :func:`replay_trial` retrains one trial alone through the
+same :meth:`Objective.train_trial` and :func:`evaluate` to check that they reproduce.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -14,7 +17,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from tuner import metrics
 from tuner.config import MONITOR_MODE, OBJECTIVE_DIRECTION, StudySpec
 from tuner.data.dataset import Dataset, build_dataset
 from tuner.errors import ConfigError, StorageError
+from tuner.health import Verdict, judge
 from tuner.model import build_mlp
 from tuner.space import TrialParams, enqueue_params, max_layers, suggest
 from tuner.tracking import MlflowTracker, NullTracker, Tracker, mask_password
@@ -74,6 +78,10 @@ def make_pruner(name: str, options: dict[str, Any] | None = None) -> optuna.prun
     options = dict(options or {})
     if name == "percentile":
         options.setdefault("percentile", 25.0)
+    if name in ("median", "percentile"):
+        # The first epochs' validation objective is noise (completeness at a contamination target is often 0
+        # until the net separates the classes at all): do not prune on them.
+        options.setdefault("n_warmup_steps", 3)
     factories: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
         "median": optuna.pruners.MedianPruner,
         "percentile": optuna.pruners.PercentilePruner,
@@ -366,6 +374,80 @@ def trial_model_files(
     return {WEIGHTS_ARTIFACT: buffer.getvalue(), MODEL_META_ARTIFACT: json.dumps(meta, indent=2)}
 
 
+#: Artifact path of every trial's manifest (also stored in the trial's ``manifest`` user attribute).
+MANIFEST_ARTIFACT = "manifest.json"
+
+#: Packages whose versions a trial's numbers may depend on, as their distributions are named.
+MANIFEST_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "pandas", "optuna", "mlflow")
+
+
+def environment_manifest(device: torch.device) -> dict[str, Any]:
+    """What a trial's numbers depend on besides its parameters, seed and data: versions, device, torch settings.
+
+    Versions are read from the installed distributions, so this imports no tracking library.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from tuner import __version__
+
+    packages = {"python": platform.python_version(), "tuner": __version__}
+    for name in MANIFEST_PACKAGES:
+        with contextlib.suppress(PackageNotFoundError):
+            packages[name] = version(name)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return {
+        "packages": packages,
+        "git_commit": _git_commit(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": device_name,
+        "torch": {
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "num_threads": torch.get_num_threads(),
+            "num_interop_threads": torch.get_num_interop_threads(),
+        },
+    }
+
+
+def trial_manifest(spec: StudySpec, dataset: Dataset, params: TrialParams, seed: int, number: int) -> dict[str, Any]:
+    """Everything needed to replay a trial alone and to explain a replay that differs.
+
+    Args:
+        spec: The study.
+        dataset: The study's data (its hash identifies the rows and split).
+        params: The trial's parameters.
+        seed: The trial's seed (initial weights, dropout, shuffling).
+        number: The trial number.
+
+    Returns:
+        A JSON-ready mapping: seeds, data identity, parameters, package versions, device and torch settings.
+    """
+    return {
+        "format": 1,
+        "study": spec.study.name,
+        "trial_number": number,
+        "seed": seed,
+        "seeds": {"trial": seed, "study": spec.study.seed, "data": spec.data.seed},
+        "data": {key.removeprefix("data."): value for key, value in dataset.facts().items()},
+        "params": {**params.__dict__, "widths": list(params.widths)},
+        **environment_manifest(dataset.device),
+    }
+
+
+def _record_health(trial: optuna.Trial, verdict: Verdict | None, tags: dict[str, str]) -> None:
+    """The verdict on the Optuna trial (user attributes) and on its run (tags, searchable in MLflow)."""
+    if verdict is None:
+        return
+    trial.set_user_attr("gradient_health", verdict.name)
+    trial.set_user_attr("gradient_health_detail", verdict.detail)
+    tags["gradient_health"] = verdict.name
+    tags["gradient_health_detail"] = verdict.detail
+
+
 class Objective:
     """The function Optuna calls: one trial, tracked, judged on validation, measured on the holdout."""
 
@@ -403,6 +485,8 @@ class Objective:
         params = suggest(trial, self.spec.search_space)
         seed = self.spec.study.seed + trial.number
         trial.set_user_attr("seed", seed)
+        manifest = trial_manifest(self.spec, self.dataset, params, seed, trial.number)
+        trial.set_user_attr("manifest", manifest)
         run_id = self.tracker.start_trial(
             trial.number,
             params.as_record(self.max_layers),
@@ -415,7 +499,8 @@ class Objective:
         state: str = "FAIL"
         final: dict[str, float] = {}
         tags: dict[str, str] = {}
-        artifacts: dict[str, str | bytes] = {}
+        # Every trial's run holds its manifest, whatever its end.
+        artifacts: dict[str, str | bytes] = {MANIFEST_ARTIFACT: json.dumps(manifest, indent=2)}
         try:
             try:
                 model, result = self.train_trial(params, seed, [tracking, pruning])
@@ -425,6 +510,8 @@ class Objective:
                 final = {"epochs": float(len(tracking.history))}
                 trial.set_user_attr("stop_reason", str(exc))
                 trial.set_user_attr("epochs", len(tracking.history))
+                if self.config.health:
+                    _record_health(trial, judge(tracking.history, self.config.health_thresholds), tags)
                 raise
             except torch.OutOfMemoryError as exc:
                 tags = {"stop_reason": f"out of memory: {exc}"}
@@ -433,8 +520,12 @@ class Objective:
             trial.set_user_attr("epochs", result.epochs)
             trial.set_user_attr("best_epoch", result.best_epoch)
             tags = {"stop_reason": result.stop_reason}
+            _record_health(trial, result.health, tags)
             final = {"epochs": float(result.epochs), "best_epoch": float(result.best_epoch or 0)}
             if result.failed:
+                if len(tracking.history) < result.epochs:
+                    # The epoch that ended the fit reached no callback: log it, so the curves show the blow-up.
+                    self.tracker.log_epoch(run_id, result.epochs - 1, result.history[-1])
                 trial.set_user_attr("fail_reason", result.stop_reason)
                 raise TrialFailed(result.stop_reason)
             ev = evaluate(model, self.dataset, self.spec, result)
@@ -515,6 +606,7 @@ def spec_params(spec: StudySpec) -> dict[str, Any]:
     return out
 
 
+@functools.cache
 def _git_commit() -> str | None:
     try:
         done = subprocess.run(
@@ -776,3 +868,211 @@ def load_existing(name: str, storage: str) -> optuna.Study:
         listing = ", ".join(names) if names else "none"
         raise StorageError(f"study {name!r} not found in {mask_password(storage)}; studies there: {listing}")
     return study
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Replay
+
+#: A replay reproduces a trial when the validation objectives agree this closely.
+REPLAY_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A trial retrained alone on the CPU, next to what the study recorded for it.
+
+    A COMPLETE trial is reproduced when the validation objectives agree within ``tolerance``; a FAIL trial
+    when the replay fails for the same reason.
+    """
+
+    trial_number: int
+    state: str
+    seed: int
+    data_hash: str
+    recorded: float | None
+    replayed: float | None
+    recorded_reason: str
+    replayed_reason: str
+    recorded_health: str | None
+    replayed_health: str | None
+    tolerance: float = REPLAY_TOLERANCE
+    notes: tuple[str, ...] = ()
+
+    @property
+    def difference(self) -> float | None:
+        """Replayed minus recorded validation objective, when both exist."""
+        if self.recorded is None or self.replayed is None:
+            return None
+        return self.replayed - self.recorded
+
+    @property
+    def matches(self) -> bool:
+        if self.state == "FAIL":
+            return self.replayed_reason == self.recorded_reason
+        diff = self.difference
+        return diff is not None and abs(diff) <= self.tolerance
+
+    def summary(self) -> list[str]:
+        """The comparison as lines for a terminal, ending with the conclusion and the exit code it implies."""
+
+        def num(value: float | None) -> str:
+            return "-" if value is None else f"{value:.12g}"
+
+        lines = [f"trial {self.trial_number}: seed {self.seed}, data hash {self.data_hash}, recorded {self.state}"]
+        if self.state == "FAIL":
+            lines += [
+                f"recorded failure   {self.recorded_reason}",
+                f"replayed failure   {self.replayed_reason or '(none: the replay trained to the end)'}",
+            ]
+        else:
+            lines += [
+                f"recorded validation objective  {num(self.recorded)}",
+                f"replayed validation objective  {num(self.replayed)}"
+                + (f"  ({self.replayed_reason})" if self.replayed_reason else ""),
+                f"difference                     {num(self.difference)}  (tolerance {self.tolerance:g})",
+            ]
+        lines.append(
+            f"gradient health    replayed {self.replayed_health or '-'}, recorded {self.recorded_health or '-'}"
+        )
+        if self.matches:
+            what = "failure" if self.state == "FAIL" else f"validation objective within {self.tolerance:g}"
+            lines.append(f"reproduced: the replay matches the recorded {what} (exit code 0)")
+        elif self.state == "FAIL":
+            lines.append("NOT reproduced: the replay does not fail the way the trial did (exit code 1)")
+        else:
+            diff = self.difference
+            gap = "the replay has no objective" if diff is None else f"they differ by {abs(diff):.3g}"
+            lines.append(
+                f"NOT reproduced: {gap}, more than the tolerance {self.tolerance:g} (exit code 1); "
+                "see the notes for what changed since the trial ran"
+            )
+        return lines
+
+
+def _environment_notes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between the trial's recorded environment and the replay's: the usual causes of a mismatch."""
+    notes = []
+    if recorded.get("device") != now.get("device"):
+        notes.append(
+            f"the trial ran on {recorded.get('device')}, the replay on {now.get('device')}: "
+            "results on different devices can differ in the last digits"
+        )
+    for name, version in sorted(recorded.get("packages", {}).items()):
+        current = now["packages"].get(name)
+        if current != version:
+            notes.append(f"{name} was {version} when the trial ran, now {current}")
+    for key, value in sorted(recorded.get("torch", {}).items()):
+        if key != "num_threads" and now["torch"].get(key) != value:
+            notes.append(f"torch {key} was {value} when the trial ran, now {now['torch'].get(key)}")
+    if recorded.get("git_commit") and recorded.get("git_commit") != now.get("git_commit"):
+        notes.append(f"the code was at commit {recorded['git_commit']}, now {now.get('git_commit')}")
+    return notes
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    # The CPU kernels' reduction order can depend on the thread count: replay with the trial's.
+    before = torch.get_num_threads()
+    if n and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def replay_trial(
+    study: optuna.Study,
+    spec: StudySpec,
+    number: int,
+    *,
+    dataset: Dataset | None = None,
+    tolerance: float = REPLAY_TOLERANCE,
+) -> Replay:
+    """Retrain one trial alone on the CPU, from its stored parameters and seed, and compare it with the record.
+
+    The data are rebuilt from the spec; training and evaluation go through :meth:`Objective.train_trial` and
+    :func:`evaluate`, the study's own code path.
+
+    Args:
+        study: The stored study.
+        spec: The spec the study was created with (the study file, or the spec stored in the study).
+        number: The trial number.
+        dataset: The study's data on the CPU, when already built (tests, notebooks).
+        tolerance: Largest difference of validation objectives that still counts as reproduced.
+
+    Returns:
+        The comparison; ``matches`` says whether the trial reproduced.
+
+    Raises:
+        StorageError: No such trial, or one with nothing to compare (pruned, running, waiting, or failed
+            without a recorded reason).
+        DataError: The catalogue cannot be rebuilt.
+    """
+    name = spec.study.name
+    trials = study.get_trials(deepcopy=False)
+    found = [t for t in trials if t.number == number]
+    if not found:
+        raise StorageError(
+            f"TRIAL: study {name!r} has no trial {number}; its trials are numbered 0 to {len(trials) - 1}"
+        )
+    trial = found[0]
+    attrs = trial.user_attrs
+    state = trial.state.name
+    if state not in ("COMPLETE", "FAIL") or (state == "FAIL" and "fail_reason" not in attrs):
+        complete = ", ".join(str(t.number) for t in trials if t.state == TrialState.COMPLETE) or "none"
+        raise StorageError(
+            f"TRIAL: trial {number} is {state}"
+            + (" without a recorded reason (interrupted, or its worker was lost)" if state == "FAIL" else "")
+            + f"; only a COMPLETE trial, or a FAIL trial with its reason, can be compared (complete: {complete})"
+        )
+    try:
+        params = suggest(trial, spec.search_space)
+    except (KeyError, ValueError) as exc:
+        raise StorageError(f"TRIAL: trial {number} holds no parameters for this search space: {exc}") from None
+    seed = int(attrs.get("seed", spec.study.seed + number))
+    dataset = dataset or build_dataset(spec, "cpu")
+    manifest: dict[str, Any] = attrs.get("manifest") or {}
+    notes = (
+        _environment_notes(manifest, environment_manifest(dataset.device))
+        if manifest
+        else [
+            f"trial {number} holds no manifest (it ran before manifests were recorded): nothing to compare the "
+            "environment with"
+        ]
+    )
+    changed = _changed_sections(study, spec)
+    if changed:
+        notes.insert(0, f"the study's {', '.join(changed)} section(s) changed since the study was created")
+    recorded_hash = manifest.get("data", {}).get("hash") or study.user_attrs.get("tuner.data", {}).get("data.hash")
+    data_hash = dataset.catalogue.data_hash
+    if recorded_hash and recorded_hash != data_hash:
+        notes.insert(0, f"the data hash {recorded_hash} when the trial ran differs from the rebuilt data's {data_hash}")
+    objective = Objective(spec, dataset, NullTracker())
+    replayed: float | None = None
+    reason = ""
+    with _threads(manifest.get("torch", {}).get("num_threads")):
+        model, result = objective.train_trial(params, seed, [])
+        if result.failed:
+            reason = result.stop_reason
+        else:
+            value = evaluate(model, dataset, spec, result).objective
+            if math.isfinite(value):
+                replayed = value
+            else:
+                reason = f"non-finite objective {spec.objective.metric}={value}"
+    return Replay(
+        trial_number=number,
+        state=state,
+        seed=seed,
+        data_hash=data_hash,
+        recorded=trial.value if state == "COMPLETE" else None,
+        replayed=replayed,
+        recorded_reason=str(attrs.get("fail_reason", "")),
+        replayed_reason=reason,
+        recorded_health=attrs.get("gradient_health"),
+        replayed_health=result.health.name if result.health else None,
+        tolerance=tolerance,
+        notes=tuple(notes),
+    )
