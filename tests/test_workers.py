@@ -142,11 +142,12 @@ def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
 
 def has_running_tracked_trial(url: str) -> bool:
     """A trial is RUNNING and has its MLflow run; False while the study is still being created."""
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import SQLAlchemyError
 
     try:
         trials = trials_of(url)
-    except (KeyError, OperationalError):  # the storage or its tables exist, the study not yet
+    except (KeyError, SQLAlchemyError):  # the tuner process is still creating the tables or the study
+        _STORAGES.pop(url, None)
         return False
     return any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials)
 
