@@ -394,29 +394,11 @@ def _prepare_out(out: Path, force: bool) -> None:
             )
 
 
-def _raw_frame(spec: StudySpec) -> tuple[pd.DataFrame, str]:
-    """The catalogue's raw rows (the dataset keeps only features): for the input example and the checks."""
-    from tuner.data.load import read_table
-
-    path = spec.data_path()
-    if path is None:
-        from tuner.data.catalogue import simulate_catalogue
-
-        sim = spec.data.simulated
-        frame = simulate_catalogue(n_star=sim.n_star, n_quasar=sim.n_quasar, n_galaxy=sim.n_galaxy, seed=spec.data.seed)
-        # The same words tuner.data.dataset.load_catalogue uses, so the card's facts match the study's.
-        source = (
-            f"simulated(n_star={sim.n_star}, n_quasar={sim.n_quasar}, n_galaxy={sim.n_galaxy}, seed={spec.data.seed})"
-        )
-        return frame, source
-    return read_table(path), str(path)
-
-
 def _load_data(study: optuna.Study, spec: StudySpec) -> tuple[pd.DataFrame, Dataset]:
-    from tuner.data.dataset import build_dataset
+    from tuner.data.dataset import build_dataset, raw_frame
     from tuner.data.load import catalogue_from_frame
 
-    frame, source = _raw_frame(spec)
+    frame, source = raw_frame(spec)
     catalogue = catalogue_from_frame(frame, spec.data, task=spec.task, source=source)
     recorded = study.user_attrs.get("tuner.data", {}).get("data.hash")
     if recorded and recorded != catalogue.data_hash:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from tuner.config import StudySpec
@@ -62,11 +63,11 @@ class Dataset:
         }
 
 
-def load_catalogue(spec: StudySpec) -> Catalogue:
-    """Read (or simulate) and validate the study's catalogue.
+def raw_frame(spec: StudySpec) -> tuple[pd.DataFrame, str]:
+    """The catalogue's raw rows (read, or simulated) and a description of where they came from.
 
     Raises:
-        DataError: The catalogue cannot be used.
+        DataError: The file is missing or unreadable.
     """
     path = spec.data_path()
     if path is None:
@@ -77,9 +78,17 @@ def load_catalogue(spec: StudySpec) -> Catalogue:
         source = (
             f"simulated(n_star={sim.n_star}, n_quasar={sim.n_quasar}, n_galaxy={sim.n_galaxy}, seed={spec.data.seed})"
         )
-    else:
-        frame = read_table(path)
-        source = str(path)
+        return frame, source
+    return read_table(path), str(path)
+
+
+def load_catalogue(spec: StudySpec) -> Catalogue:
+    """Read (or simulate) and validate the study's catalogue.
+
+    Raises:
+        DataError: The catalogue cannot be used.
+    """
+    frame, source = raw_frame(spec)
     return catalogue_from_frame(frame, spec.data, task=spec.task, source=source)
 
 
