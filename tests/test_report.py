@@ -245,6 +245,7 @@ EXPECTED_COLUMNS = [
     "activation",
     "init",
     "batch_norm",
+    "max_grad_norm",
     "n_units_l0",
     "n_units_l1",
     "holdout_completeness",

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tuner.errors import ConfigError
 
@@ -71,6 +80,20 @@ class FloatParam(_Frozen):
     @property
     def fixed(self) -> bool:
         return self.value is not None
+
+
+class OptionalFloatParam(FloatParam):
+    """A float hyperparameter that can be off: ``null`` (the default), a fixed ``value`` or a range."""
+
+    @model_validator(mode="after")
+    def _check(self) -> OptionalFloatParam:
+        if not self.off:
+            _check_range(self.low, self.high, self.log, self.value)
+        return self
+
+    @property
+    def off(self) -> bool:
+        return self.value is None and self.low is None and self.high is None
 
 
 class IntParam(_Frozen):
@@ -175,6 +198,16 @@ class SearchSpace(_Frozen):
     activation: ChoiceParam = ChoiceParam(choices=ACTIVATIONS)
     init: ChoiceParam = ChoiceParam(choices=INITS)
     batch_norm: ChoiceParam = ChoiceParam(choices=(False, True))
+    # Gradient clipping (clip_grad_norm_ over all parameters); null: no clipping.
+    max_grad_norm: OptionalFloatParam = OptionalFloatParam()
+
+    @model_serializer(mode="wrap")
+    def _omit_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Unset, the key is left out: studies created before it existed keep their search_space fingerprint.
+        data: dict[str, Any] = handler(self)
+        if self.max_grad_norm.off:
+            data.pop("max_grad_norm", None)
+        return data
 
     @field_validator("n_layers", "width", "batch_size")
     @classmethod
@@ -206,6 +239,18 @@ class SearchSpace(_Frozen):
         low, _ = _bounds(p)
         if low < 0:
             raise ValueError(f"must be >= 0, got low={low:g}")
+        return p
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _max_grad_norm(cls, p: OptionalFloatParam) -> OptionalFloatParam:
+        if p.off:
+            return p
+        low, _ = _bounds(p)
+        if low <= 0:
+            raise ValueError(
+                f"max_grad_norm must be > 0 (null turns clipping off), got {'value' if p.fixed else 'low'}={low:g}"
+            )
         return p
 
     @field_validator("optimizer")

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from tuner.config import ChoiceParam, FloatParam, IntParam, SearchSpace
+from tuner.config import ChoiceParam, FloatParam, IntParam, OptionalFloatParam, SearchSpace
 
 
 class SuggestsParams(Protocol):
@@ -25,7 +25,8 @@ class TrialParams:
     """One point of the search space, ready to build and train a model.
 
     ``momentum`` is SGD's momentum and, for Adam and AdamW, their first-moment coefficient beta1, so the
-    space stays flat (no conditional parameter) for every sampler.
+    space stays flat (no conditional parameter) for every sampler. ``max_grad_norm`` is None when gradients
+    are not clipped.
     """
 
     n_layers: int
@@ -39,10 +40,14 @@ class TrialParams:
     activation: str
     init: str
     batch_norm: bool
+    max_grad_norm: float | None = None
 
     def as_record(self, max_layers: int) -> dict[str, Any]:
         """Flat values with the same keys for every trial, so runs line up in MLflow's compare view."""
         record = asdict(self)
+        if self.max_grad_norm is None:
+            # Off for the whole study (search_space.max_grad_norm unset): no column of "None" in MLflow.
+            del record["max_grad_norm"]
         record["widths"] = "-".join(str(w) for w in self.widths)
         for layer in range(max_layers):
             record[f"n_units_l{layer}"] = self.widths[layer] if layer < self.n_layers else 0
@@ -101,6 +106,7 @@ def suggest(trial: SuggestsParams, space: SearchSpace) -> TrialParams:
         activation=str(_choice(trial, "activation", space.activation)),
         init=str(_choice(trial, "init", space.init)),
         batch_norm=bool(_choice(trial, "batch_norm", space.batch_norm)),
+        max_grad_norm=None if space.max_grad_norm.off else _float(trial, "max_grad_norm", space.max_grad_norm),
     )
 
 
@@ -120,6 +126,7 @@ _SCALARS = (
     "activation",
     "init",
     "batch_norm",
+    "max_grad_norm",
 )
 
 
@@ -144,6 +151,9 @@ def enqueue_params(space: SearchSpace, entry: dict[str, Any], where: str) -> tup
             problems.append(f"{where}: unknown parameter {key!r}{hint}")
 
     def check(name: str, value: Any, p: FloatParam | IntParam | ChoiceParam, optuna_name: str) -> None:
+        if isinstance(p, OptionalFloatParam) and p.off:
+            problems.append(f"{where}.{name}: search_space.{name} is off (null), got {value!r}")
+            return
         if isinstance(p, ChoiceParam):
             if value not in p.options:
                 problems.append(f"{where}.{name}: {value!r} is not among search_space.{name} options {list(p.options)}")

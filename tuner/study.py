@@ -336,6 +336,14 @@ WEIGHTS_ARTIFACT = "model/state_dict.pt"
 MODEL_META_ARTIFACT = "model/model.json"
 
 
+def params_json(params: TrialParams) -> dict[str, Any]:
+    """A trial's parameters as JSON values; ``max_grad_norm`` only when clipping is on, as in the search space."""
+    record: dict[str, Any] = {**params.__dict__, "widths": list(params.widths)}
+    if params.max_grad_norm is None:
+        del record["max_grad_norm"]
+    return record
+
+
 def model_meta(
     params: TrialParams, dataset: Dataset, spec: StudySpec, ev: Evaluation | None, trial_number: int
 ) -> dict[str, Any]:
@@ -345,7 +353,7 @@ def model_meta(
         "format": 1,
         "trial_number": trial_number,
         "task": spec.task,
-        "params": {**params.__dict__, "widths": list(params.widths)},
+        "params": params_json(params),
         "feature_names": list(catalogue.feature_names),
         "class_names": list(catalogue.class_names),
         "positive_class": spec.data.positive,
@@ -433,7 +441,7 @@ def trial_manifest(spec: StudySpec, dataset: Dataset, params: TrialParams, seed:
         "seed": seed,
         "seeds": {"trial": seed, "study": spec.study.seed, "data": spec.data.seed},
         "data": {key.removeprefix("data."): value for key, value in dataset.facts().items()},
-        "params": {**params.__dict__, "widths": list(params.widths)},
+        "params": params_json(params),
         **environment_manifest(dataset.device),
     }
 

@@ -1,7 +1,8 @@
-"""Training one model: on-device batches, early stopping that restores the best weights, a non-finite guard.
+"""Training one model: on-device batches, early stopping that restores the best weights, gradient health.
 
 This module knows nothing of tuning or tracking. Callers observe training through callbacks; the only exception
-meant to leave :func:`fit` is one a callback raises on purpose (the pruning adapter's).
+meant to leave :func:`fit` is one a callback raises on purpose (the pruning adapter's). Gradient health (see
+:mod:`tuner.health`) is sampled on a few steps per epoch; non-finite or exploding gradients end the fit as failed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tuner.health import HealthMonitor, HealthThresholds, Problem, Verdict, judge
 from tuner.space import TrialParams
 
 
@@ -46,6 +48,10 @@ class FitConfig:
     monitor_mode: str = "min"
     eval_batch_size: int = 65_536
     pos_weight: float | None = None
+    # Gradient health: sample the first step of each epoch (0) or every n-th step; off with health=False.
+    health: bool = True
+    health_every: int = 0
+    health_thresholds: HealthThresholds = field(default_factory=HealthThresholds)
 
 
 class EarlyStopping:
@@ -99,6 +105,7 @@ class FitResult:
     stop_reason: str = ""
     failed: bool = False
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    health: Verdict | None = None
 
     @property
     def epochs(self) -> int:
@@ -164,15 +171,16 @@ def fit(
         model: The network, already on the device of ``train.x``.
         train: Training rows.
         validation: Validation rows, for the loss and the monitored quantity.
-        params: Learning rate, momentum, weight decay, batch size, optimizer.
-        config: Epochs, patience, monitor, task.
+        params: Learning rate, momentum, weight decay, batch size, optimizer, gradient clipping.
+        config: Epochs, patience, monitor, task, gradient-health sampling.
         seed: Seeds shuffling and dropout, so the fit can be replayed.
         score_validation: Extra validation metrics from the (n, classes) probabilities, e.g. ``val_auc``.
-        callbacks: Called after each epoch with that epoch's metrics.
+        callbacks: Called after each epoch with that epoch's metrics (per-layer health metrics included).
 
     Returns:
-        The history, best epoch and stop reason; the model holds the best epoch's weights. A non-finite loss
-        ends the fit with ``failed=True`` and the reason.
+        The history, best epoch, stop reason and gradient-health verdict; the model holds the best epoch's
+        weights. A non-finite loss, or non-finite or exploding gradients, end the fit with ``failed=True`` and
+        the reason (naming the layer and the epoch for gradients).
     """
     device = train.x.device
     torch.manual_seed(seed)  # dropout draws from the global generator
@@ -187,28 +195,46 @@ def fit(
     batch = params.batch_size
     # BatchNorm cannot normalise a batch of one row: drop such a final remainder.
     drop_last_single = params.batch_norm and n % batch == 1
+    monitor = (
+        HealthMonitor(model, every=config.health_every, thresholds=config.health_thresholds) if config.health else None
+    )
+    max_grad_norm = params.max_grad_norm
     model.train()
     for epoch in range(config.max_epochs):
         order = torch.randperm(n, generator=shuffle, device=device)
         loss_sum = torch.zeros((), device=device)
-        for start in range(0, n - 1 if drop_last_single else n, batch):
+        for step, start in enumerate(range(0, n - 1 if drop_last_single else n, batch)):
             idx = order[start : start + batch]
+            # The monitor on sampled steps only; other steps do no health work at all.
+            watch = monitor if monitor is not None and monitor.sampled(step) else None
+            if watch is not None:
+                watch.watch_forward()
             logits = model(train.x[idx])
+            if watch is not None:
+                watch.unwatch_forward()
             loss = criterion(logits, train.y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if max_grad_norm is not None:
+                # Returns the total norm as a tensor, which is not read: clipping costs no host sync.
+                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if watch is not None:
+                watch.before_step()
             optimizer.step()
+            if watch is not None:
+                watch.after_step()
             # Summed on the device: one host sync per epoch instead of one per step.
             loss_sum += loss.detach() * idx.shape[0]
         train_loss = float(loss_sum) / n
+        health = monitor.end_epoch(epoch) if monitor is not None else None
         val_logits = predict_logits(model, validation.x, config.eval_batch_size)
         val_loss = float(criterion(val_logits, validation.y))
-        metrics = {"train_loss": train_loss, "val_loss": val_loss}
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            which = "train_loss" if not math.isfinite(train_loss) else "val_loss"
+        metrics = {"train_loss": train_loss, "val_loss": val_loss, **(health.metrics if health else {})}
+        problem = health.problem if health else None
+        if problem is not None or not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             result.history.append(metrics)
             result.failed = True
-            result.stop_reason = f"non-finite {which} ({metrics[which]}) at epoch {epoch}"
+            result.stop_reason, result.health = _failure(problem, metrics, epoch)
             break
         if score_validation is not None:
             metrics.update(score_validation(probabilities(val_logits, config.task).cpu().numpy()))
@@ -229,4 +255,23 @@ def fit(
     elif not result.failed:
         result.failed = True
         result.stop_reason = f"{config.monitor} was never finite; no epoch to keep"
+    if monitor is not None and result.health is None:
+        result.health = judge(result.history, config.health_thresholds)
     return result
+
+
+def _failure(problem: Problem | None, metrics: dict[str, float], epoch: int) -> tuple[str, Verdict]:
+    """The stop reason and verdict of an epoch that ends the fit: a gradient problem, a non-finite loss, or both.
+
+    A gradient problem is seen on a sampled step, before the loss it causes turns non-finite, so it is named
+    first: the loss is its consequence.
+    """
+    loss_reason = ""
+    for which in ("train_loss", "val_loss"):
+        if not math.isfinite(metrics[which]):
+            loss_reason = f"non-finite {which} ({metrics[which]}) at epoch {epoch}"
+            break
+    if problem is None:
+        return loss_reason, Verdict("non-finite", loss_reason)
+    reason = problem.message if not loss_reason else f"{problem.message}; then {loss_reason}"
+    return reason, Verdict(problem.verdict, problem.message)
