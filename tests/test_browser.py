@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tiny import TINY_DATA, stored_in
 
 from tuner.config import spec_from_dict
 from tuner.report import SECTION_TITLES, experiment_url
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.browser
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 SMALL = {
-    "data": {"simulated": {"n_star": 1500, "n_quasar": 150}, "seed": 3},
+    "data": TINY_DATA,
     "search_space": {
         "n_layers": {"low": 1, "high": 2},
         "width": {"low": 8, "high": 32, "log": True},
@@ -57,12 +58,7 @@ def chromium() -> Path:
 def small(tmp_path_factory):
     """A finished three-trial study tracked in its own SQLite MLflow store."""
     root = tmp_path_factory.mktemp("browser")
-    raw = {
-        **SMALL,
-        "study": {**SMALL["study"], "storage": f"sqlite:///{root}/optuna.db"},
-        "tracking": {"uri": f"sqlite:///{root}/mlruns/mlflow.db", "artifact_location": str(root / "art")},
-    }
-    spec = spec_from_dict(raw)
+    spec = spec_from_dict(stored_in(SMALL, root))
     study = run_study(spec).study
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     return {"root": root, "spec": spec, "study": study}

@@ -8,6 +8,7 @@ import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
+from tiny import TINY_DATA, TINY_SPACE, stored_in
 
 from tuner import study as study_mod
 from tuner.cli import main
@@ -17,15 +18,8 @@ from tuner.study import MANIFEST_ARTIFACT, REPLAY_TOLERANCE, replay_trial, run_s
 from tuner.tracking import NullTracker
 
 TINY = {
-    "data": {"simulated": {"n_star": 1500, "n_quasar": 150}, "seed": 3},
-    "search_space": {
-        "n_layers": {"low": 1, "high": 2},
-        "width": {"low": 8, "high": 32, "log": True},
-        "lr": {"low": 1e-3, "high": 3e-2, "log": True},
-        "batch_size": {"low": 128, "high": 256, "log": True, "powers_of_two": True},
-        "optimizer": {"choices": ["adam", "nesterov"]},
-        "max_grad_norm": {"low": 0.5, "high": 5.0, "log": True},
-    },
+    "data": TINY_DATA,
+    "search_space": {**TINY_SPACE, "max_grad_norm": {"low": 0.5, "high": 5.0, "log": True}},
     "train": {"max_epochs": 4, "patience": 2},
     "study": {"name": "tiny-replay", "n_trials": 2, "seed": 11, "pruner": "none"},
 }
@@ -35,16 +29,7 @@ TINY = {
 def tiny(tmp_path_factory):
     """A finished two-trial study, tracked into a temporary MLflow store."""
     root = tmp_path_factory.mktemp("replay")
-    raw = {
-        **TINY,
-        "study": {**TINY["study"], "storage": f"sqlite:///{root}/optuna.db"},
-        "tracking": {
-            "uri": f"sqlite:///{root}/mlruns/mlflow.db",
-            "artifact_location": str(root / "art"),
-            "plots": False,
-        },
-    }
-    spec = spec_from_dict(raw)
+    spec = spec_from_dict(stored_in(TINY, root, plots=False))
     dataset = build_dataset(spec)
     study = run_study(spec, dataset=dataset).study
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]

@@ -18,6 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState, create_trial
 from plotly.offline import get_plotlyjs
+from tiny import TINY_DATA, TINY_SPACE, stored_in
 
 from tuner import study as study_mod
 from tuner.cli import main
@@ -36,14 +37,8 @@ from tuner.report import (
 from tuner.study import run_study
 
 TINY = {
-    "data": {"simulated": {"n_star": 1500, "n_quasar": 150}, "seed": 3},
-    "search_space": {
-        "n_layers": {"low": 1, "high": 2},
-        "width": {"low": 8, "high": 32, "log": True},
-        "lr": {"low": 1e-3, "high": 3e-2, "log": True},
-        "batch_size": {"low": 128, "high": 256, "log": True, "powers_of_two": True},
-        "optimizer": {"choices": ["adam", "nesterov"]},
-    },
+    "data": TINY_DATA,
+    "search_space": TINY_SPACE,
     "train": {"max_epochs": 4, "patience": 2},
     "study": {"name": "tiny-report", "n_trials": 5, "seed": 11, "pruner": "none"},
 }
@@ -62,11 +57,7 @@ class PruneTrialTwo(optuna.pruners.BasePruner):
 def tiny(tmp_path_factory):
     """A finished tiny study with MLflow tracking: three completed trials, one pruned, one failed."""
     root = tmp_path_factory.mktemp("report")
-    raw = {
-        **TINY,
-        "study": {**TINY["study"], "storage": f"sqlite:///{root}/optuna.db"},
-        "tracking": {"uri": f"sqlite:///{root}/mlruns/mlflow.db", "artifact_location": str(root / "art")},
-    }
+    raw = stored_in(TINY, root)
     spec = spec_from_dict(raw)
     real = study_mod.evaluate
     calls = []

@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow import MlflowClient
+from tiny import TINY_DATA, TINY_SPACE, stored_in
 
 from tuner import study as study_mod
 from tuner.config import StudySpec, spec_from_dict
@@ -17,23 +18,15 @@ from tuner.study import run_study
 from tuner.tracking import MlflowTracker, NullTracker
 
 TINY = {
-    "data": {"simulated": {"n_star": 1500, "n_quasar": 150}, "seed": 3},
-    "search_space": {
-        "n_layers": {"low": 1, "high": 2},
-        "width": {"low": 8, "high": 32, "log": True},
-        "lr": {"low": 1e-3, "high": 3e-2, "log": True},
-        "batch_size": {"low": 128, "high": 256, "log": True, "powers_of_two": True},
-        "optimizer": {"choices": ["adam", "nesterov"]},
-    },
+    "data": TINY_DATA,
+    "search_space": TINY_SPACE,
     "train": {"max_epochs": 4, "patience": 2},
     "study": {"name": "tiny", "n_trials": 3, "seed": 11, "pruner": "none"},
 }
 
 
 def tiny_spec(tmp_path: Path, **overrides) -> StudySpec:
-    raw = {**TINY, "study": {**TINY["study"], "storage": f"sqlite:///{tmp_path}/optuna.db"}}
-    raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db", "artifact_location": str(tmp_path / "art")}
-    spec = spec_from_dict(raw)
+    spec = spec_from_dict(stored_in(TINY, tmp_path))
     return spec.with_overrides(overrides) if overrides else spec
 
 
