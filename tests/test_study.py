@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -262,3 +263,29 @@ def test_tracking_batches_epoch_metrics(tmp_path, monkeypatch):
     tracker.end_trial(run_id, "COMPLETE", {"val_objective": 0.5}, {"stop_reason": "x"}, {})
     assert sum(calls) == 101 and len([c for c in calls if c]) == 1
     assert len(tracker.client.get_metric_history(run_id, "train_loss")) == 50
+
+
+def test_a_multiclass_study_runs_and_measures_the_positive_class(tmp_path):
+    spec = spec_from_dict(
+        {
+            **TINY,
+            "task": "multiclass",
+            "data": {"simulated": {"n_star": 900, "n_quasar": 150, "n_galaxy": 600}, "seed": 3},
+            "study": {**TINY["study"], "n_trials": 2},
+        }
+    )
+    result = run_study(spec, tracker=NullTracker(), storage=optuna.storages.InMemoryStorage())
+    assert result.dataset.catalogue.class_names == ("GALAXY", "QSO", "STAR")
+    assert result.dataset.positive_index == 1
+    for trial in result.study.trials:
+        assert trial.state.name == "COMPLETE"
+        assert 0.0 <= trial.user_attrs["holdout_completeness"] <= 1.0
+        assert trial.value == trial.user_attrs["val_completeness"]
+
+
+def test_passwords_are_not_stored_with_the_study(tmp_path, tiny_dataset):
+    spec = tiny_spec(tmp_path, **{"tracking.uri": f"sqlite:///{tmp_path}/m.db"})
+    storage = optuna.storages.InMemoryStorage()
+    secret = spec.with_overrides({"study.storage": "postgresql+psycopg://user:hunter2@db/optuna"})
+    study = run_study(secret, dataset=tiny_dataset, tracker=NullTracker(), storage=storage, n_trials=1).study
+    assert "hunter2" not in json.dumps(study.user_attrs)

@@ -212,7 +212,11 @@ def _open_study(args: argparse.Namespace) -> tuple[Any, StudySpec]:
     storage = args.storage or StudySpec().study.storage
     study = load_existing(args.study, storage)
     stored = study.user_attrs.get("tuner.spec")
-    spec = spec_from_dict(stored) if stored else StudySpec().with_overrides({"study.name": args.study})
+    if stored:
+        # The stored spec has its passwords masked: keep the storage this command was given.
+        spec = spec_from_dict(stored).with_overrides({"study.storage": storage})
+    else:
+        spec = StudySpec().with_overrides({"study.name": args.study, "study.storage": storage})
     return study, spec
 
 

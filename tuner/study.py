@@ -604,13 +604,18 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = json.dumps(value) if isinstance(value, list | tuple) else value
 
 
-def spec_params(spec: StudySpec) -> dict[str, Any]:
-    """The spec flattened into dotted MLflow params, passwords masked."""
+def masked_spec(spec: StudySpec) -> dict[str, Any]:
+    """The spec as JSON with passwords in the storage and tracking URLs masked: safe to store and log."""
     raw = spec.model_dump(mode="json")
     raw["study"]["storage"] = mask_password(raw["study"]["storage"])
     raw["tracking"]["uri"] = mask_password(raw["tracking"]["uri"])
+    return raw
+
+
+def spec_params(spec: StudySpec) -> dict[str, Any]:
+    """The spec flattened into dotted MLflow params, passwords masked."""
     out: dict[str, Any] = {}
-    _flatten("", raw, out)
+    _flatten("", masked_spec(spec), out)
     return out
 
 
@@ -743,7 +748,7 @@ def run_study(
         )
         if "tuner.fingerprints" not in study.user_attrs:
             study.set_user_attr("tuner.fingerprints", {s: spec.fingerprint(s) for s in FINGERPRINTED})
-            study.set_user_attr("tuner.spec", spec.model_dump(mode="json"))
+            study.set_user_attr("tuner.spec", masked_spec(spec))
             study.set_user_attr("tuner.data", dataset.facts())
         if mode != "worker":
             for params in entries:
