@@ -86,13 +86,6 @@ mkdir -p "$LOG_DIR"
 # gives each worker its own process group, so a Ctrl-C at the terminal reaches the workers once, through here.
 set -m
 pids=()
-for ((i = 0; i < n; i++)); do
-    TUNER_WORKER_INDEX=$i "$TUNER" worker "$study" --storage "$storage" --device "${TUNER_DEVICE:-auto}" --quiet \
-        ${extra[@]+"${extra[@]}"} >"$LOG_DIR/worker-$i.log" 2>&1 &
-    pids+=("$!")
-    say "worker $i: pid $!, log $LOG_DIR/worker-$i.log"
-done
-
 signalled=""
 caught=0
 forward() { # forward SIGNAL_RECEIVED SIGNAL_TO_SEND
@@ -104,6 +97,14 @@ forward() { # forward SIGNAL_RECEIVED SIGNAL_TO_SEND
 trap 'forward INT INT' INT
 trap 'forward TERM TERM' TERM
 trap 'forward HUP TERM' HUP
+
+for ((i = 0; i < n; i++)); do
+    [[ -z $signalled ]] || break # stopped while starting: start no more
+    TUNER_WORKER_INDEX=$i "$TUNER" worker "$study" --storage "$storage" --device "${TUNER_DEVICE:-auto}" --quiet \
+        ${extra[@]+"${extra[@]}"} >"$LOG_DIR/worker-$i.log" 2>&1 &
+    pids+=("$!")
+    say "worker $i: pid $!, log $LOG_DIR/worker-$i.log"
+done
 
 # Wait for one worker, again after a forwarded signal interrupts `wait`; its exit status lands in $rc.
 wait_worker() {
@@ -134,7 +135,7 @@ trap - INT TERM HUP
 "$TUNER" status "$status_target" --storage "$storage" || say "warning: tuner status failed"
 
 if ((failed)); then
-    say "$failed of $n worker(s) failed"
+    say "$failed of ${#pids[@]} worker(s) failed"
     case $signalled in
     INT) exit 130 ;;
     TERM) exit 143 ;;
