@@ -298,10 +298,8 @@ class MlflowTracker:
         uri = mask_password(self.tracking_uri)
         if uri.startswith(("http://", "https://")):
             return f"open {uri} and choose experiment {self.experiment_name!r}"
-        return (
-            f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000 "
-            f"(experiment {self.experiment_name!r})"
-        )
+        store = "" if uri == "sqlite:///mlruns/mlflow.db" else f" --tracking-uri {uri}"
+        return f"tuner ui{store}   then open http://127.0.0.1:5000 (experiment {self.experiment_name!r})"
 
 
 # --------------------------------------------------------------------------------------------------------------
