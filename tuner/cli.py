@@ -138,14 +138,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     last = [time.monotonic()]
 
     def on_start(study: Any, remaining: int) -> None:
-        from tuner.worker import FINISHED_STATES
+        from tuner.worker import budget
 
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
         if args.mode == "create":
             return
+        # Failed trials that were queued again do not count: their retries do.
+        used = budget(study, spec.study.n_trials).used
         console.print(
-            f"study [bold]{spec.study.name}[/bold]: {finished} finished trial(s) stored, running {remaining} more "
-            f"(n_trials {spec.study.n_trials} in total)"
+            f"study [bold]{spec.study.name}[/bold]: {used} finished trial(s) count towards n_trials "
+            f"{spec.study.n_trials}; running up to {remaining} more"
         )
         progress.update(task_id, total=remaining)
         progress.start()
