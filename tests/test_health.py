@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
+from tiny import toy_parts
 from torch import nn
 
 from tuner import health as health_mod
@@ -21,19 +22,6 @@ from tuner.space import TrialParams, enqueue_params, suggest
 from tuner.study import run_study
 from tuner.tracking import NullTracker
 from tuner.train import FitConfig, FitResult, fit
-
-
-class Part:
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-
-def toy_parts(seed: int = 0) -> tuple[Part, Part]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(600, 4, generator=g)
-    y = ((x[:, 0] + 0.5 * x[:, 1] + 0.8 * torch.randn(600, generator=g)) > 1.0).long()
-    return Part(x[:400], y[:400]), Part(x[400:], y[400:])
-
 
 BASE = TrialParams(
     n_layers=2,

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny import Part, toy_parts
 
 from tuner.model import build_mlp
 from tuner.space import TrialParams
@@ -57,18 +58,6 @@ def test_early_stopping_patience_zero_and_nan_never_improves():
 def test_early_stopping_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode"):
         EarlyStopping("val_loss", patience=1, mode="up")
-
-
-class Part:
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-
-def toy_parts(seed: int = 0) -> tuple[Part, Part]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(600, 4, generator=g)
-    y = ((x[:, 0] + 0.5 * x[:, 1] + 0.8 * torch.randn(600, generator=g)) > 1.0).long()
-    return Part(x[:400], y[:400]), Part(x[400:], y[400:])
 
 
 PARAMS = TrialParams(

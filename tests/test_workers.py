@@ -355,3 +355,26 @@ def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_
     runs = {r.info.run_id: r for r in mlflow_runs(tracking)}
     assert runs[failed.user_attrs["mlflow_run_id"]].info.status == "FAILED"
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
+
+
+@postgres
+@needs_pg
+def test_the_budget_check_holds_a_postgres_advisory_lock(pg_database):
+    import psycopg
+
+    from tuner.worker import budget_lock
+
+    url = pg_database()
+    study = optuna.create_study(study_name="workers", storage=url)
+    dbname = url.rsplit("/", 1)[1]
+
+    def advisory_locks() -> int:
+        with psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname={dbname}") as conn:
+            return conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0]
+
+    assert advisory_locks() == 0
+    with budget_lock(study):
+        # Without it two workers could both take the last slot and overshoot n_trials.
+        assert advisory_locks() == 1
+    assert advisory_locks() == 0
+    study._storage._backend.engine.dispose()  # type: ignore[attr-defined]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 TINY_DATA: dict[str, Any] = {"simulated": {"n_star": 1500, "n_quasar": 150}, "seed": 3}
 TINY_SPACE: dict[str, Any] = {
     "n_layers": {"low": 1, "high": 2},
@@ -22,3 +24,18 @@ def stored_in(raw: dict[str, Any], root: Path, **tracking: Any) -> dict[str, Any
         "study": {**raw["study"], "storage": f"sqlite:///{root}/optuna.db"},
         "tracking": {"uri": f"sqlite:///{root}/mlruns/mlflow.db", "artifact_location": str(root / "art"), **tracking},
     }
+
+
+class Part:
+    """Features and labels, as training takes them."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+
+def toy_parts(seed: int = 0) -> tuple[Part, Part]:
+    """A noisy, learnable binary problem in four features: 400 training and 200 validation rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(600, 4, generator=g)
+    y = ((x[:, 0] + 0.5 * x[:, 1] + 0.8 * torch.randn(600, generator=g)) > 1.0).long()
+    return Part(x[:400], y[:400]), Part(x[400:], y[400:])

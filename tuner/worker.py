@@ -194,8 +194,9 @@ def sqlite_single_process(url: str) -> Iterator[None]:
 @contextmanager
 def budget_lock(study: optuna.Study) -> Iterator[None]:
     """Serialise "is there a slot left? then take a trial" across processes (PostgreSQL advisory lock)."""
-    storage = study._storage
-    engine = getattr(storage, "engine", None)
+    # Optuna wraps an RDBStorage in a caching layer: the engine is on the storage behind it.
+    backend = getattr(study._storage, "_backend", study._storage)
+    engine = getattr(backend, "engine", None)
     if engine is None or engine.dialect.name != "postgresql":
         yield
         return
