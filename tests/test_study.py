@@ -289,3 +289,15 @@ def test_passwords_are_not_stored_with_the_study(tmp_path, tiny_dataset):
     secret = spec.with_overrides({"study.storage": "postgresql+psycopg://user:hunter2@db/optuna"})
     study = run_study(secret, dataset=tiny_dataset, tracker=NullTracker(), storage=storage, n_trials=1).study
     assert "hunter2" not in json.dumps(study.user_attrs)
+
+
+def test_best_and_status_read_a_study_not_made_by_tuner(tmp_path, capsys):
+    from tuner.cli import main
+
+    url = f"sqlite:///{tmp_path}/plain.db"
+    plain = optuna.create_study(study_name="plain", storage=url, direction="maximize")
+    plain.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    assert main(["best", "plain", "--storage", url]) == 0
+    assert f"{plain.best_params['x']:.4g}" in capsys.readouterr().out
+    assert main(["status", "plain", "--storage", url]) == 0
+    assert "COMPLETE" in capsys.readouterr().out

@@ -67,7 +67,10 @@ def trial_params(trial: Any, spec: StudySpec) -> dict[str, Any]:
 
     from tuner.space import suggest
 
-    record = asdict(suggest(trial, spec.search_space))
+    try:
+        record = asdict(suggest(trial, spec.search_space))
+    except ValueError:  # a study not made by tuner (or by another space): show Optuna's parameters as they are
+        return dict(trial.params)
     record["widths"] = list(record["widths"])
     return record
 
