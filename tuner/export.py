@@ -33,7 +33,7 @@ from mlflow.pyfunc import PythonModel
 
 from tuner.data.preprocess import Preprocessor
 from tuner.errors import DataError, ExportError, TunerError
-from tuner.model import build_mlp
+from tuner.model import load_state_dict_file, mlp_from_record
 from tuner.space import TrialParams
 from tuner.train import predict_logits, probabilities
 
@@ -193,20 +193,11 @@ def output_columns(config: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def _build_net(params: dict[str, Any], n_in: int, n_out: int) -> torch.nn.Module:
-    trial_params = TrialParams(**{**params, "widths": tuple(params["widths"])})
-    return build_mlp(n_in, trial_params, n_out)
-
-
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     try:
-        # weights_only: a state dict is tensors in plain containers; refuse anything that would run code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a corrupt or non-tensor file; all mean "unusable"
-        raise ExportError(f"weights: cannot load {path} as a plain state dict: {type(exc).__name__}: {exc}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ExportError(f"weights: {path} does not hold a state dict of tensors")
-    return state
+        return load_state_dict_file(path)
+    except ValueError as exc:
+        raise ExportError(f"weights: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -230,7 +221,7 @@ class Scorer:
                 f"{config_path}: tuner model format {config.get('format')!r} is not supported (expected {FORMAT}); "
                 "export the study again with this version of tuner"
             )
-        net = _build_net(config["params"], config["n_features"], config["n_outputs"])
+        net = mlp_from_record(config["params"], config["n_features"], config["n_outputs"])
         try:
             net.load_state_dict(_load_state(Path(weights_path)))
         except RuntimeError as exc:
@@ -575,7 +566,7 @@ def _trained_model(
     weights, meta, why = _fetch_trial(trial, tracking_uri, tmp)
     if weights is not None:
         params = meta["params"] if meta else _params_record(_trial_params(trial, spec))
-        net = _build_net(params, dataset.n_features, n_out)
+        net = mlp_from_record(params, dataset.n_features, n_out)
         try:
             net.load_state_dict(_load_state(weights))
         except RuntimeError as exc:
@@ -1160,7 +1151,7 @@ def _runner_up(
     if weights is None:
         return {**info, "figures": _recorded_figures(runner), "curve_note": f"curve not available: {why}"}
     params = meta["params"] if meta else info["params"]
-    net = _build_net(params, dataset.n_features, 1 if spec.task == "binary" else dataset.n_classes)
+    net = mlp_from_record(params, dataset.n_features, 1 if spec.task == "binary" else dataset.n_classes)
     try:
         net.load_state_dict(_load_state(weights))
     except (RuntimeError, ExportError) as exc:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -48,3 +49,24 @@ def build_mlp(n_in: int, params: TrialParams, n_out: int, *, generator: torch.Ge
                 nn.init.kaiming_normal_(module.weight, nonlinearity=gain_name, generator=generator)
             nn.init.zeros_(module.bias)
     return net
+
+
+def mlp_from_record(record: dict[str, Any], n_in: int, n_out: int) -> nn.Sequential:
+    """Rebuild a trial's network from its stored parameters (``model.json``'s ``params``, widths as a list)."""
+    return build_mlp(n_in, TrialParams(**{**record, "widths": tuple(record["widths"])}), n_out)
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read stored weights, refusing anything but a plain state dict of tensors.
+
+    Raises:
+        ValueError: The file is unreadable, or holds something other than tensors.
+    """
+    try:
+        # weights_only: a state dict is tensors in plain containers; refuse anything that would run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a corrupt or non-tensor file; all mean "unusable"
+        raise ValueError(f"cannot load {path} as a plain state dict: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state

@@ -641,13 +641,9 @@ def study_dataset(study: optuna.Study, spec: StudySpec) -> Dataset:
 
 def _model_from_mlflow(runs: MlflowRuns, run_id: str, dataset: Dataset, workdir: Path) -> Any:
     import json
-    import pickle
-
-    import torch
 
     from tuner.errors import DataError, TrackingError
-    from tuner.model import build_mlp
-    from tuner.space import TrialParams
+    from tuner.model import load_state_dict_file, mlp_from_record
     from tuner.study import MODEL_META_ARTIFACT, WEIGHTS_ARTIFACT
 
     meta = json.loads(runs.download(run_id, MODEL_META_ARTIFACT, workdir).read_text())
@@ -656,14 +652,12 @@ def _model_from_mlflow(runs: MlflowRuns, run_id: str, dataset: Dataset, workdir:
             f"data.features: run {run_id} was trained on {meta['feature_names']}, the study's data has "
             f"{list(dataset.catalogue.feature_names)}"
         )
-    params = TrialParams(**{**meta["params"], "widths": tuple(meta["params"]["widths"])})
     n_out = 1 if meta["task"] == "binary" else len(meta["class_names"])
-    net = build_mlp(dataset.n_features, params, n_out)
+    net = mlp_from_record(meta["params"], dataset.n_features, n_out)
     weights = runs.download(run_id, WEIGHTS_ARTIFACT, workdir)
     try:
-        # weights_only: a state dict is plain tensors; never unpickle code from an artifact store.
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except (RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        net.load_state_dict(load_state_dict_file(weights))
+    except (RuntimeError, ValueError) as exc:
         raise TrackingError(f"{WEIGHTS_ARTIFACT} of run {run_id} cannot be loaded: {exc}") from None
     return net
 

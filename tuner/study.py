@@ -43,6 +43,7 @@ from tuner.worker import (
     is_sqlite,
     make_storage,
     retrying,
+    sqlite_path,
     sqlite_single_process,
     stale_trial_handler,
     work,
@@ -157,7 +158,8 @@ def storage_url(spec: StudySpec, storage: str | None = None) -> str:
 
 def _storage_exists(url: str) -> bool:
     # Opening an SQLite URL creates the file and tables; do not, when only looking.
-    return not url.startswith("sqlite:///") or Path(url[len("sqlite:///") :]).exists()
+    path = sqlite_path(url)
+    return path is None or path.exists()
 
 
 def find_study(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.Study | None:
