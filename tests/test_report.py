@@ -253,6 +253,7 @@ EXPECTED_COLUMNS = [
     "val_ap",
     "epochs",
     "best_epoch",
+    "gradient_health",
     "stop_reason",
     "duration_s",
     "datetime_start",
@@ -282,6 +283,8 @@ def test_trials_csv_has_one_row_per_trial_with_the_expected_columns(tiny, tmp_pa
         row = frame.iloc[trial.number]
         assert row["mlflow_run_id"] == trial.user_attrs["mlflow_run_id"]
         assert row["lr"] == pytest.approx(trial.params["lr"])
+        # Each trial's gradient-health verdict, as recorded on the trial.
+        assert row["gradient_health"] == trial.user_attrs["gradient_health"]
 
 
 def test_trials_parquet_round_trips(tiny, tmp_path):
@@ -300,7 +303,7 @@ def test_trials_table_shows_pruned_and_failed_trials(tiny, capsys, monkeypatch):
     monkeypatch.setattr(cli_mod.console, "width", 200)
     assert cli(tiny, "trials") == 0
     out = capsys.readouterr().out
-    for text in ("COMPLETE", "PRUNED", "FAIL", "pruned at epoch 1", "non-finite objective", "5 trial(s)"):
+    for text in ("COMPLETE", "PRUNED", "FAIL", "pruned at epoch 1", "non-finite objective", "5 trial(s)", "healthy"):
         assert text in out, text
 
 

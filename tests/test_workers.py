@@ -209,6 +209,27 @@ def test_three_workers_share_one_study_with_exact_totals(tmp_path, pg_database):
 
 @postgres
 @needs_pg
+def test_packed_workers_take_several_trials_at_a_time_and_keep_the_total_exact(tmp_path, pg_database):
+    storage, tracking = pg_database(), pg_database()
+    study = write_study(tmp_path, n_trials=11, tracking=tracking, pack=4)
+    raw = yaml.safe_load(study.read_text())
+    # One shape for every trial, so the packs fill: widths, learning rates and optimizers still vary.
+    raw["search_space"].update({"n_layers": {"value": 2}, "batch_size": {"value": 128}})
+    raw["search_space"]["optimizer"] = {"choices": ["adam", "adamw"]}
+    study.write_text(yaml.safe_dump(raw))
+    assert finish(tuner("create", str(study), "--storage", storage, cwd=tmp_path))[0] == 0
+    workers = [tuner("worker", str(study), "--storage", storage, "--quiet", cwd=tmp_path) for _ in range(2)]
+    results = [finish(w) for w in workers]
+    assert all(code == 0 for code, _ in results), [out for _, out in results]
+    trials = trials_of(storage)
+    assert len(trials) == 11
+    assert_exact(trials, 11)
+    assert {t.user_attrs["engine"] for t in trials} == {"packed"}
+    assert_one_run_per_trial(trials, mlflow_runs(tracking))
+
+
+@postgres
+@needs_pg
 def test_a_killed_worker_trial_fails_and_is_retried_with_the_same_params(tmp_path, pg_database):
     storage, tracking = pg_database(), pg_database()
     study = write_study(tmp_path, n_trials=3, big=True, tracking=tracking)

@@ -391,6 +391,17 @@ class StudySection(_Frozen):
     heartbeat_interval: int = Field(10, ge=1)
     grace_period: int = Field(60, ge=2)
     max_retries: int = Field(3, ge=0)
+    # Trials trained together as one vectorised model (tuner.packed): a number >= 1, or auto (8 on a GPU, 1 on
+    # the CPU). With pack > 1 a worker takes up to that many trials at a time.
+    pack: int | Literal["auto"] = "auto"
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _pack(cls, v: Any) -> Any:
+        # Checked before pydantic's union, which would report one message per member (and take true for 1).
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256):
+            raise ValueError(f"pack must be auto or a whole number of trials from 1 to 256, got {v!r}")
+        return v
 
     @field_validator("sampler")
     @classmethod

@@ -218,25 +218,41 @@ class HealthMonitor:
         return EpochHealth(metrics, problem, len(rows))
 
     def _problem(self, norms: Sequence[float], ratios: Sequence[float], epoch: int) -> Problem | None:
-        t = self.thresholds
-        for i, g in enumerate(norms):
-            if not math.isfinite(g):
-                return Problem("non-finite", i, epoch, self._where(i, epoch, f"grad norm {g}", "non-finite gradients"))
-        # The worst layer is named: the one furthest beyond its limit.
-        worst, excess, what = -1, 1.0, ""
-        for i, (g, r) in enumerate(zip(norms, ratios, strict=True)):
-            if g / t.exploding_grad_norm > excess:
-                worst, excess, what = i, g / t.exploding_grad_norm, f"grad norm {g:.2g} > {t.exploding_grad_norm:g}"
-            # A non-finite ratio from finite gradients: the step itself wrote non-finite weights.
-            ratio_excess = r / t.exploding_update_ratio if math.isfinite(r) else math.inf
-            if ratio_excess > excess:
-                worst, excess, what = i, ratio_excess, f"update ratio {r:.2g} > {t.exploding_update_ratio:g}"
-        if worst < 0:
-            return None
-        return Problem("exploding", worst, epoch, self._where(worst, epoch, what, "exploding gradients"))
+        return find_problem(norms, ratios, epoch, self.names, self.thresholds)
 
-    def _where(self, layer: int, epoch: int, what: str, kind: str) -> str:
-        return f"{kind} in layer {layer} ({self.names[layer]}) at epoch {epoch}: {what}"
+
+def find_problem(
+    norms: Sequence[float], ratios: Sequence[float], epoch: int, names: Sequence[str], thresholds: HealthThresholds
+) -> Problem | None:
+    """The problem one sampled step shows, if any: non-finite gradients first, else the worst exploding layer.
+
+    Args:
+        norms: Per layer, the gradient norm the optimizer applied.
+        ratios: Per layer, the update ratio of the step.
+        epoch: The epoch, for the message.
+        names: Per layer, how it is named in messages (:func:`describe`).
+        thresholds: The exploding limits.
+    """
+    t = thresholds
+
+    def where(layer: int, what: str, kind: str) -> str:
+        return f"{kind} in layer {layer} ({names[layer]}) at epoch {epoch}: {what}"
+
+    for i, g in enumerate(norms):
+        if not math.isfinite(g):
+            return Problem("non-finite", i, epoch, where(i, f"grad norm {g}", "non-finite gradients"))
+    # The worst layer is named: the one furthest beyond its limit.
+    worst, excess, what = -1, 1.0, ""
+    for i, (g, r) in enumerate(zip(norms, ratios, strict=True)):
+        if g / t.exploding_grad_norm > excess:
+            worst, excess, what = i, g / t.exploding_grad_norm, f"grad norm {g:.2g} > {t.exploding_grad_norm:g}"
+        # A non-finite ratio from finite gradients: the step itself wrote non-finite weights.
+        ratio_excess = r / t.exploding_update_ratio if math.isfinite(r) else math.inf
+        if ratio_excess > excess:
+            worst, excess, what = i, ratio_excess, f"update ratio {r:.2g} > {t.exploding_update_ratio:g}"
+    if worst < 0:
+        return None
+    return Problem("exploding", worst, epoch, where(worst, what, "exploding gradients"))
 
 
 def _mean(values: Sequence[float]) -> float:

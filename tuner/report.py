@@ -998,6 +998,7 @@ def trials_frame(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
         *TRIAL_METRICS,
         "epochs",
         "best_epoch",
+        "gradient_health",
         "stop_reason",
         "duration_s",
         "datetime_start",
@@ -1016,7 +1017,7 @@ def trials_frame(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
         params = trial_params(t, spec)
         if params is not None:
             row.update(params.as_record(n_max))
-        for key in (*TRIAL_METRICS, "epochs", "best_epoch", "mlflow_run_id"):
+        for key in (*TRIAL_METRICS, "epochs", "best_epoch", "gradient_health", "mlflow_run_id"):
             row[key] = a.get(key)
         # A failed trial's own reason first: its stop_reason may be the (normal) end of training before it.
         row["stop_reason"] = a.get("fail_reason") or a.get("stop_reason") or ""
@@ -1081,6 +1082,7 @@ def trials_table(frame: pd.DataFrame, title: str) -> Any:
         ("holdout compl.", "right"),
         ("holdout contam.", "right"),
         ("epochs", "right"),
+        ("gradients", "left"),
         ("parameters", "left"),
         ("stop reason", "left"),
         ("MLflow run", "left"),
@@ -1107,6 +1109,7 @@ def trials_table(frame: pd.DataFrame, title: str) -> Any:
             cell(r["holdout_completeness"]),
             cell(r["holdout_contamination"]),
             cell(r["epochs"]),
+            Text(r["gradient_health"] if isinstance(r["gradient_health"], str) else "–"),
             Text(params),
             Text("" if pd.isna(r["stop_reason"]) else str(r["stop_reason"])),
             Text("–" if pd.isna(r["mlflow_run_id"]) else str(r["mlflow_run_id"])),

@@ -33,6 +33,7 @@ from tuner.data.dataset import Dataset, build_dataset
 from tuner.errors import ConfigError, StorageError
 from tuner.health import Verdict, judge
 from tuner.model import build_mlp
+from tuner.packed import PackMember, fit_pack, pack_key
 from tuner.space import TrialParams, enqueue_params, max_layers, suggest
 from tuner.tracking import MlflowTracker, NullTracker, Tracker, mask_password
 from tuner.train import FitConfig, FitResult, fit, predict_logits, probabilities
@@ -46,6 +47,7 @@ from tuner.worker import (
     sqlite_path,
     sqlite_single_process,
     stale_trial_handler,
+    state_counts,
     work,
 )
 
@@ -146,6 +148,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device: {device!r} asked for, but no CUDA device is available; use --device cpu")
     return resolved
+
+
+#: Trials per pack when ``study.pack`` is auto and a GPU trains them: enough to fill the launches' gaps.
+GPU_PACK = 8
+
+
+def pack_size(pack: int | str, device: torch.device) -> int:
+    """``study.pack`` as a number: auto packs on a GPU (:data:`GPU_PACK`) and trains one at a time on the CPU."""
+    if pack == "auto":
+        return GPU_PACK if device.type == "cuda" else 1
+    return int(pack)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -423,7 +436,9 @@ def environment_manifest(device: torch.device) -> dict[str, Any]:
     }
 
 
-def trial_manifest(spec: StudySpec, dataset: Dataset, params: TrialParams, seed: int, number: int) -> dict[str, Any]:
+def trial_manifest(
+    spec: StudySpec, dataset: Dataset, params: TrialParams, seed: int, number: int, engine: str = "eager"
+) -> dict[str, Any]:
     """Everything needed to replay a trial alone and to explain a replay that differs.
 
     Args:
@@ -432,6 +447,7 @@ def trial_manifest(spec: StudySpec, dataset: Dataset, params: TrialParams, seed:
         params: The trial's parameters.
         seed: The trial's seed (initial weights, dropout, shuffling).
         number: The trial number.
+        engine: How the trial was trained (:data:`ENGINES`); a replay uses the same.
 
     Returns:
         A JSON-ready mapping: seeds, data identity, parameters, package versions, device and torch settings.
@@ -444,6 +460,7 @@ def trial_manifest(spec: StudySpec, dataset: Dataset, params: TrialParams, seed:
         "seeds": {"trial": seed, "study": spec.study.seed, "data": spec.data.seed},
         "data": {key.removeprefix("data."): value for key, value in dataset.facts().items()},
         "params": params_json(params),
+        "engine": engine,
         **environment_manifest(dataset.device),
     }
 
@@ -458,26 +475,65 @@ def _record_health(trial: optuna.Trial, verdict: Verdict | None, tags: dict[str,
     tags["gradient_health_detail"] = verdict.detail
 
 
-class Objective:
-    """The function Optuna calls: one trial, tracked, judged on validation, measured on the holdout."""
+#: How a trial was trained: ``eager`` (:func:`tuner.train.fit`, one model) or ``packed`` (:func:`fit_pack`).
+ENGINES = ("eager", "packed")
 
-    def __init__(self, spec: StudySpec, dataset: Dataset, tracker: Tracker) -> None:
+
+@dataclass
+class TrialRun:
+    """A trial between its start (parameters drawn, MLflow run open) and its end (value, pruned or failed)."""
+
+    trial: optuna.Trial
+    params: TrialParams
+    seed: int
+    run_id: str | None
+    tracking: TrackingCallback
+    pruning: PruningCallback
+    artifacts: dict[str, str | bytes]
+
+    @property
+    def callbacks(self) -> list[Any]:
+        return [self.tracking, self.pruning]
+
+
+class Objective:
+    """The function Optuna calls: one trial, tracked, judged on validation, measured on the holdout.
+
+    With ``engine="packed"`` the worker hands over several trials at once (:meth:`run_pack`); those of one
+    shape (:func:`pack_key`) train together as one vectorised model, and each is still started, reported,
+    pruned, judged and closed as its own trial.
+    """
+
+    def __init__(self, spec: StudySpec, dataset: Dataset, tracker: Tracker, engine: str = "eager") -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.spec = spec
         self.dataset = dataset
         self.tracker = tracker
+        self.engine = engine
         self.config = fit_config(spec, dataset)
         self.score_validation = validation_scorer(spec, dataset)
         self.max_layers = max_layers(spec.search_space)
+        self.n_out = 1 if spec.task == "binary" else dataset.n_classes
 
     def train_trial(
-        self, params: TrialParams, seed: int, callbacks: Sequence[Any]
+        self, params: TrialParams, seed: int, callbacks: Sequence[Any], engine: str | None = None
     ) -> tuple[torch.nn.Module, FitResult]:
-        """Build and fit one model; also used to replay a trial alone."""
+        """Build and fit one model with this objective's engine (or ``engine``); also used to replay a trial."""
+        if (engine or self.engine) == "packed":
+            (outcome,) = fit_pack(
+                [PackMember(params, seed, callbacks)],
+                self.dataset.train,
+                self.dataset.validation,
+                self.config,
+                n_out=self.n_out,
+                score_validation=self.score_validation,
+            )
+            if outcome.error is not None:
+                raise outcome.error
+            return outcome.model, outcome.result
         model = build_mlp(
-            self.dataset.n_features,
-            params,
-            1 if self.spec.task == "binary" else self.dataset.n_classes,
-            generator=torch.Generator().manual_seed(seed),
+            self.dataset.n_features, params, self.n_out, generator=torch.Generator().manual_seed(seed)
         ).to(self.dataset.device)
         result = fit(
             model,
@@ -492,40 +548,126 @@ class Objective:
         return model, result
 
     def __call__(self, trial: optuna.Trial) -> float:
+        run = self.begin(trial)
+        try:
+            model, result = self.train_trial(run.params, run.seed, run.callbacks)
+        except BaseException as exc:  # closed as PRUNED or FAIL by finish(), which re-raises
+            return self.finish(run, None, None, exc)
+        return self.finish(run, model, result, None)
+
+    def run_pack(self, trials: Sequence[optuna.Trial]) -> list[float | Exception]:
+        """Run several trials, packing those of one shape; each trial's value, or the exception that ended it.
+
+        ``optuna.TrialPruned`` and :class:`TrialFailed` end one trial and are returned in its place; anything
+        else (Ctrl-C, SIGTERM, a defect) closes every run still open as failed and is raised.
+        """
+        runs = [self.begin(trial) for trial in trials]
+        outcomes: list[float | Exception | None] = [None] * len(runs)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, run in enumerate(runs):
+            groups.setdefault(pack_key(run.params), []).append(i)
+        try:
+            for rows in groups.values():
+                try:
+                    fitted = fit_pack(
+                        [PackMember(runs[i].params, runs[i].seed, runs[i].callbacks) for i in rows],
+                        self.dataset.train,
+                        self.dataset.validation,
+                        self.config,
+                        n_out=self.n_out,
+                        score_validation=self.score_validation,
+                    )
+                except torch.OutOfMemoryError as exc:
+                    for i in rows:
+                        outcomes[i] = self._settle(runs[i], None, None, exc)
+                    continue
+                for i, out in zip(rows, fitted, strict=True):
+                    outcomes[i] = self._settle(runs[i], out.model, out.result, out.error)
+        except BaseException as exc:
+            for i, run in enumerate(runs):
+                if outcomes[i] is None:
+                    with contextlib.suppress(BaseException):
+                        self.finish(run, None, None, exc)
+            raise
+        return [o for o in outcomes if o is not None]
+
+    def _settle(
+        self, run: TrialRun, model: torch.nn.Module | None, result: FitResult | None, error: BaseException | None
+    ) -> float | Exception:
+        try:
+            return self.finish(run, model, result, error)
+        except (optuna.TrialPruned, TrialFailed) as exc:
+            return exc
+
+    def begin(self, trial: optuna.Trial) -> TrialRun:
+        """Draw the trial's parameters, record its seed and manifest, open its MLflow run."""
         params = suggest(trial, self.spec.search_space)
         seed = self.spec.study.seed + trial.number
         trial.set_user_attr("seed", seed)
-        manifest = trial_manifest(self.spec, self.dataset, params, seed, trial.number)
+        trial.set_user_attr("engine", self.engine)
+        manifest = trial_manifest(self.spec, self.dataset, params, seed, trial.number, self.engine)
         trial.set_user_attr("manifest", manifest)
         run_id = self.tracker.start_trial(
             trial.number,
             params.as_record(self.max_layers),
-            {"optuna.trial_number": str(trial.number), "optuna.study_name": self.spec.study.name, "seed": str(seed)},
+            {
+                "optuna.trial_number": str(trial.number),
+                "optuna.study_name": self.spec.study.name,
+                "seed": str(seed),
+                "engine": self.engine,
+            },
         )
         if run_id is not None:
             trial.set_user_attr("mlflow_run_id", run_id)
-        tracking = TrackingCallback(self.tracker, run_id)
-        pruning = PruningCallback(trial)
+        return TrialRun(
+            trial=trial,
+            params=params,
+            seed=seed,
+            run_id=run_id,
+            tracking=TrackingCallback(self.tracker, run_id),
+            pruning=PruningCallback(trial),
+            # Every trial's run holds its manifest, whatever its end.
+            artifacts={MANIFEST_ARTIFACT: json.dumps(manifest, indent=2)},
+        )
+
+    def finish(
+        self,
+        run: TrialRun,
+        model: torch.nn.Module | None,
+        result: FitResult | None,
+        error: BaseException | None,
+    ) -> float:
+        """Judge a trained trial and close its run; or close it as PRUNED / FAIL and raise ``error``.
+
+        Returns:
+            The objective value of a completed trial.
+
+        Raises:
+            optuna.TrialPruned: The trial was pruned.
+            TrialFailed: It cannot produce a value (non-finite loss, gradients or objective; out of memory).
+            BaseException: ``error`` itself when it is anything else (Ctrl-C, SIGTERM, a defect).
+        """
+        trial, run_id, tracking = run.trial, run.run_id, run.tracking
+        artifacts = run.artifacts
         state: str = "FAIL"
         final: dict[str, float] = {}
         tags: dict[str, str] = {}
-        # Every trial's run holds its manifest, whatever its end.
-        artifacts: dict[str, str | bytes] = {MANIFEST_ARTIFACT: json.dumps(manifest, indent=2)}
         try:
-            try:
-                model, result = self.train_trial(params, seed, [tracking, pruning])
-            except optuna.TrialPruned as exc:
+            if isinstance(error, optuna.TrialPruned):
                 state = "PRUNED"
-                tags = {"stop_reason": str(exc)}
+                tags = {"stop_reason": str(error)}
                 final = {"epochs": float(len(tracking.history))}
-                trial.set_user_attr("stop_reason", str(exc))
+                trial.set_user_attr("stop_reason", str(error))
                 trial.set_user_attr("epochs", len(tracking.history))
                 if self.config.health:
                     _record_health(trial, judge(tracking.history, self.config.health_thresholds), tags)
-                raise
-            except torch.OutOfMemoryError as exc:
-                tags = {"stop_reason": f"out of memory: {exc}"}
-                raise TrialFailed(f"out of memory: {exc}") from None
+                raise error
+            if isinstance(error, torch.OutOfMemoryError):
+                tags = {"stop_reason": f"out of memory: {error}"}
+                raise TrialFailed(f"out of memory: {error}") from None
+            if error is not None:
+                raise error
+            assert model is not None and result is not None
             trial.set_user_attr("stop_reason", result.stop_reason)
             trial.set_user_attr("epochs", result.epochs)
             trial.set_user_attr("best_epoch", result.best_epoch)
@@ -548,7 +690,7 @@ class Objective:
             for key, value in ev.final_metrics().items():
                 trial.set_user_attr(key, value)
             if self.spec.tracking.enabled:
-                artifacts.update(trial_model_files(model, params, self.dataset, self.spec, ev, trial.number))
+                artifacts.update(trial_model_files(model, run.params, self.dataset, self.spec, ev, trial.number))
                 if self.spec.tracking.plots:
                     artifacts.update(self._plots(result, ev, trial.number))
             state = "COMPLETE"
@@ -780,9 +922,11 @@ def run_study(
         status = "FAILED"
         try:
             if mode != "create":
+                pack = pack_size(spec.study.pack, dataset.device)
                 done = work(
                     study,
-                    Objective(spec, dataset, tracker),
+                    Objective(spec, dataset, tracker, engine="packed" if pack > 1 else "eager"),
+                    pack=pack,
                     total=total,
                     timeout=spec.study.timeout,
                     max_retries=spec.study.max_retries,
@@ -859,14 +1003,6 @@ def _study_summary_metrics(study: optuna.Study, seconds: float) -> dict[str, flo
             if key in best.user_attrs:
                 out[f"best_{key}"] = float(best.user_attrs[key])
     return out
-
-
-def state_counts(study: optuna.Study) -> dict[str, int]:
-    """Number of trials in each state, every state listed."""
-    counts = {state.name: 0 for state in TrialState}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] += 1
-    return counts
 
 
 def load_existing(name: str, storage: str) -> optuna.Study:
@@ -1068,7 +1204,7 @@ def replay_trial(
     replayed: float | None = None
     reason = ""
     with _threads(manifest.get("torch", {}).get("num_threads")):
-        model, result = objective.train_trial(params, seed, [])
+        model, result = objective.train_trial(params, seed, [], engine=attrs.get("engine", "eager"))
         if result.failed:
             reason = result.stop_reason
         else:

@@ -1,0 +1,240 @@
+"""Packed training: several trials as one vectorised model, each trial's numbers its own."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+from tiny import TINY_DATA, TINY_SPACE, stored_in, toy_parts
+
+from tuner.config import spec_from_dict
+from tuner.packed import PackMember, fit_pack, pack_key
+from tuner.space import TrialParams
+from tuner.study import pack_size, replay_trial, run_study
+from tuner.train import FitConfig, predict_logits
+
+# Packed and solo runs differ only in the matmul kernels' blocking for padded shapes: rounding-level.
+TOLERANCE = 1e-5
+
+
+def params(**changes) -> TrialParams:
+    base = {
+        "n_layers": 2,
+        "widths": (16, 8),
+        "lr": 0.01,
+        "momentum": 0.9,
+        "dropout": 0.1,
+        "weight_decay": 1e-4,
+        "batch_size": 64,
+        "optimizer": "adam",
+        "activation": "relu",
+        "init": "he",
+        "batch_norm": False,
+    }
+    return TrialParams(**{**base, **changes})
+
+
+def varied(**shared) -> list[TrialParams]:
+    """Three trials of one shape with different widths, learning rates, momenta, decays and dropout rates."""
+    return [
+        params(**shared),
+        params(widths=(32, 4), lr=0.003, momentum=0.8, dropout=0.0, **shared),
+        params(widths=(8, 24), lr=0.05, momentum=0.5, weight_decay=1e-2, dropout=0.3, **shared),
+    ]
+
+
+def histories_close(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
+    assert len(a) == len(b)
+    assert [sorted(e) for e in a] == [sorted(e) for e in b]
+    return max(abs(x[k] - y[k]) for x, y in zip(a, b, strict=True) for k in x)
+
+
+CONFIG = FitConfig(max_epochs=6, patience=3)
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [
+        {},
+        {"optimizer": "adamw"},
+        {"optimizer": "nesterov"},
+        {"optimizer": "sgd", "batch_norm": True},
+        {"activation": "tanh", "batch_norm": True},
+        {"activation": "sigmoid"},
+        {"max_grad_norm": 0.5},
+    ],
+    ids=lambda shared: "-".join(f"{k}={v}" for k, v in shared.items()) or "adam-relu",
+)
+def test_a_packed_trial_has_the_history_and_weights_it_has_alone(shared):
+    train, validation = toy_parts()
+    trials = varied(**shared)
+    if shared.get("optimizer") == "adamw":
+        trials[1] = params(**{**shared, "optimizer": "adam", "widths": (32, 4), "lr": 0.003})
+    packed = fit_pack([PackMember(p, 10 + i) for i, p in enumerate(trials)], train, validation, CONFIG, n_out=1)
+    for i, p in enumerate(trials):
+        (alone,) = fit_pack([PackMember(p, 10 + i)], train, validation, CONFIG, n_out=1)
+        got, want = packed[i].result, alone.result
+        assert histories_close(got.history, want.history) <= TOLERANCE
+        assert (got.best_epoch, got.stop_reason, got.failed) == (want.best_epoch, want.stop_reason, want.failed)
+        assert got.health is not None and want.health is not None and got.health.name == want.health.name
+        assert got.state_dict.keys() == want.state_dict.keys()
+        for key, value in want.state_dict.items():
+            assert torch.allclose(got.state_dict[key].float(), value.float(), atol=TOLERANCE), key
+    # The trials differ from one another: the pack does not make them one.
+    assert len({round(o.result.history[-1]["val_loss"], 6) for o in packed}) == 3
+
+
+def test_the_returned_network_holds_the_best_epoch_and_is_an_ordinary_mlp():
+    train, validation = toy_parts()
+    config = FitConfig(max_epochs=12, patience=12)
+    outcomes = fit_pack(
+        [PackMember(p, 3 + i) for i, p in enumerate(varied())], train, validation, config, n_out=1
+    )
+    for outcome in outcomes:
+        result = outcome.result
+        assert result.best_epoch is not None
+        logits = predict_logits(outcome.model, validation.x)[:, 0]
+        val_loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, validation.y.float()).item()
+        assert val_loss == pytest.approx(result.history[result.best_epoch]["val_loss"], abs=1e-5)
+        assert isinstance(outcome.model, torch.nn.Sequential)
+
+
+def test_a_pack_with_one_non_finite_trial_fails_only_that_trial():
+    train, validation = toy_parts()
+    trials = varied()
+    trials[1] = params(widths=(32, 4), lr=1e6)  # blows up on the first step
+    packed = fit_pack([PackMember(p, 20 + i) for i, p in enumerate(trials)], train, validation, CONFIG, n_out=1)
+    broken = packed[1].result
+    assert broken.failed
+    assert broken.health is not None and broken.health.name in ("exploding", "non-finite")
+    assert "at epoch 0" in broken.stop_reason and "layer" in broken.stop_reason
+    assert broken.epochs == 1
+    for i in (0, 2):
+        (alone,) = fit_pack([PackMember(trials[i], 20 + i)], train, validation, CONFIG, n_out=1)
+        assert not packed[i].result.failed
+        assert histories_close(packed[i].result.history, alone.result.history) <= TOLERANCE
+        for value in packed[i].result.state_dict.values():
+            assert torch.isfinite(value.float()).all()
+
+
+class StopAt:
+    """A callback that ends its trial after a given epoch, as pruning does."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.seen: list[int] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.seen.append(epoch)
+        if epoch == self.epoch:
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+
+def test_a_callback_that_ends_one_trial_leaves_the_others_training():
+    train, validation = toy_parts()
+    config = FitConfig(max_epochs=5, patience=5)
+    callbacks = [StopAt(99), StopAt(1), StopAt(99)]
+    members = [PackMember(p, 30 + i, [callbacks[i]]) for i, p in enumerate(varied())]
+    packed = fit_pack(members, train, validation, config, n_out=1)
+    assert isinstance(packed[1].error, optuna.TrialPruned)
+    assert callbacks[1].seen == [0, 1] and packed[1].result.epochs == 2
+    for i in (0, 2):
+        assert packed[i].error is None and callbacks[i].seen == [0, 1, 2, 3, 4]
+        (alone,) = fit_pack([PackMember(varied()[i], 30 + i)], train, validation, config, n_out=1)
+        assert histories_close(packed[i].result.history, alone.result.history) <= TOLERANCE
+
+
+def test_padded_units_stay_zero_and_differently_shaped_trials_are_refused():
+    train, validation = toy_parts()
+    trials = [params(widths=(4, 4), dropout=0.0), params(widths=(16, 12), dropout=0.0)]
+    packed = fit_pack([PackMember(p, i) for i, p in enumerate(trials)], train, validation, CONFIG, n_out=1)
+    small = packed[0].result.state_dict
+    assert small["0.weight"].shape == (4, 4) and small["2.weight"].shape == (4, 4) and small["4.weight"].shape == (1, 4)
+    with pytest.raises(ValueError, match="different shapes"):
+        fit_pack([PackMember(params(), 0), PackMember(params(batch_size=128), 1)], train, validation, CONFIG, n_out=1)
+    assert pack_key(params(optimizer="adam")) == pack_key(params(optimizer="adamw"))
+    assert pack_key(params(optimizer="sgd")) != pack_key(params(optimizer="adam"))
+
+
+def test_pack_size_auto_packs_on_a_gpu_only():
+    assert pack_size("auto", torch.device("cpu")) == 1
+    assert pack_size("auto", torch.device("cuda")) > 1
+    assert pack_size(4, torch.device("cpu")) == 4
+
+
+PACKED_STUDY = {
+    "data": TINY_DATA,
+    "search_space": {
+        **TINY_SPACE,
+        "n_layers": {"value": 2},
+        "batch_size": {"value": 128},
+        "optimizer": {"choices": ["adam", "adamw"]},
+    },
+    "train": {"max_epochs": 6, "patience": 3},
+    "study": {
+        "name": "tiny-packed",
+        "n_trials": 7,
+        "seed": 5,
+        "pack": 4,
+        "pruner": "median",
+        "pruner_options": {"n_warmup_steps": 1},
+    },
+}
+
+
+class PruneTrial(optuna.pruners.BasePruner):
+    """Prunes one trial once it has reported three epochs: which trial is pruned is known in advance."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.number == self.number and len(trial.intermediate_values) >= 3
+
+
+@pytest.fixture(scope="module")
+def packed_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("packed")
+    spec = spec_from_dict(stored_in(PACKED_STUDY, root, plots=False))
+    result = run_study(spec, device="cpu", pruner=PruneTrial(5))
+    return {"root": root, "spec": spec, "study": result.study, "dataset": result.dataset}
+
+
+def test_a_packed_study_runs_its_exact_budget_and_each_trial_is_its_own_run(packed_study):
+    study, spec = packed_study["study"], packed_study["spec"]
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 7 and all(t.state.is_finished() for t in trials)
+    assert {t.user_attrs["engine"] for t in trials} == {"packed"}
+    # One process ran them four at a time: trials 0-3 all started before any of them finished, then 4-6.
+    first_done = min(t.datetime_complete for t in trials[:4])
+    assert all(t.datetime_start < first_done for t in trials[:4])
+    assert all(t.datetime_start >= max(u.datetime_complete for u in trials[:4]) for t in trials[4:])
+    client = MlflowClient(spec.tracking.uri)
+    experiment = client.get_experiment_by_name(spec.study.name)
+    runs = client.search_runs([experiment.experiment_id], "tags.`optuna.trial_number` != ''")
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == list(range(7))
+    for trial in trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert len(history) == trial.user_attrs["epochs"]
+        assert run.data.tags["engine"] == "packed"
+        if trial.state.name == "COMPLETE":
+            assert math.isfinite(trial.value)
+            assert run.info.status == "FINISHED"
+            assert "holdout_completeness" in run.data.metrics
+    # Pruning ends one trial of a pack; its pack mates train on.
+    pruned = trials[5]
+    assert pruned.state.name == "PRUNED" and pruned.user_attrs["epochs"] == 3
+    assert client.get_run(pruned.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert [t.state.name for t in trials if t.number != 5] == ["COMPLETE"] * 6
+    assert max(t.user_attrs["epochs"] for t in trials[4:]) > 3
+
+
+def test_a_packed_trial_replays_alone_to_its_recorded_value(packed_study):
+    study = packed_study["study"]
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    replay = replay_trial(study, packed_study["spec"], complete[-1].number, dataset=packed_study["dataset"])
+    assert replay.matches, replay.summary()

@@ -1,0 +1,595 @@
+"""Packed training: K trials of one shape trained as one vectorised model.
+
+On small tabular MLPs a training step costs little arithmetic and much overhead (Python, the operator
+dispatcher, kernel launches). A pack stacks the weights of K trials along a leading dimension and runs every
+layer as one batched matmul (``baddbmm``), so K trials pay the overhead of one. Each trial keeps what makes it
+its own: its initial weights (drawn by :func:`tuner.model.build_mlp` from its seed), its shuffling and dropout
+streams, its learning rate, momentum, weight decay, dropout rate and gradient clipping, its early stopping,
+its best-weight restore and its gradient-health verdict. Each trial's callbacks (reporting, pruning, tracking)
+are called with its own metrics, and an exception a callback raises (pruning) ends that trial alone.
+
+Which trials share a pack (:func:`pack_key`): the same depth, activation, batch norm on/off, batch size and
+optimizer family (SGD and Nesterov; Adam and AdamW). Widths differ freely: every layer is padded to the
+widest trial's width with zero weights placed after the real units. The padded units stay exactly zero
+(zero weights get zero gradients, and zero stays zero under every update rule), and padding at the end of the
+inner dimension leaves each real unit's sum unchanged, so a trial's numbers in a pack equal the numbers this
+engine gives it alone (``fit_pack`` with one member) with the same seed; the tests check it.
+
+A trial whose loss or gradients turn non-finite, or explode, fails alone; a trial that stops (early stopping,
+pruning, failure) leaves the pack, which shrinks and goes on with the others.
+
+This module imports neither optuna nor mlflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuner.health import HealthThresholds, Problem, describe, find_problem, judge
+from tuner.model import build_mlp
+from tuner.space import TrialParams
+from tuner.train import Callback, EarlyStopping, FitConfig, FitResult, Part, _failure
+
+#: Optimizers whose update rules share one vectorised implementation.
+FAMILY = {"sgd": "sgd", "nesterov": "sgd", "adam": "adam", "adamw": "adam"}
+
+_ACTIVATION: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "elu": F.elu,
+}
+# Activations whose units the health monitor watches (as in tuner.health): ReLU for dead units, tanh and
+# sigmoid for saturation; ELU is not watched.
+_WATCHED = ("relu", "tanh", "sigmoid")
+
+_BN_EPS = 1e-5
+_BN_MOMENTUM = 0.1
+_ADAM_BETA2 = 0.999
+_ADAM_EPS = 1e-8
+# Dropout draws are made for this many rows ahead (per trial, per layer), so a step costs no draw of its own.
+_DROPOUT_ROWS_AHEAD = 1024
+# Offset between a trial's shuffling seed and its dropout seed: two independent streams per trial.
+_DROPOUT_SEED_OFFSET = 1_000_003
+
+
+def pack_key(params: TrialParams) -> tuple[Any, ...]:
+    """Trials with equal keys can share a pack."""
+    return (params.n_layers, params.activation, params.batch_norm, params.batch_size, FAMILY[params.optimizer])
+
+
+@dataclass
+class PackMember:
+    """One trial in a pack: its parameters, its seed and its callbacks."""
+
+    params: TrialParams
+    seed: int
+    callbacks: Sequence[Callback] = ()
+
+
+@dataclass
+class PackOutcome:
+    """What a packed fit produced for one member.
+
+    ``result`` is the member's :class:`FitResult` (history, best epoch, stop reason, verdict, best-epoch weights
+    in :func:`tuner.model.build_mlp`'s layout); ``model`` is that network on the data's device holding the best
+    weights. ``error`` is the exception a callback raised to end the member (pruning), None otherwise.
+    """
+
+    result: FitResult
+    model: nn.Sequential
+    error: Exception | None = None
+
+
+@dataclass
+class _Slot:
+    """Per-member state the pack does not vectorise."""
+
+    member: PackMember
+    index: int
+    model: nn.Sequential
+    stopper: EarlyStopping
+    result: FitResult = field(default_factory=FitResult)
+    best: dict[str, torch.Tensor] | None = None
+    error: Exception | None = None
+    history_seen: int = 0
+
+
+class _Pack:
+    """The stacked parameters, optimizer state and random streams of the members still training."""
+
+    def __init__(self, members: Sequence[PackMember], n_in: int, n_out: int, device: torch.device) -> None:
+        first = members[0].params
+        self.depth = first.n_layers
+        self.activation = first.activation
+        self.batch_norm = first.batch_norm
+        self.batch_size = first.batch_size
+        self.family = FAMILY[first.optimizer]
+        self.device = device
+        k = len(members)
+        widths = [max(m.params.widths[i] for m in members) for i in range(self.depth)]
+        self.dims = [n_in, *widths, n_out]
+        self.models = [
+            build_mlp(n_in, m.params, n_out, generator=torch.Generator().manual_seed(m.seed)) for m in members
+        ]
+        self.weights: list[torch.Tensor] = []
+        self.biases: list[torch.Tensor] = []
+        for layer in range(self.depth + 1):
+            w = torch.zeros(k, self.dims[layer], self.dims[layer + 1])
+            b = torch.zeros(k, 1, self.dims[layer + 1])
+            for slot, model in enumerate(self.models):
+                linear = _linears(model)[layer]
+                w[slot, : linear.in_features, : linear.out_features] = linear.weight.detach().T
+                b[slot, 0, : linear.out_features] = linear.bias.detach()
+            self.weights.append(w.to(device).requires_grad_())
+            self.biases.append(b.to(device).requires_grad_())
+        self.gammas: list[torch.Tensor] = []
+        self.betas: list[torch.Tensor] = []
+        self.running_means: list[torch.Tensor] = []
+        self.running_vars: list[torch.Tensor] = []
+        if self.batch_norm:
+            for layer in range(self.depth):
+                # Padded units get gamma 0, so that even coupled weight decay leaves them at exactly zero.
+                gamma = torch.zeros(k, 1, widths[layer])
+                for slot, m in enumerate(members):
+                    gamma[slot, 0, : m.params.widths[layer]] = 1.0
+                self.gammas.append(gamma.to(device).requires_grad_())
+                self.betas.append(torch.zeros(k, 1, widths[layer], device=device).requires_grad_())
+                self.running_means.append(torch.zeros(k, 1, widths[layer], device=device))
+                self.running_vars.append(gamma.detach().clone().to(device))
+        self.bn_steps = 0
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device).view(k, 1, 1)
+
+        p = [m.params for m in members]
+        self.lr = column([x.lr for x in p])
+        self.momentum = column([x.momentum for x in p])
+        self.weight_decay = column([x.weight_decay for x in p])
+        self.nesterov = torch.tensor([x.optimizer == "nesterov" for x in p], device=device).view(k, 1, 1)
+        self.decoupled = column([1.0 if x.optimizer == "adamw" else 0.0 for x in p])
+        self.coupled = 1.0 - self.decoupled
+        self.clip = column([x.max_grad_norm if x.max_grad_norm is not None else math.inf for x in p]).view(k)
+        self.any_clip = any(x.max_grad_norm is not None for x in p)
+        self.dropout = [x.dropout for x in p]
+        self.any_dropout = any(d > 0 for d in self.dropout)
+        # Real units of each hidden layer: masks padded units where an activation is not zero at zero.
+        self.unit_masks = [
+            torch.stack([(torch.arange(widths[i]) < m.params.widths[i]).float() for m in members])
+            .view(k, 1, widths[i])
+            .to(device)
+            for i in range(self.depth)
+        ]
+        self.unit_counts = [
+            torch.tensor([float(m.params.widths[i]) for m in members], device=device) for i in range(self.depth)
+        ]
+        self.state: dict[str, list[torch.Tensor]] = {
+            name: [torch.zeros_like(t) for t in self.parameters()]
+            for name in (("momentum_buffer",) if self.family == "sgd" else ("exp_avg", "exp_avg_sq"))
+        }
+        self.steps = 0
+        self.shuffles = [torch.Generator(device=device).manual_seed(m.seed) for m in members]
+        self.dropout_streams = [
+            torch.Generator(device=device).manual_seed(m.seed + _DROPOUT_SEED_OFFSET) for m in members
+        ]
+        self.widths_of = [m.params.widths for m in members]
+        self.dropout_chunk = max(1, _DROPOUT_ROWS_AHEAD // self.batch_size)
+        self._dropout_masks: list[torch.Tensor] = []
+        self._dropout_step = self.dropout_chunk  # refill on the first step
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Parameters
+
+    def parameters(self) -> list[torch.Tensor]:
+        # A bias before batch norm is redundant (the batch mean is subtracted): its gradient is rounding noise,
+        # which Adam would scale up into a random walk. It is held at zero.
+        biases = self.biases[-1:] if self.batch_norm else self.biases
+        return [*self.weights, *biases, *self.gammas, *self.betas]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only the given members (by their current position), in that order."""
+        index = torch.tensor(rows, device=self.device)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, index)
+
+        def pick_leaf(t: torch.Tensor) -> torch.Tensor:
+            return pick(t.detach()).requires_grad_()
+
+        self.weights = [pick_leaf(t) for t in self.weights]
+        self.biases = [pick_leaf(t) for t in self.biases]
+        self.gammas = [pick_leaf(t) for t in self.gammas]
+        self.betas = [pick_leaf(t) for t in self.betas]
+        self.running_means = [pick(t) for t in self.running_means]
+        self.running_vars = [pick(t) for t in self.running_vars]
+        self.state = {name: [pick(t) for t in ts] for name, ts in self.state.items()}
+        for name in ("lr", "momentum", "weight_decay", "nesterov", "decoupled", "coupled", "clip"):
+            setattr(self, name, pick(getattr(self, name)))
+        self.unit_masks = [pick(t) for t in self.unit_masks]
+        self.unit_counts = [pick(t) for t in self.unit_counts]
+        self._dropout_masks = [t.index_select(1, index) for t in self._dropout_masks]
+        for name in ("models", "shuffles", "dropout_streams", "widths_of", "dropout"):
+            values = getattr(self, name)
+            setattr(self, name, [values[r] for r in rows])
+        self.any_dropout = any(d > 0 for d in self.dropout)
+        self.any_clip = bool(torch.isfinite(self.clip).any())
+
+    def snapshot(self, row: int) -> dict[str, torch.Tensor]:
+        """A copy of one member's parameters and batch-norm statistics."""
+        out = {}
+        for name in ("weights", "biases", "gammas", "betas", "running_means", "running_vars"):
+            for i, t in enumerate(getattr(self, name)):
+                out[f"{name}.{i}"] = t[row].detach().clone()
+        return out
+
+    def write_model(self, model: nn.Sequential, saved: dict[str, torch.Tensor]) -> None:
+        """Load a snapshot into the member's own network (real units only, in nn.Linear's layout)."""
+        with torch.no_grad():
+            for i, linear in enumerate(_linears(model)):
+                w = saved[f"weights.{i}"][: linear.in_features, : linear.out_features]
+                linear.weight.copy_(w.T)
+                linear.bias.copy_(saved[f"biases.{i}"][0, : linear.out_features])
+            for i, bn in enumerate(m for m in model if isinstance(m, nn.BatchNorm1d)):
+                n = bn.num_features
+                bn.weight.copy_(saved[f"gammas.{i}"][0, :n])
+                bn.bias.copy_(saved[f"betas.{i}"][0, :n])
+                assert bn.running_mean is not None and bn.running_var is not None
+                bn.running_mean.copy_(saved[f"running_means.{i}"][0, :n])
+                bn.running_var.copy_(saved[f"running_vars.{i}"][0, :n])
+                if bn.num_batches_tracked is not None:
+                    bn.num_batches_tracked.fill_(self.bn_steps)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Forward
+
+    def forward(self, x: torch.Tensor, *, training: bool, watch: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (K, rows, n_out) for inputs (K, rows, n_in); ``watch`` collects activations (health)."""
+        h = x
+        act = _ACTIVATION[self.activation]
+        for layer in range(self.depth):
+            if self.batch_norm:
+                z = self._batch_norm(torch.bmm(h, self.weights[layer]), layer, training)
+            else:
+                z = torch.baddbmm(self.biases[layer], h, self.weights[layer])
+            h = act(z)
+            if self.activation == "sigmoid":
+                h = h * self.unit_masks[layer]
+            if watch is not None:
+                watch.append(h.detach())
+            if training and self.any_dropout:
+                h = h * self._dropout_masks[layer][self._dropout_step][:, : h.shape[1]]
+        return torch.baddbmm(self.biases[-1], h, self.weights[-1])
+
+    def _batch_norm(self, z: torch.Tensor, layer: int, training: bool) -> torch.Tensor:
+        gamma, beta = self.gammas[layer], self.betas[layer]
+        if not training:
+            mean, var = self.running_means[layer], self.running_vars[layer]
+        else:
+            mean = z.mean(dim=1, keepdim=True)
+            var = z.var(dim=1, unbiased=False, keepdim=True)
+            with torch.no_grad():
+                n = z.shape[1]
+                m = _BN_MOMENTUM
+                self.running_means[layer].mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_vars[layer].mul_(1 - m).add_(var.detach() * (n / max(n - 1, 1)), alpha=m)
+        return (z - mean) / torch.sqrt(var + _BN_EPS) * gamma + beta
+
+    def next_dropout(self) -> None:
+        """Advance to the next step's dropout masks, drawing the next chunk from each member's own stream."""
+        if not self.any_dropout:
+            return
+        self._dropout_step += 1
+        if self._dropout_step < self.dropout_chunk:
+            return
+        self._dropout_step = 0
+        k, b, s = len(self.models), self.batch_size, self.dropout_chunk
+        masks = []
+        for layer in range(self.depth):
+            width = self.weights[layer].shape[2]
+            mask = torch.ones(s, k, b, width, device=self.device)
+            for row in range(k):
+                p = self.dropout[row]
+                if p <= 0:
+                    continue
+                w = self.widths_of[row][layer]
+                draw = torch.rand(s, b, w, generator=self.dropout_streams[row], device=self.device)
+                mask[:, row, :, :w] = (draw >= p).float() * (1.0 / (1.0 - p))
+            masks.append(mask)
+        self._dropout_masks = masks
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Optimizer
+
+    @torch.no_grad()
+    def clip_gradients(self) -> None:
+        """Scale each member's gradients so that their total norm is at most its ``max_grad_norm``."""
+        if not self.any_clip:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        total = torch.sqrt(torch.stack([g.pow(2).flatten(1).sum(dim=1) for g in grads]).sum(dim=0))
+        coef = (self.clip / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every member, each with its own hyperparameters (torch.optim's formulas)."""
+        params = self.parameters()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        self.steps += 1
+        if self.batch_norm:
+            self.bn_steps += 1
+        lr, wd = self.lr, self.weight_decay
+        if self.family == "sgd":
+            for p, g, buf in zip(params, grads, self.state["momentum_buffer"], strict=True):
+                d = g + wd * p
+                buf.mul_(self.momentum).add_(d)
+                update = torch.where(self.nesterov, d + self.momentum * buf, buf)
+                p.sub_(lr * update)
+        else:
+            beta1 = self.momentum
+            correction1 = 1 - beta1.pow(self.steps)
+            correction2_sqrt = math.sqrt(1 - _ADAM_BETA2**self.steps)
+            for p, g, m, v in zip(params, grads, self.state["exp_avg"], self.state["exp_avg_sq"], strict=True):
+                p.mul_(1 - lr * wd * self.decoupled)
+                d = g + (wd * self.coupled) * p
+                m.mul_(beta1).add_((1 - beta1) * d)
+                v.mul_(_ADAM_BETA2).addcmul_(d, d, value=1 - _ADAM_BETA2)
+                denom = v.sqrt() / correction2_sqrt + _ADAM_EPS
+                p.sub_((lr / correction1) * m / denom)
+        for p in params:
+            p.grad = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Gradient health, per member and layer, on the device
+
+    @torch.no_grad()
+    def grad_norms(self) -> torch.Tensor:
+        """(K, layers): the norm of each layer's weight gradient as the update will apply it."""
+        norms = [
+            torch.linalg.vector_norm(w.grad, dim=(1, 2)) if w.grad is not None else w.new_zeros(w.shape[0])
+            for w in self.weights
+        ]
+        return torch.stack(norms, dim=1)
+
+    @torch.no_grad()
+    def activation_stats(self, watched: list[torch.Tensor]) -> torch.Tensor | None:
+        """(K, hidden layers): dead-unit fraction (ReLU) or saturation (tanh, sigmoid) of the real units."""
+        if self.activation not in _WATCHED:
+            return None
+        stats = []
+        for layer, a in enumerate(watched):
+            mask, count = self.unit_masks[layer], self.unit_counts[layer]
+            if self.activation == "relu":
+                dead = (a == 0).all(dim=1).float() * mask[:, 0, :]
+                stats.append(dead.sum(dim=1) / count)
+            else:
+                tail = a.abs() > 0.99 if self.activation == "tanh" else (a < 0.01) | (a > 0.99)
+                stats.append((tail.float() * mask).sum(dim=(1, 2)) / (count * a.shape[1]))
+        return torch.stack(stats, dim=1)
+
+
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def _losses(logits: torch.Tensor, y: torch.Tensor, config: FitConfig, pos_weight: torch.Tensor | None) -> torch.Tensor:
+    """(K,) mean loss of each member: BCE on one logit (binary) or cross-entropy (multiclass)."""
+    if config.task == "binary":
+        per_row = F.binary_cross_entropy_with_logits(
+            logits[..., 0], y.to(logits.dtype), pos_weight=pos_weight, reduction="none"
+        )
+    else:
+        k, rows, classes = logits.shape
+        per_row = F.cross_entropy(logits.reshape(k * rows, classes), y.reshape(-1), reduction="none").view(k, rows)
+    return per_row.mean(dim=1)
+
+
+def _probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "binary":
+        p = torch.sigmoid(logits[..., 0])
+        return torch.stack([1 - p, p], dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def fit_pack(
+    members: Sequence[PackMember],
+    train: Part,
+    validation: Part,
+    config: FitConfig,
+    *,
+    n_out: int,
+    score_validation: Callable[[np.ndarray], dict[str, float]] | None = None,
+) -> list[PackOutcome]:
+    """Train several trials of one :func:`pack_key` together; each ends on its own.
+
+    Args:
+        members: The trials, all with the same :func:`pack_key`.
+        train: Training rows, on the device.
+        validation: Validation rows, for the loss, the monitor and ``score_validation``.
+        config: Epochs, patience, monitor, task, gradient-health sampling (as for :func:`tuner.train.fit`).
+        n_out: 1 for a binary task, the number of classes otherwise.
+        score_validation: Extra validation metrics from one member's (n, classes) probabilities.
+
+    Returns:
+        One outcome per member, in order: its history, best epoch, stop reason, verdict and best-epoch network;
+        ``error`` holds the exception a member's callback raised to end it (pruning), which ends no one else.
+
+    Raises:
+        ValueError: The members cannot share a pack.
+        KeyboardInterrupt: And any BaseException that is not an Exception: the whole pack stops.
+    """
+    if not members:
+        return []
+    keys = {pack_key(m.params) for m in members}
+    if len(keys) > 1:
+        raise ValueError(f"trials of different shapes cannot share a pack: {sorted(map(str, keys))}")
+    device = train.x.device
+    pack = _Pack(members, train.x.shape[1], n_out, device)
+    slots = [
+        _Slot(
+            member=m,
+            index=i,
+            model=pack.models[i],
+            stopper=EarlyStopping(
+                config.monitor, patience=config.patience, min_delta=config.min_delta, mode=config.monitor_mode
+            ),
+        )
+        for i, m in enumerate(members)
+    ]
+    active = list(slots)
+    pos_weight = None if config.pos_weight is None else torch.tensor(config.pos_weight, device=device)
+    thresholds = config.health_thresholds
+    n = train.x.shape[0]
+    batch = pack.batch_size
+    drop_last_single = pack.batch_norm and n % batch == 1
+    starts = range(0, n - 1 if drop_last_single else n, batch)
+    for epoch in range(config.max_epochs):
+        orders = torch.stack([torch.randperm(n, generator=g, device=device) for g in pack.shuffles])
+        loss_sum = torch.zeros(len(active), device=device)
+        health_rows: list[torch.Tensor] = []
+        for step, start in enumerate(starts):
+            idx = orders[:, start : start + batch]
+            pack.next_dropout()
+            sampled = config.health and (step == 0 if config.health_every == 0 else step % config.health_every == 0)
+            watched: list[torch.Tensor] | None = [] if sampled else None
+            logits = pack.forward(train.x[idx], training=True, watch=watched)
+            losses = _losses(logits, train.y[idx], config, pos_weight)
+            losses.sum().backward()
+            pack.clip_gradients()
+            if watched is not None:
+                norms = pack.grad_norms()
+                before = [w.detach().clone() for w in pack.weights]
+            pack.step()
+            if watched is not None:
+                ratios = torch.stack(
+                    [
+                        torch.linalg.vector_norm(w.detach() - old, dim=(1, 2))
+                        / torch.linalg.vector_norm(old, dim=(1, 2)).clamp_min(1e-12)
+                        for w, old in zip(pack.weights, before, strict=True)
+                    ],
+                    dim=1,
+                )
+                acts = pack.activation_stats(watched)
+                health_rows.append(torch.cat([norms, ratios] + ([acts] if acts is not None else []), dim=1))
+            loss_sum += losses.detach() * idx.shape[1]
+        with torch.no_grad():
+            val_logits = torch.cat(
+                [
+                    pack.forward(
+                        validation.x[i : i + config.eval_batch_size].unsqueeze(0).expand(len(active), -1, -1),
+                        training=False,
+                    )
+                    for i in range(0, validation.x.shape[0], config.eval_batch_size)
+                ],
+                dim=1,
+            )
+            val_losses = _losses(val_logits, validation.y.expand(len(active), -1), config, pos_weight)
+        # One transfer per epoch for every member's figures.
+        train_losses = (loss_sum / n).tolist()
+        val_loss_values = val_losses.tolist()
+        samples = torch.stack(health_rows, dim=1).tolist() if health_rows else None
+        probs = _probabilities(val_logits, config.task).cpu().numpy() if score_validation is not None else None
+        leaving: list[int] = []
+        for row, slot in enumerate(active):
+            metrics = {"train_loss": train_losses[row], "val_loss": val_loss_values[row]}
+            problem = None
+            if samples is not None:
+                health_metrics, problem = _epoch_health(samples[row], pack, epoch, thresholds)
+                metrics.update(health_metrics)
+            member_probs = probs[row] if probs is not None else None
+            leaves = _end_epoch(slot, epoch, metrics, problem, member_probs, score_validation)
+            if slot.result.best_epoch == epoch:
+                slot.best = pack.snapshot(row)
+            if leaves:
+                leaving.append(row)
+        if leaving:
+            for row in leaving:
+                _finish(active[row], pack, config)
+            stay = [r for r in range(len(active)) if r not in leaving]
+            active = [active[r] for r in stay]
+            if not active:
+                break
+            pack.keep(stay)
+    for slot in active:
+        slot.result.stop_reason = f"max_epochs reached ({config.max_epochs})"
+        _finish(slot, pack, config)
+    return [PackOutcome(result=s.result, model=s.model.to(device), error=s.error) for s in slots]
+
+
+def _epoch_health(
+    samples: list[list[float]], pack: _Pack, epoch: int, thresholds: HealthThresholds
+) -> tuple[dict[str, float], Problem | None]:
+    """One member's epoch of sampled statistics: per-layer means and the first problem, as tuner.health does."""
+    layers = pack.depth + 1
+    names = [describe(linear) for linear in _linears(pack.models[0])]
+    problem = None
+    for row in samples:
+        problem = find_problem(row[:layers], row[layers : 2 * layers], epoch, names, thresholds)
+        if problem is not None:
+            break
+    columns = list(zip(*samples, strict=True))
+    metrics: dict[str, float] = {}
+    for i in range(layers):
+        metrics[f"grad_norm_l{i}"] = float(np.mean(columns[i]))
+        metrics[f"update_ratio_l{i}"] = float(np.mean(columns[layers + i]))
+    if pack.activation in _WATCHED:
+        key = "dead_frac" if pack.activation == "relu" else "saturation"
+        for j in range(pack.depth):
+            metrics[f"{key}_l{j}"] = float(np.mean(columns[2 * layers + j]))
+    return metrics, problem
+
+
+def _end_epoch(
+    slot: _Slot,
+    epoch: int,
+    metrics: dict[str, float],
+    problem: Problem | None,
+    probs: np.ndarray | None,
+    score_validation: Callable[[np.ndarray], dict[str, float]] | None,
+) -> bool:
+    """Record one member's epoch like :func:`tuner.train.fit` does; True when the member leaves the pack."""
+    result = slot.result
+    if problem is not None or not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])):
+        result.history.append(metrics)
+        result.failed = True
+        result.stop_reason, result.health = _failure(problem, metrics, epoch)
+        return True
+    if score_validation is not None and probs is not None:
+        metrics.update(score_validation(probs))
+    result.history.append(metrics)
+    monitor = slot.stopper.monitor
+    if slot.stopper.update(epoch, metrics.get(monitor, float("nan"))):
+        result.best_epoch = epoch
+        result.best_metrics = dict(metrics)
+    try:
+        for callback in slot.member.callbacks:
+            callback.on_epoch_end(epoch, metrics)
+    except Exception as exc:  # a callback ends its own trial (pruning); the pack goes on
+        slot.error = exc
+        return True
+    if slot.stopper.should_stop:
+        result.stop_reason = slot.stopper.reason
+        return True
+    return False
+
+
+def _finish(slot: _Slot, pack: _Pack, config: FitConfig) -> None:
+    """Restore the member's best weights into its own network and give its verdict."""
+    result = slot.result
+    if slot.best is not None and result.best_epoch is not None:
+        pack.write_model(slot.model, slot.best)
+        result.state_dict = {k: v.detach().clone() for k, v in slot.model.state_dict().items()}
+    elif not result.failed and slot.error is None:
+        result.failed = True
+        result.stop_reason = f"{config.monitor} was never finite; no epoch to keep"
+    if config.health and result.health is None:
+        result.health = judge(result.history, config.health_thresholds)
