@@ -117,6 +117,19 @@ def _local_sqlite_dir(uri: str) -> Path | None:
     return None
 
 
+def _write_ahead_log(path: Path) -> None:
+    """Switch an SQLite MLflow store (created empty when missing) to write-ahead logging: one disk sync per
+    commit instead of several. The mode stays with the file; a file that cannot switch stays as it was."""
+    import sqlite3
+    from contextlib import closing
+
+    try:
+        with closing(sqlite3.connect(path, timeout=30)) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:
+        log.warning("could not switch %s to write-ahead logging: %s", path, exc)
+
+
 class MlflowTracker:
     """Records a study in MLflow: parent run per study, nested child run per trial.
 
@@ -140,6 +153,7 @@ class MlflowTracker:
         sqlite_dir = _local_sqlite_dir(tracking_uri)
         if sqlite_dir is not None:
             sqlite_dir.mkdir(parents=True, exist_ok=True)
+            _write_ahead_log(Path(tracking_uri[len("sqlite:///") :]))
         try:
             self.client = MlflowClient(tracking_uri=tracking_uri)
             found = self.client.get_experiment_by_name(experiment)

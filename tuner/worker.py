@@ -91,11 +91,36 @@ def make_storage(
         engine_kwargs = {"pool_pre_ping": True}
     try:
         with _quiet_optuna():
-            return _open_rdb(url, engine_kwargs, heartbeat_interval, grace_period, on_stale, create_tables)
+            storage = _open_rdb(url, engine_kwargs, heartbeat_interval, grace_period, on_stale, create_tables)
+        if is_sqlite(url):
+            fast_sqlite(storage)
+        return storage
     except StorageError:
         raise
     except Exception as exc:  # drivers raise many types (bad URL, missing driver, refused login)
         raise StorageError(f"study.storage: cannot open {mask_password(url)}: {type(exc).__name__}: {exc}") from None
+
+
+def fast_sqlite(storage: optuna.storages.RDBStorage) -> None:
+    """Write-ahead logging with ``synchronous=NORMAL`` on every connection of an SQLite storage.
+
+    Optuna commits on every report and attribute, some 50 times per trial. In SQLite's default mode each
+    commit waits for the disk: here 2 to 20 ms per commit, as long as an epoch of a small network. With a
+    write-ahead log and NORMAL synchronisation a commit does not wait (about 1.7 ms); the file stays consistent
+    after a crash, and a power cut can lose the last commits, not the study. Readers (``tuner status``, the
+    dashboard) no longer block the writer. The log mode stays with the file.
+    """
+    from sqlalchemy import event
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", on_connect)
+    # Connections opened while the tables were made predate the listener.
+    storage.engine.dispose()
 
 
 def _open_rdb(
