@@ -33,7 +33,9 @@ OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu")
 INITS = ("xavier", "he")
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp", "nsga2")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "none")
+#: Pruners that can judge a k-fold trial, which reports once per fold (per-epoch pruners would mix folds and epochs).
+KFOLD_PRUNERS = ("wilcoxon", "none")
 OBJECTIVES = ("completeness_at_contamination", "val_loss", "roc_auc", "average_precision")
 MONITORS = ("val_loss", "val_auc", "val_ap", "val_objective")
 PREPROCESSORS = ("standardize", "pca_whiten", "none")
@@ -438,6 +440,26 @@ class TrackingSpec(_Frozen):
     plotlyjs: Literal["cdn", "embed"] = "cdn"
 
 
+class ValidationSpec(_Frozen):
+    """How a trial is judged: on the validation part (``split``) or by k-fold cross-validation (``kfold``).
+
+    k-fold cross-validation cuts the modelling set (train + validation rows) into k folds; the holdout stays out
+    either way.
+    """
+
+    kind: Literal["split", "kfold"] = "split"
+    # Number of folds; used by kind kfold only.
+    k: int = 5
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _k(cls, v: Any) -> Any:
+        # Checked before pydantic's coercion, which would take true as 1 and word its errors without the range.
+        if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 50:
+            raise ValueError(f"k must be a whole number of folds from 2 to 50, got {v!r}")
+        return v
+
+
 class StudySpec(_Frozen):
     """A whole study file, validated. Build it with :func:`load_spec` or :func:`spec_from_dict`."""
 
@@ -446,10 +468,31 @@ class StudySpec(_Frozen):
     search_space: SearchSpace = SearchSpace()
     train: TrainSpec = TrainSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
+    validation: ValidationSpec = ValidationSpec()
     study: StudySection = StudySection()
     tracking: TrackingSpec = TrackingSpec()
     # Directory that relative data paths are resolved against (the study file's folder); not a YAML key.
     base_dir: str = Field(".", exclude=True)
+
+    @model_serializer(mode="wrap")
+    def _omit_split(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # One split (the default) leaves the section out: studies created before it existed keep their stored
+        # spec and fingerprints.
+        data: dict[str, Any] = handler(self)
+        if self.validation.kind == "split":
+            data.pop("validation", None)
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kfold_pruner(cls, data: Any) -> Any:
+        # A k-fold trial reports once per fold; unless the file names a pruner, it is the Wilcoxon test across folds.
+        if isinstance(data, dict):
+            validation, study = data.get("validation"), data.get("study") or {}
+            kfold = isinstance(validation, dict) and validation.get("kind") == "kfold"
+            if kfold and isinstance(study, dict) and "pruner" not in study:
+                data = {**data, "study": {**study, "pruner": "wilcoxon"}}
+        return data
 
     @model_validator(mode="after")
     def _cross(self) -> StudySpec:
@@ -457,6 +500,27 @@ class StudySpec(_Frozen):
             raise ValueError("data.positive: a binary task needs the positive class, got null")
         if self.objective.metric == "completeness_at_contamination" and self.data.positive is None:
             raise ValueError("data.positive: objective completeness_at_contamination needs a positive class, got null")
+        kfold = self.validation.kind == "kfold"
+        if not kfold and "k" in self.validation.model_fields_set:
+            raise ValueError(
+                f"validation.k: k is used by kind kfold only, got k={self.validation.k} with kind split; "
+                "add kind: kfold or drop k"
+            )
+        if kfold and self.study.pruner not in KFOLD_PRUNERS:
+            raise ValueError(
+                "study.pruner: with validation.kind kfold a trial reports once per fold, so only wilcoxon or none "
+                f"can prune it, got {self.study.pruner}"
+            )
+        if not kfold and self.study.pruner == "wilcoxon":
+            raise ValueError(
+                "study.pruner: wilcoxon compares trials fold by fold and needs validation.kind kfold; with one split "
+                f"use one of {', '.join(p for p in PRUNERS if p != 'wilcoxon')}, got wilcoxon"
+            )
+        if kfold and self.study.pack != "auto" and self.study.pack > 1:
+            raise ValueError(
+                "study.pack: packing is not available with validation.kind kfold; use pack 1 (or auto), "
+                f"got pack={self.study.pack}"
+            )
         return self
 
     def fingerprint(self, *sections: str) -> str:

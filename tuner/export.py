@@ -35,7 +35,7 @@ from tuner.data.preprocess import Preprocessor
 from tuner.errors import DataError, ExportError, TunerError
 from tuner.model import load_state_dict_file, mlp_from_record
 from tuner.space import TrialParams
-from tuner.train import predict_logits, probabilities
+from tuner.train import mean_probabilities, predict_logits, probabilities
 
 if TYPE_CHECKING:
     import optuna
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ALIAS",
+    "EnsembleScorer",
     "ExportResult",
     "PredictResult",
     "Scorer",
@@ -55,12 +56,15 @@ __all__ = [
     "check_input",
     "export_trial",
     "load_model_dir",
+    "load_scorer",
     "predict_file",
     "predict_frame",
 ]
 
 #: Version of ``tuner_model.json``; a loader refuses a format it does not know.
 FORMAT = 1
+#: ``tuner_model.json`` of a cross-validated trial: the mean of its fold models, each with its own scaling.
+ENSEMBLE_FORMAT = 2
 #: Files inside an exported model directory.
 CONFIG_FILE = "tuner_model.json"
 WEIGHTS_FILE = "state_dict.pt"
@@ -218,7 +222,8 @@ class Scorer:
         config = json.loads(Path(config_path).read_text())
         if config.get("format") != FORMAT:
             raise ExportError(
-                f"{config_path}: tuner model format {config.get('format')!r} is not supported (expected {FORMAT}); "
+                f"{config_path}: tuner model format {config.get('format')!r} is not supported (expected {FORMAT}, "
+                f"or {ENSEMBLE_FORMAT} for a cross-validated ensemble); "
                 "export the study again with this version of tuner"
             )
         net = mlp_from_record(config["params"], config["n_features"], config["n_outputs"])
@@ -244,20 +249,83 @@ class Scorer:
             probs = probabilities(logits, cfg["task"]).numpy().astype(np.float64)
         else:  # no rows: an empty answer with the right columns, not an error
             probs = np.empty((0, len(cfg["class_names"])), dtype=np.float64)
-        threshold = float(cfg["threshold"])
-        out: dict[str, Any] = {}
-        positive, pos = cfg["positive_class"], int(cfg["positive_index"])
-        if cfg["task"] == "binary":
-            out[f"p_{positive}"] = probs[:, pos]
-            out[f"predicted_{positive}"] = probs[:, pos] >= threshold
+        return _decisions(probs, cfg, frame.index)
+
+
+@dataclass(frozen=True)
+class EnsembleScorer:
+    """An exported cross-validated trial in memory: its fold models, each with the scaling of its training folds.
+
+    A row's probabilities are the mean of the fold models' probabilities; the threshold was chosen on the
+    out-of-fold scores.
+    """
+
+    config: dict[str, Any]
+    members: tuple[tuple[torch.nn.Module, Preprocessor], ...]
+
+    @classmethod
+    def load(cls, config_path: str | Path, weights_path: str | Path) -> EnsembleScorer:
+        """Read ``tuner_model.json`` (format 2) and the state dict of every fold model (fold ``i`` under ``i.*``).
+
+        Raises:
+            ExportError: Weights that do not fit the described networks.
+        """
+        config = json.loads(Path(config_path).read_text())
+        members = config["ensemble"]["members"]
+        nets = torch.nn.ModuleList(
+            mlp_from_record(config["params"], config["n_features"], config["n_outputs"]) for _ in members
+        )
+        try:
+            nets.load_state_dict(_load_state(Path(weights_path)))
+        except RuntimeError as exc:
+            raise ExportError(
+                f"weights: {weights_path} does not fit the {len(members)} fold networks described in {config_path}: "
+                f"{exc}"
+            ) from None
+        scalings = [Preprocessor.from_dict(m["preprocessor"]) for m in members]
+        return cls(config, tuple(zip(nets.eval(), scalings, strict=True)))
+
+    def score(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Probabilities (the fold models' mean) and decisions at the frozen threshold; see :meth:`Scorer.score`."""
+        cfg = self.config
+        raw = raw_features(frame, cfg)
+        if len(raw):
+            nets = [net for net, _ in self.members]
+            inputs = [torch.from_numpy(scaling.transform(raw)) for _, scaling in self.members]
+            probs = mean_probabilities(nets, inputs, cfg["task"], int(cfg["eval_batch_size"]))
         else:
-            classes = list(cfg["class_names"])
-            for i, name in enumerate(classes):
-                out[f"p_{name}"] = probs[:, i]
-            out["predicted_class"] = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
-            if positive is not None:
-                out[f"predicted_{positive}"] = probs[:, pos] >= threshold
-        return pd.DataFrame(out, index=frame.index)
+            probs = np.empty((0, len(cfg["class_names"])), dtype=np.float64)
+        return _decisions(probs, cfg, frame.index)
+
+
+def load_scorer(config_path: str | Path, weights_path: str | Path) -> Scorer | EnsembleScorer:
+    """The scorer an exported model's ``tuner_model.json`` describes: one network, or a cross-validated ensemble.
+
+    Raises:
+        ExportError: An unknown format, or weights that do not fit.
+    """
+    fmt = json.loads(Path(config_path).read_text()).get("format")
+    if fmt == ENSEMBLE_FORMAT:
+        return EnsembleScorer.load(config_path, weights_path)
+    return Scorer.load(config_path, weights_path)
+
+
+def _decisions(probs: np.ndarray, cfg: dict[str, Any], index: pd.Index) -> pd.DataFrame:
+    """The output frame: probabilities and decisions at the frozen threshold."""
+    threshold = float(cfg["threshold"])
+    out: dict[str, Any] = {}
+    positive, pos = cfg["positive_class"], int(cfg["positive_index"])
+    if cfg["task"] == "binary":
+        out[f"p_{positive}"] = probs[:, pos]
+        out[f"predicted_{positive}"] = probs[:, pos] >= threshold
+    else:
+        classes = list(cfg["class_names"])
+        for i, name in enumerate(classes):
+            out[f"p_{name}"] = probs[:, i]
+        out["predicted_class"] = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
+        if positive is not None:
+            out[f"predicted_{positive}"] = probs[:, pos] >= threshold
+    return pd.DataFrame(out, index=index)
 
 
 class TunerModel(PythonModel):
@@ -267,10 +335,10 @@ class TunerModel(PythonModel):
     it knows is read from ``context.artifacts`` in :meth:`load_context`.
     """
 
-    _scorer: Scorer
+    _scorer: Scorer | EnsembleScorer
 
     def load_context(self, context: Any) -> None:
-        self._scorer = Scorer.load(context.artifacts["config"], context.artifacts["weights"])
+        self._scorer = load_scorer(context.artifacts["config"], context.artifacts["weights"])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Score a frame of raw catalogue columns (``u, g, r, i, z`` ...); see :meth:`Scorer.score`."""
@@ -415,9 +483,18 @@ def _derivations(columns: Sequence[Any], features: Sequence[str]) -> list[dict[s
 
 
 def _measure(net: torch.nn.Module, dataset: Dataset, spec: StudySpec) -> Evaluation:
-    """The threshold chosen on validation and its holdout figures, for a network as it stands."""
-    from tuner.study import evaluate, fit_config
+    """The threshold chosen on validation and its holdout figures, for a network as it stands.
+
+    For a cross-validated trial ``net`` is its fold models (a ``ModuleList``): the threshold comes from their
+    out-of-fold scores and the holdout is scored by their mean.
+    """
+    from tuner.study import evaluate, fit_config, measure_folds
     from tuner.train import FitResult, loss_function
+
+    if dataset.folds:
+        if not isinstance(net, torch.nn.ModuleList) or len(net) != len(dataset.folds):
+            raise ExportError(f"a cross-validated study needs its {len(dataset.folds)} fold models, got {type(net)}")
+        return measure_folds(list(net), dataset, spec).evaluation
 
     # val_loss computed as fit computes it, for studies whose objective is the validation loss.
     logits = predict_logits(net, dataset.validation.x, spec.train.eval_batch_size)
@@ -563,6 +640,11 @@ def _trained_model(
 ) -> _Trained:
     """The trial's best-epoch network: its stored weights, or (only when they are missing) a checked replay."""
     n_out = 1 if spec.task == "binary" else dataset.n_classes
+    if dataset.folds:
+        nets, record, reason = _stored_folds(trial, spec, dataset, tracking_uri, tmp)
+        if nets is not None:
+            return _Trained(nets, record, None)
+        return _retrain_folds(trial, spec, dataset, reason)
     weights, meta, why = _fetch_trial(trial, tracking_uri, tmp)
     if weights is not None:
         params = meta["params"] if meta else _params_record(_trial_params(trial, spec))
@@ -573,6 +655,64 @@ def _trained_model(
             raise ExportError(f"trial {trial.number}: its weights do not fit its parameters: {exc}") from None
         return _Trained(net.eval(), params, weights)
     return _retrain(trial, spec, dataset, why or "no weights")
+
+
+def _stored_folds(
+    trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset, tracking_uri: str, tmp: Path
+) -> tuple[torch.nn.ModuleList | None, dict[str, Any], str]:
+    """A cross-validated trial's fold models from its MLflow run; (None, params, why) when any is missing."""
+    from tuner.study import FOLD_WEIGHTS_ARTIFACT, MODEL_META_ARTIFACT
+    from tuner.tracking import download_run_artifact
+
+    params = _params_record(_trial_params(trial, spec))
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return None, params, f"trial {trial.number} has no MLflow run (tracking was off)"
+    paths = [FOLD_WEIGHTS_ARTIFACT.format(fold=i) for i in range(len(dataset.folds))]
+    # One folder per fold: a downloaded file lands under its base name, and every fold's is state_dict.pt.
+    files = [download_run_artifact(tracking_uri, run_id, path, tmp / f"fold_{i}") for i, path in enumerate(paths)]
+    missing = [path for path, file in zip(paths, files, strict=True) if file is None]
+    if missing:
+        return None, params, f"the weights artifact(s) {', '.join(missing)} are missing from run {run_id}"
+    meta_file = download_run_artifact(tracking_uri, run_id, MODEL_META_ARTIFACT, tmp)
+    if meta_file is not None:
+        params = json.loads(meta_file.read_text())["params"]
+    n_out = 1 if spec.task == "binary" else dataset.n_classes
+    nets = torch.nn.ModuleList(mlp_from_record(params, dataset.n_features, n_out) for _ in paths)
+    for i, (net, file) in enumerate(zip(nets, files, strict=True)):
+        assert file is not None
+        try:
+            net.load_state_dict(_load_state(file))
+        except RuntimeError as exc:
+            raise ExportError(f"trial {trial.number}: fold {i}'s weights do not fit its parameters: {exc}") from None
+    return nets.eval(), params, ""
+
+
+def _retrain_folds(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset, why: str) -> _Trained:
+    from tuner.study import Objective
+    from tuner.tracking import NullTracker
+
+    params = _trial_params(trial, spec)
+    seed = int(trial.user_attrs.get("seed", spec.study.seed + trial.number))
+    note = (
+        f"{why}: retraining the {len(dataset.folds)} fold models of trial {trial.number} on the CPU from its stored "
+        f"parameters and seed {seed}; they are exported only if their mean validation objective matches the "
+        f"recorded one within {TOLERANCE:g}"
+    )
+    log.warning("%s", note)
+    fits = Objective(spec, dataset, NullTracker()).cross_validate(params, seed)
+    if fits.failure:
+        raise ExportError(f"trial {trial.number}: retraining failed ({fits.failure}); not exported")
+    value = float(np.mean([f.objective for f in fits.folds]))
+    if trial.value is None or _differs(value, trial.value, TOLERANCE) or math.isnan(value):
+        raise ExportError(
+            f"trial {trial.number}: retraining gave mean validation objective {value:.10g}, the trial recorded "
+            f"{trial.value!r} (tolerance {TOLERANCE:g}); the data, code or library versions no longer reproduce "
+            "it, so it is not exported. Restore the weights artifacts or export another trial with --trial"
+        )
+    notes = [note, f"retrained mean validation objective {value:.10g} matches the recorded {trial.value:.10g}"]
+    nets = torch.nn.ModuleList(f.model.cpu().eval() for f in fits.folds)
+    return _Trained(nets, _params_record(params), None, retrained=True, notes=notes)
 
 
 def _retrain(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset, why: str) -> _Trained:
@@ -586,7 +726,9 @@ def _retrain(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset,
         f"exported only if the retrained validation objective matches the recorded one within {TOLERANCE:g}"
     )
     log.warning("%s", note)
-    model, result = Objective(spec, dataset, NullTracker()).train_trial(params, seed, [])
+    # The engine that trained the trial (packed or eager) retrains it: each reproduces its own numbers.
+    engine = str(trial.user_attrs.get("engine", "eager"))
+    model, result = Objective(spec, dataset, NullTracker()).train_trial(params, seed, [], engine=engine)
     if result.failed:
         raise ExportError(f"trial {trial.number}: retraining failed ({result.stop_reason}); not exported")
     ev = evaluate(model, dataset, spec, result)
@@ -693,6 +835,21 @@ def _space_lines(space: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _validation_lines(v: dict[str, Any]) -> list[str]:
+    if v.get("kind") != "kfold":
+        return []
+    folds = ", ".join(_fmt(x) for x in v.get("fold_objectives") or [])
+    return [
+        f"**Cross-validated ({v['k']} folds of train + validation).** The model is the mean of the {v['k']} fold "
+        "models' probabilities, each fold model through the scaling fitted on its own training folds. The "
+        "validation objective is the mean of the fold objectives "
+        f"({folds}; standard deviation {_fmt(v.get('objective_std'))}); the threshold and the validation "
+        "completeness and contamination come from the out-of-fold scores (each row scored by the fold model that "
+        "did not train on it). The holdout was used for nothing but the figures below.",
+        "",
+    ]
+
+
 def render_card(card: dict[str, Any]) -> str:
     """The model card as Markdown, from ``model_card.json``'s content."""
     m, d, t, r = card["model"], card["data"], card["trial"], card.get("runner_up")
@@ -724,8 +881,11 @@ def render_card(card: dict[str, Any]) -> str:
     lines += [f"| {k} | {_fmt(v)} |" for k, v in t["params"].items()]
     lines += [
         "",
-        f"Seed {t['seed']}; trained {t['epochs']} epochs, restored epoch {t['best_epoch']} ({t['stop_reason']}).",
+        f"Seed {t['seed']}; trained {t['epochs']} epochs, restored epoch {t['best_epoch']} ({t['stop_reason']})."
+        if (card.get("validation") or {}).get("kind") != "kfold"
+        else f"Seed {t['seed']} (fold i seeded with {t['seed']} + i); {t['stop_reason']}.",
         "",
+        *_validation_lines(card.get("validation") or {}),
         "## Figures at the frozen threshold",
         "",
         f"Objective: {card['objective']['metric']} ({card['objective']['direction']}), target contamination "
@@ -839,7 +999,7 @@ def _model_config(
 
     derivations = _derivations(frame.columns, dataset.catalogue.feature_names)
     columns = (c for d in derivations for c in ([d["column"]] if "column" in d else d["colour"]))
-    return {
+    config = {
         "format": FORMAT,
         "study": name,
         "trial_number": trial.number,
@@ -860,6 +1020,23 @@ def _model_config(
         "target_contamination": spec.objective.target_contamination,
         "eval_batch_size": spec.train.eval_batch_size,
         "tuner_version": __version__,
+    }
+    if dataset.folds:
+        # Each fold model has its own scaling: no single preprocessor describes the model.
+        del config["preprocessor"]
+        config.update(_ensemble_config(dataset))
+    return config
+
+
+def _ensemble_config(dataset: Dataset) -> dict[str, Any]:
+    """For a cross-validated trial: format 2, and each fold model's scaling."""
+    return {
+        "format": ENSEMBLE_FORMAT,
+        "ensemble": {
+            "combine": "mean of the fold models' class probabilities, each model through its own scaling",
+            "threshold_from": "out-of-fold scores",
+            "members": [{"fold": f.index, "preprocessor": f.preprocessor.to_dict()} for f in dataset.folds],
+        },
     }
 
 
@@ -898,9 +1075,12 @@ def _check_saved(stage: Path, frame: pd.DataFrame, dataset: Dataset, ev: Evaluat
         ExportError: The saved model scores differently: derivation, scaling or weights did not survive.
     """
     rows = np.concatenate([dataset.split.validation, dataset.split.holdout])
+    expected = np.concatenate([ev.val_scores, ev.holdout_scores])
+    if dataset.folds:
+        # The validation scores of a cross-validated trial are out-of-fold (one fold model each), not the mean.
+        rows, expected = dataset.split.holdout, ev.holdout_scores
     score_col = f"p_{config['class_names'][config['positive_index']]}"
     saved = predict_frame(stage, frame.iloc[rows])[score_col].to_numpy()
-    expected = np.concatenate([ev.val_scores, ev.holdout_scores])
     diff = float(np.max(np.abs(saved - expected))) if len(rows) else 0.0
     if diff > TOLERANCE:
         raise ExportError(
@@ -908,6 +1088,18 @@ def _check_saved(stage: Path, frame: pd.DataFrame, dataset: Dataset, ev: Evaluat
             f"{diff:.3g} > {TOLERANCE:g}); not exported"
         )
     return diff
+
+
+def _validation_card(trial: optuna.trial.FrozenTrial, spec: StudySpec) -> dict[str, Any]:
+    if spec.validation.kind != "kfold":
+        return {"kind": "split"}
+    a = trial.user_attrs
+    return {
+        "kind": "kfold",
+        "k": spec.validation.k,
+        "fold_objectives": a.get("fold_objectives"),
+        "objective_std": a.get("cv_objective_std"),
+    }
 
 
 def _card(
@@ -931,6 +1123,12 @@ def _card(
         weights = (
             "retrained from the stored parameters and seed (the run's weights artifact was missing); the retrained "
             f"validation objective matched the recorded {trial.value!r} within {TOLERANCE:g}"
+        )
+    elif dataset.folds:
+        run = trial.user_attrs.get("mlflow_run_id")
+        weights = (
+            f"the best epochs' state dicts of the {len(dataset.folds)} fold models as logged by trial run {run}, "
+            "held in one state dict (fold i under the keys i.*)"
         )
     else:
         run = trial.user_attrs.get("mlflow_run_id")
@@ -970,6 +1168,7 @@ def _card(
             "target_contamination": spec.objective.target_contamination,
         },
         "trial": {**_trial_info(trial, trained.params), "figures": chosen},
+        "validation": _validation_card(trial, spec),
         "runner_up": runner,
         "comparison": _comparison(chosen, runner["figures"] if runner else None, spec.objective.direction),
         "verification": verification,
@@ -1144,6 +1343,8 @@ def _runner_up(
 ) -> dict[str, Any]:
     """The runner-up's figures: re-measured from its stored weights when present (never retrained), else recorded."""
     info = _trial_info(runner, _params_record(_trial_params(runner, spec)))
+    if dataset.folds:
+        return _runner_up_folds(runner, spec, dataset, tracking_uri, tmp, y_hold, scored, info)
     try:
         weights, meta, why = _fetch_trial(runner, tracking_uri, tmp)
     except TunerError as exc:
@@ -1157,6 +1358,29 @@ def _runner_up(
     except (RuntimeError, ExportError) as exc:
         return {**info, "figures": _recorded_figures(runner), "curve_note": f"curve not available: {exc}"}
     ev = _measure(net.eval(), dataset, spec)
+    figures = _figures(ev, y_hold, spec.objective.target_contamination)
+    scored[f"trial {runner.number} (runner-up)"] = (ev.holdout_scores, figures)
+    return {**info, "figures": figures, "curve_note": None}
+
+
+def _runner_up_folds(
+    runner: optuna.trial.FrozenTrial,
+    spec: StudySpec,
+    dataset: Dataset,
+    tracking_uri: str,
+    tmp: Path,
+    y_hold: np.ndarray,
+    scored: dict[str, tuple[np.ndarray, dict[str, Any]]],
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    """:func:`_runner_up` for a cross-validated study: its fold models re-measured when stored, else recorded."""
+    try:
+        nets, _, why = _stored_folds(runner, spec, dataset, tracking_uri, tmp)
+    except TunerError as exc:
+        nets, why = None, str(exc)
+    if nets is None:
+        return {**info, "figures": _recorded_figures(runner), "curve_note": f"curve not available: {why}"}
+    ev = _measure(nets, dataset, spec)
     figures = _figures(ev, y_hold, spec.objective.target_contamination)
     scored[f"trial {runner.number} (runner-up)"] = (ev.holdout_scores, figures)
     return {**info, "figures": figures, "curve_note": None}

@@ -269,18 +269,21 @@ class _Pack:
         return torch.baddbmm(self.biases[-1], h, self.weights[-1])
 
     def _batch_norm(self, z: torch.Tensor, layer: int, training: bool) -> torch.Tensor:
-        gamma, beta = self.gammas[layer], self.betas[layer]
-        if not training:
-            mean, var = self.running_means[layer], self.running_vars[layer]
-        else:
-            mean = z.mean(dim=1, keepdim=True)
-            var = z.var(dim=1, unbiased=False, keepdim=True)
-            with torch.no_grad():
-                n = z.shape[1]
-                m = _BN_MOMENTUM
-                self.running_means[layer].mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_vars[layer].mul_(1 - m).add_(var.detach() * (n / max(n - 1, 1)), alpha=m)
-        return (z - mean) / torch.sqrt(var + _BN_EPS) * gamma + beta
+        # Every member's units side by side as the features of one (rows, K * width) batch: one fused kernel
+        # normalises each unit of each member over the rows and updates the running statistics in place.
+        k, rows, width = z.shape
+        flat = z.transpose(0, 1).reshape(rows, k * width)
+        out = F.batch_norm(
+            flat,
+            self.running_means[layer].view(k * width),
+            self.running_vars[layer].view(k * width),
+            self.gammas[layer].view(k * width),
+            self.betas[layer].view(k * width),
+            training=training,
+            momentum=_BN_MOMENTUM,
+            eps=_BN_EPS,
+        )
+        return out.view(rows, k, width).transpose(0, 1)
 
     def next_dropout(self) -> None:
         """Advance to the next step's dropout masks, drawing the next chunk from each member's own stream."""

@@ -9,8 +9,10 @@ offline. :func:`trials_frame` is every trial as one row, for ``tuner trials``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import html
 import math
+import re
 import socket
 import subprocess
 import warnings
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import optuna
+import plotly.colors
 import plotly.graph_objects as go
 
 from tuner import metrics
@@ -39,7 +42,21 @@ IncludeJs = Literal["cdn", "embed"]
 
 
 def _html(fig: go.Figure, plotlyjs: IncludeJs) -> str:
-    return str(fig.to_html(full_html=True, include_plotlyjs="cdn" if plotlyjs == "cdn" else True))
+    if plotlyjs != "cdn":
+        return str(fig.to_html(full_html=True, include_plotlyjs=True))
+    # plotly hashes its bundled plotly.js for the CDN tag's integrity attribute on every call (about 20 ms, most
+    # of a trial's plotting time): make the tag once and put it where plotly would.
+    page = str(fig.to_html(full_html=True, include_plotlyjs=False))
+    return page.replace("<body>", f"<body>\n{_cdn_script_tag()}", 1)
+
+
+@functools.cache
+def _cdn_script_tag() -> str:
+    page = str(go.Figure().to_html(full_html=True, include_plotlyjs="cdn"))
+    match = re.search(r"<script[^>]*src=\"https://cdn\.plot\.ly/[^>]*></script>", page)
+    if match is None:
+        raise RuntimeError("plotly's HTML holds no CDN script tag")
+    return match.group(0)
 
 
 def learning_curves(
@@ -142,6 +159,65 @@ def trial_artifacts(
     return {
         "plots/learning_curves.html": _html(
             learning_curves(history, best_epoch, f"{label}: learning curves"), plotlyjs
+        ),
+        "plots/roc.html": _html(roc_figure(curves, f"{label}: ROC"), plotlyjs),
+        "plots/completeness_efficiency.html": _html(
+            completeness_efficiency_figure(
+                curves, points, target_contamination, f"{label}: completeness vs efficiency"
+            ),
+            plotlyjs,
+        ),
+    }
+
+
+def fold_learning_curves(
+    histories: list[list[dict[str, float]]], best_epochs: list[int | None], title: str
+) -> go.Figure:
+    """Training and validation loss per epoch of each fold model of a cross-validated trial, restored epochs marked."""
+    fig = go.Figure()
+    colours = plotly.colors.qualitative.Plotly  # one colour per fold, training and validation alike
+    for i, (history, best) in enumerate(zip(histories, best_epochs, strict=True)):
+        colour = colours[i % len(colours)]
+        epochs = list(range(len(history)))
+        for key, name, dash in (("train_loss", "training", "dot"), ("val_loss", "validation", "solid")):
+            fig.add_scatter(
+                x=epochs,
+                y=[h.get(key) for h in history],
+                mode="lines",
+                name=f"fold {i} {name} loss",
+                legendgroup=f"fold {i}",
+                line={"color": colour, "dash": dash},
+            )
+        if best is not None and best < len(history):
+            fig.add_scatter(
+                x=[best],
+                y=[history[best].get("val_loss")],
+                mode="markers",
+                marker={"color": colour, "size": 10, "symbol": "x"},
+                name=f"fold {i} restored epoch {best}",
+                legendgroup=f"fold {i}",
+            )
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="loss", template="plotly_white")
+    return fig
+
+
+def crossval_trial_artifacts(
+    histories: list[list[dict[str, float]]],
+    best_epochs: list[int | None],
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    points: dict[str, tuple[float, float]],
+    target_contamination: float,
+    label: str,
+    plotlyjs: IncludeJs = "cdn",
+) -> dict[str, str]:
+    """The three HTML plots of a finished cross-validated trial, keyed by artifact path (as :func:`trial_artifacts`).
+
+    The learning curves show every fold model; ROC and completeness-vs-efficiency show the out-of-fold scores and
+    the holdout scored by the fold models' mean.
+    """
+    return {
+        "plots/learning_curves.html": _html(
+            fold_learning_curves(histories, best_epochs, f"{label}: learning curves per fold"), plotlyjs
         ),
         "plots/roc.html": _html(roc_figure(curves, f"{label}: ROC"), plotlyjs),
         "plots/completeness_efficiency.html": _html(
@@ -365,8 +441,12 @@ def study_facts(study: optuna.Study, spec: StudySpec) -> list[tuple[str, str]]:
     return rows
 
 
-def intermediate_values_figure(study: optuna.Study, objective_name: str, best: int | None) -> go.Figure:
-    """The validation objective per epoch of every trial, coloured by state; pruned trials end in a cross.
+def intermediate_values_figure(
+    study: optuna.Study, objective_name: str, best: int | None, step: str = "epoch"
+) -> go.Figure:
+    """The validation objective per epoch (per ``step``: ``fold`` in a k-fold study) of every trial, by state.
+
+    Pruned trials end in a cross.
 
     Hand-written rather than ``optuna.visualization.plot_intermediate_values``: Optuna draws one trace per trial
     in one colour, so a pruned trial cannot be told from one that stopped early, and restyling its 1,000 traces
@@ -392,7 +472,7 @@ def intermediate_values_figure(study: optuna.Study, objective_name: str, best: i
         if t.state.name == "PRUNED":
             ends[0].append(steps[-1])
             ends[1].append(values[-1])
-            ends[2].append(f"trial {t.number} pruned after epoch {steps[-1]}")
+            ends[2].append(f"trial {t.number} pruned after {step} {steps[-1]}")
     fig = go.Figure()
     order = ["COMPLETE", "FAIL", "PRUNED"]
     for state in sorted(groups, key=lambda name: order.index(name) if name in order else len(order)):
@@ -405,7 +485,7 @@ def intermediate_values_figure(study: optuna.Study, objective_name: str, best: i
             mode="lines",
             name=f"{label}: {counts[state]}",
             line={"color": color, "width": 1},
-            hovertemplate=f"%{{text}} ({state.lower()})<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>",
+            hovertemplate=f"%{{text}} ({state.lower()})<br>{step} %{{x}}: %{{y:.4g}}<extra></extra>",
         )
     if best_curve is not None:  # drawn last, on top
         fig.add_scatter(
@@ -414,7 +494,7 @@ def intermediate_values_figure(study: optuna.Study, objective_name: str, best: i
             mode="lines+markers",
             name=f"best: trial {best}",
             line={"color": "rgb(20,20,20)", "width": 3},
-            hovertemplate=f"trial {best} (best)<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>",
+            hovertemplate=f"trial {best} (best)<br>{step} %{{x}}: %{{y:.4g}}<extra></extra>",
         )
     if ends[0]:
         fig.add_scatter(
@@ -427,8 +507,8 @@ def intermediate_values_figure(study: optuna.Study, objective_name: str, best: i
             hoverinfo="text",
         )
     fig.update_layout(
-        title="Validation objective per epoch (Optuna's intermediate values)",
-        xaxis_title="epoch",
+        title=f"Validation objective per {step} (Optuna's intermediate values)",
+        xaxis_title=step,
         yaxis_title=objective_name,
         template="plotly_white",
     )
@@ -540,7 +620,8 @@ def study_sections(study: optuna.Study, spec: StudySpec, *, top: int = 10) -> li
                 pair.note("a contour needs two tuned parameters; the study has one")
             pair.parts.append("</div>")
     if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
-        intermediate.figure(intermediate_values_figure(study, target_name, best), "intermediate", height=500)
+        step = "fold" if spec.validation.kind == "kfold" else "epoch"
+        intermediate.figure(intermediate_values_figure(study, target_name, best, step), "intermediate", height=500)
     else:
         intermediate.note("no trial reported intermediate values")
 
@@ -686,6 +767,8 @@ def trial_evidence(
     Returns:
         The evidence, with notes on anything missing.
     """
+    if dataset is not None and dataset.folds:
+        return _fold_evidence(trial, spec, dataset, runs, replay=replay, workdir=workdir, say=say)
     ev = TrialEvidence(trial=trial)
     run_id = trial.user_attrs.get("mlflow_run_id")
     model = None
@@ -731,6 +814,96 @@ def trial_evidence(
     return ev
 
 
+def _folds_from_mlflow(runs: MlflowRuns, run_id: str, dataset: Dataset, workdir: Path) -> list[Any]:
+    import json
+
+    from tuner.errors import DataError, TrackingError
+    from tuner.model import load_state_dict_file, mlp_from_record
+    from tuner.study import FOLD_WEIGHTS_ARTIFACT, MODEL_META_ARTIFACT
+
+    meta = json.loads(runs.download(run_id, MODEL_META_ARTIFACT, workdir).read_text())
+    if list(meta["feature_names"]) != list(dataset.catalogue.feature_names):
+        raise DataError(
+            f"data.features: run {run_id} was trained on {meta['feature_names']}, the study's data has "
+            f"{list(dataset.catalogue.feature_names)}"
+        )
+    n_out = 1 if meta["task"] == "binary" else len(meta["class_names"])
+    models = []
+    for i in range(len(dataset.folds)):
+        path = FOLD_WEIGHTS_ARTIFACT.format(fold=i)
+        net = mlp_from_record(meta["params"], dataset.n_features, n_out)
+        try:
+            # One folder per fold: a downloaded file lands under its base name, the same for every fold.
+            net.load_state_dict(load_state_dict_file(runs.download(run_id, path, workdir / f"fold_{i}")))
+        except (RuntimeError, ValueError) as exc:
+            raise TrackingError(f"{path} of run {run_id} cannot be loaded: {exc}") from None
+        models.append(net)
+    return models
+
+
+def _fold_evidence(
+    trial: FrozenTrial,
+    spec: StudySpec,
+    dataset: Dataset,
+    runs: MlflowRuns | None,
+    *,
+    replay: bool,
+    workdir: Path,
+    say: Callable[[str], None] | None,
+) -> TrialEvidence:
+    """:func:`trial_evidence` of a cross-validated trial: out-of-fold and holdout (fold models' mean) scores."""
+    from tuner.study import CrossValidation, Objective, evaluate_folds, measure_folds
+
+    ev = TrialEvidence(trial=trial)
+    k = len(dataset.folds)
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    cv: CrossValidation | None = None
+    if runs is not None and run_id:
+        try:
+            # Fold 0's curves stand for the fold models' (all of them are in the run's plots/learning_curves.html).
+            history = runs.epoch_history(run_id, ("fold0_train_loss", "fold0_val_loss"))
+            ev.history = [{key.removeprefix("fold0_"): v for key, v in h.items()} for h in history]
+            cv = measure_folds(_folds_from_mlflow(runs, run_id, dataset, workdir / run_id), dataset, spec)
+            ev.source = f"its {k} fold models from MLflow run {run_id}"
+        except TunerError as exc:
+            ev.notes.append(f"MLflow run {run_id}: {exc}")
+    elif not run_id:
+        ev.notes.append("the trial has no MLflow run (tracking was disabled)")
+    if cv is None and replay:
+        from tuner.tracking import NullTracker
+
+        params = trial_params(trial, spec)
+        seed = int(trial.user_attrs.get("seed", spec.study.seed + trial.number))
+        if say is not None:
+            say(f"replaying the {k} fold models of trial {trial.number} from seed {seed} for its curves ...")
+        fits = Objective(spec, dataset, NullTracker()).cross_validate(params, seed)
+        if fits.failure:
+            ev.notes.append(f"replaying trial {trial.number} failed: {fits.failure}")
+        else:
+            cv = evaluate_folds(fits.folds, dataset, spec)
+            ev.history = ev.history or fits.folds[0].result.history
+            ev.source = f"its {k} fold models replayed from seed {seed} on the CPU"
+            ev.notes.append(f"models {ev.source}; figures may differ slightly from the recorded trial")
+    if cv is None:
+        ev.notes.append("no model: ROC and completeness curves are not shown")
+        return ev
+    ev.notes.append(
+        f"a {k}-fold trial: its learning curves are fold 0's; out-of-fold scores stand for validation, and the "
+        "holdout is scored by the mean of the fold models"
+    )
+    threshold = trial.user_attrs.get("threshold")
+    if threshold is None:
+        ev.notes.append(f"trial {trial.number} has no recorded threshold (user attribute 'threshold')")
+        return ev
+    y_hold = dataset.holdout.y_numpy == dataset.positive_index
+    ev.curves = {
+        "out-of-fold": (cv.oof_labels, cv.evaluation.val_scores),
+        "holdout": (y_hold, cv.evaluation.holdout_scores),
+    }
+    ev.counts = {part: metrics.confusion_counts(y, score, float(threshold)) for part, (y, score) in ev.curves.items()}
+    return ev
+
+
 def _trial_column(ev: TrialEvidence, role: str, spec: StudySpec, names: list[str]) -> str:
     t = ev.trial
     a = t.user_attrs
@@ -760,7 +933,13 @@ def _trial_column(ev: TrialEvidence, role: str, spec: StudySpec, names: list[str
     label = f"trial {t.number}"
     out.append(
         figure_div(
-            learning_curves(ev.history, a.get("best_epoch"), f"{label}: learning curves", dict(t.intermediate_values)),
+            learning_curves(
+                ev.history,
+                a.get("best_epoch") if spec.validation.kind != "kfold" else (a.get("fold_best_epochs") or [None])[0],
+                f"{label}: learning curves" + (" (fold 0)" if spec.validation.kind == "kfold" else ""),
+                # A k-fold trial reports per fold, not per epoch: its reports do not belong on an epoch axis.
+                dict(t.intermediate_values) if spec.validation.kind != "kfold" else None,
+            ),
             f"fig-{key}-learning",
             380,
         )

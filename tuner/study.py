@@ -3,7 +3,10 @@
 Data flows one way: spec -> dataset (once per process) -> per trial: params -> model -> fit -> evaluation
 (validation picks the operating point, the holdout only measures it) -> tracker -> objective value. Every trial
 records a manifest of what its numbers depend on, and :func:`replay_trial` retrains one trial alone through the
-same :meth:`Objective.train_trial` and :func:`evaluate` to check that they reproduce.
+same :meth:`Objective.train_trial` and :func:`evaluate` to check that they reproduce. With ``validation.kind:
+kfold`` a trial trains one model per fold (:meth:`Objective.cross_validate`) and is judged by
+:func:`evaluate_folds`: the mean fold objective, the threshold from the out-of-fold scores, the holdout scored by
+the fold models' mean.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,16 +35,17 @@ from tuner import metrics
 from tuner.config import MONITOR_MODE, OBJECTIVE_DIRECTION, StudySpec
 from tuner.data.dataset import Dataset, build_dataset
 from tuner.errors import ConfigError, StorageError
-from tuner.health import Verdict, judge
+from tuner.health import VERDICTS, Verdict, judge
 from tuner.model import build_mlp
 from tuner.packed import PackMember, fit_pack, pack_key
 from tuner.space import TrialParams, enqueue_params, max_layers, suggest
 from tuner.tracking import MlflowTracker, NullTracker, Tracker, mask_password
-from tuner.train import FitConfig, FitResult, fit, predict_logits, probabilities
+from tuner.train import FitConfig, FitResult, fit, mean_probabilities, predict_logits, probabilities
 from tuner.worker import (
     Terminated,
     TrialFailed,
     budget,
+    check_terminated,
     is_sqlite,
     make_storage,
     retrying,
@@ -52,7 +57,7 @@ from tuner.worker import (
 )
 
 #: Sections of the study file whose change makes earlier trials incomparable.
-FINGERPRINTED = ("data", "task", "search_space", "train", "objective")
+FINGERPRINTED = ("data", "task", "search_space", "train", "objective", "validation")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 log = logging.getLogger(__name__)
@@ -92,6 +97,11 @@ def make_pruner(name: str, options: dict[str, Any] | None = None) -> optuna.prun
         "hyperband": optuna.pruners.HyperbandPruner,
         "none": optuna.pruners.NopPruner,
     }
+    if name == "wilcoxon":
+        # Experimental in Optuna 5: the study file asked for it by name, so the warning would only repeat that.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(**options)
     return factories[name](**options)
 
 
@@ -196,6 +206,9 @@ def find_study(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.
 
 def _changed_sections(study: optuna.Study, spec: StudySpec) -> list[str]:
     stored = study.user_attrs.get("tuner.fingerprints", {})
+    if stored and "validation" not in stored:
+        # A study created before the validation section existed ran on one split, the default.
+        stored = {**stored, "validation": StudySpec().fingerprint("validation")}
     return [s for s in FINGERPRINTED if s in stored and stored[s] != spec.fingerprint(s)]
 
 
@@ -294,6 +307,243 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, spec: StudySpec, fit_resu
     )
 
 
+# --------------------------------------------------------------------------------------------------------------
+# k-fold cross-validation (validation.kind kfold)
+
+#: Artifact path of fold ``i``'s weights in a cross-validated trial's run (``model/model.json`` describes them all).
+FOLD_WEIGHTS_ARTIFACT = "model/fold_{fold}/state_dict.pt"
+
+
+@dataclass(frozen=True)
+class FoldOutcome:
+    """One fold model: trained on the other folds, judged on its own fold."""
+
+    index: int
+    model: torch.nn.Module
+    result: FitResult
+    objective: float  # the validation objective on this fold, as a one-split trial measures it on validation
+    val_scores: np.ndarray  # positive-class probability of each row of this fold
+
+
+@dataclass
+class FoldFits:
+    """The fold models of one trial, in fold order, and the reason training stopped early, if it did."""
+
+    folds: list[FoldOutcome]
+    failure: str = ""
+    failed_result: FitResult | None = None
+
+    @property
+    def results(self) -> list[FitResult]:
+        return [f.result for f in self.folds] + ([self.failed_result] if self.failed_result is not None else [])
+
+    @property
+    def health(self) -> Verdict | None:
+        return folds_verdict([r.health for r in self.results])
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """A cross-validated trial judged honestly.
+
+    ``evaluation.objective`` is the mean of the fold objectives (what Optuna optimises); the threshold and the
+    ``val_*`` figures come from the out-of-fold scores (each modelling row scored by the fold model that did not
+    train on it); the holdout is scored by the mean of the fold models' probabilities at that frozen threshold.
+    """
+
+    evaluation: Evaluation
+    fold_objectives: tuple[float, ...]
+    oof_labels: np.ndarray  # is-positive of each out-of-fold score, in the order of evaluation.val_scores
+
+    @property
+    def objective(self) -> float:
+        return self.evaluation.objective
+
+    @property
+    def objective_std(self) -> float:
+        """Sample standard deviation of the fold objectives (ddof=1): the spread a fold-to-fold difference has."""
+        return float(np.std(self.fold_objectives, ddof=1)) if len(self.fold_objectives) > 1 else 0.0
+
+    def final_metrics(self) -> dict[str, float]:
+        return {
+            **self.evaluation.final_metrics(),
+            "cv_objective_mean": self.objective,
+            "cv_objective_std": self.objective_std,
+        }
+
+
+def folds_verdict(verdicts: Sequence[Verdict | None]) -> Verdict | None:
+    """The most severe of the fold models' gradient-health verdicts, naming its fold."""
+    found = [(i, v) for i, v in enumerate(verdicts) if v is not None]
+    if not found:
+        return None
+    rank = {name: r for r, name in enumerate(VERDICTS)}
+    i, worst = min(found, key=lambda iv: (rank.get(iv[1].name, len(VERDICTS)), iv[0]))
+    return Verdict(worst.name, f"fold {i}: {worst.detail}" if worst.detail else f"fold {i}")
+
+
+def fold_objective(
+    model: torch.nn.Module, view: Dataset, spec: StudySpec, result: FitResult
+) -> tuple[float, np.ndarray]:
+    """A fold model's validation objective on its own fold, and its scores there; the holdout is not looked at.
+
+    Args:
+        model: The fold model, holding its best epoch's weights.
+        view: The fold's view of the data (:meth:`Dataset.fold_view`).
+        spec: The study.
+        result: The fold's fit (its best epoch's ``val_loss`` is the objective ``val_loss``).
+
+    Returns:
+        The objective as :func:`evaluate` measures it on validation, and the fold rows' positive-class scores.
+    """
+    pos = view.positive_index
+    logits = predict_logits(model, view.validation.x, spec.train.eval_batch_size)
+    scores = probabilities(logits, spec.task)[:, pos].cpu().numpy().astype(np.float64)
+    y = view.validation.y_numpy == pos
+    metric = spec.objective.metric
+    if metric == "completeness_at_contamination":
+        value = metrics.choose_operating_point(y, scores, spec.objective.target_contamination).completeness
+    elif metric == "val_loss":
+        value = result.best_metrics.get("val_loss", float("nan"))
+    elif metric == "roc_auc":
+        value = metrics.roc_auc(y, scores)
+    else:
+        value = metrics.average_precision(y, scores)
+    return float(value), scores
+
+
+def evaluate_folds(folds: Sequence[FoldOutcome], dataset: Dataset, spec: StudySpec) -> CrossValidation:
+    """Choose the threshold on the out-of-fold scores, freeze it, then measure the fold models' mean on the holdout.
+
+    Args:
+        folds: Every fold's outcome, in fold order.
+        dataset: The study's data, with its folds.
+        spec: The study.
+
+    Returns:
+        The cross-validated evaluation.
+    """
+    pos = dataset.positive_index
+    oof_scores = np.concatenate([f.val_scores for f in folds])
+    y_oof = np.concatenate([dataset.folds[f.index].validation.y_numpy for f in folds]) == pos
+    point = metrics.choose_operating_point(y_oof, oof_scores, spec.objective.target_contamination)
+    # The holdout only now, with the threshold frozen: each fold model scores it through its own scaling.
+    hold_scores = mean_probabilities(
+        [f.model for f in folds],
+        [dataset.folds[f.index].holdout.x for f in folds],
+        spec.task,
+        spec.train.eval_batch_size,
+    )[:, pos]
+    y_hold = dataset.holdout.y_numpy == pos
+    values = tuple(f.objective for f in folds)
+    evaluation = Evaluation(
+        objective=float(np.mean(values)),
+        val_point=point,
+        holdout=metrics.apply_operating_point(y_hold, hold_scores, point),
+        val_auc=metrics.roc_auc(y_oof, oof_scores),
+        holdout_auc=metrics.roc_auc(y_hold, hold_scores),
+        val_ap=metrics.average_precision(y_oof, oof_scores),
+        val_scores=oof_scores,
+        holdout_scores=hold_scores,
+    )
+    return CrossValidation(evaluation=evaluation, fold_objectives=values, oof_labels=y_oof)
+
+
+def measure_folds(models: Sequence[torch.nn.Module], dataset: Dataset, spec: StudySpec) -> CrossValidation:
+    """Judge stored fold models as their trial was judged: fold objectives, out-of-fold threshold, holdout mean.
+
+    Args:
+        models: Fold ``i``'s model at index ``i``, holding its restored weights, on the dataset's device.
+        dataset: The study's data, with its folds.
+        spec: The study.
+
+    Returns:
+        The cross-validated evaluation (equal to the trial's when the weights are the trial's own).
+    """
+    from tuner.train import loss_function
+
+    outcomes = []
+    for i, model in enumerate(models):
+        view = dataset.fold_view(i)
+        # val_loss as fit computes it, for studies whose objective is the validation loss.
+        logits = predict_logits(model, view.validation.x, spec.train.eval_batch_size)
+        val_loss = float(loss_function(fit_config(spec, view), dataset.device)(logits, view.validation.y))
+        result = FitResult(best_metrics={"val_loss": val_loss})
+        value, scores = fold_objective(model, view, spec, result)
+        outcomes.append(FoldOutcome(i, model, result, value, scores))
+    return evaluate_folds(outcomes, dataset, spec)
+
+
+class FoldTrackingCallback:
+    """Buffers each epoch's metrics of one fold model for the trial's run, under ``fold{i}_`` keys."""
+
+    def __init__(self, tracker: Tracker, run_id: str | None, fold: int) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self.prefix = f"fold{fold}_"
+        self.history: list[dict[str, float]] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        check_terminated()  # a SIGTERM whose exception was lost ends the trial here
+        self.history.append(metrics)
+        self.tracker.log_epoch(self.run_id, epoch, {self.prefix + k: v for k, v in metrics.items()})
+
+
+def crossval_model_files(
+    fits: FoldFits, params: TrialParams, dataset: Dataset, spec: StudySpec, cv: CrossValidation, number: int
+) -> dict[str, str | bytes]:
+    """Each fold model's restored weights and ``model/model.json`` describing the ensemble, as artifacts.
+
+    The description has no top-level ``preprocessor``: each member carries its own, fitted on its training folds.
+    """
+    import io
+
+    files: dict[str, str | bytes] = {}
+    members = []
+    seed = spec.study.seed + number
+    for outcome in fits.folds:
+        fold = dataset.folds[outcome.index]
+        path = FOLD_WEIGHTS_ARTIFACT.format(fold=outcome.index)
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}, buffer)
+        files[path] = buffer.getvalue()
+        members.append(
+            {
+                "fold": outcome.index,
+                "weights": path,
+                "seed": seed + outcome.index,
+                "preprocessor": fold.preprocessor.to_dict(),
+                "train_rows": len(fold.train_rows),
+                "validation_rows": len(fold.validation_rows),
+                "objective": outcome.objective,
+                "epochs": outcome.result.epochs,
+                "best_epoch": outcome.result.best_epoch,
+            }
+        )
+    meta = model_meta(params, dataset, spec, cv.evaluation, number)
+    del meta["preprocessor"]
+    meta["metrics"] = cv.final_metrics()
+    meta["validation"] = {"kind": "kfold", "k": len(dataset.folds)}
+    meta["ensemble"] = {
+        "combine": "mean of the fold models' class probabilities, each model through its own scaling",
+        "threshold_from": "out-of-fold scores",
+        "members": members,
+    }
+    files[MODEL_META_ARTIFACT] = json.dumps(meta, indent=2)
+    return files
+
+
+def _check_folds(spec: StudySpec, dataset: Dataset) -> None:
+    # A dataset handed in (tests, notebooks) must have been built for this spec's validation.
+    want = spec.validation.k if spec.validation.kind == "kfold" else 0
+    if len(dataset.folds) != want:
+        raise ValueError(
+            f"the dataset has {len(dataset.folds)} folds but the spec asks for validation {spec.validation.kind}"
+            + (f" with k={want}" if want else "")
+            + "; build it with build_dataset(spec)"
+        )
+
+
 class PruningCallback:
     """Reports the validation objective to Optuna each epoch and raises ``TrialPruned`` when told to."""
 
@@ -321,6 +571,7 @@ class TrackingCallback:
         self.history: list[dict[str, float]] = []
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        check_terminated()  # a SIGTERM whose exception was lost ends the trial here
         self.history.append(metrics)
         self.tracker.log_epoch(self.run_id, epoch, metrics)
 
@@ -549,6 +800,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         run = self.begin(trial)
+        if self.dataset.folds:
+            return self.cross_validate_trial(run)
         try:
             model, result = self.train_trial(run.params, run.seed, run.callbacks)
         except BaseException as exc:  # closed as PRUNED or FAIL by finish(), which re-raises
@@ -723,6 +976,165 @@ class Objective:
             )
         )
 
+    # ----------------------------------------------------------------------------------------------------------
+    # k-fold cross-validation
+
+    @functools.cached_property
+    def _fold_objectives(self) -> list[Objective]:
+        # One objective per fold, on the fold's view of the data: the one-split code (fit configuration, per-epoch
+        # validation scores, balanced class weights) then sees the fold's rows and scaling.
+        return [Objective(self.spec, self.dataset.fold_view(i), self.tracker) for i in range(len(self.dataset.folds))]
+
+    def cross_validate(
+        self,
+        params: TrialParams,
+        seed: int,
+        *,
+        callbacks: Callable[[int], Sequence[Any]] = lambda fold: (),
+        after_fold: Callable[[FoldOutcome], None] | None = None,
+    ) -> FoldFits:
+        """Train the k fold models in fold order; fold ``i`` is seeded with ``seed + i``. Also used to replay.
+
+        Args:
+            params: The trial's parameters.
+            seed: The trial's seed.
+            callbacks: The per-epoch callbacks of fold ``i``.
+            after_fold: Called with each finished fold (reports to Optuna; may raise ``optuna.TrialPruned``).
+
+        Returns:
+            The fold models; at the first fold whose fit fails or whose objective is not finite, training stops
+            and ``failure`` names the fold and the reason.
+        """
+        fits = FoldFits(folds=[])
+        for i, runner in enumerate(self._fold_objectives):
+            model, result = runner.train_trial(params, seed + i, list(callbacks(i)), engine="eager")
+            if result.failed:
+                fits.failure, fits.failed_result = f"fold {i}: {result.stop_reason}", result
+                return fits
+            value, scores = fold_objective(model, runner.dataset, self.spec, result)
+            if not math.isfinite(value):
+                fits.failure = f"fold {i}: non-finite objective {self.spec.objective.metric}={value}"
+                fits.failed_result = result
+                return fits
+            outcome = FoldOutcome(i, model, result, value, scores)
+            fits.folds.append(outcome)
+            if after_fold is not None:
+                after_fold(outcome)
+        return fits
+
+    def cross_validate_trial(self, run: TrialRun) -> float:
+        """One k-fold trial: train the folds (each fold's objective reported with step = fold), judge, close the run.
+
+        Returns:
+            The mean of the fold objectives.
+
+        Raises:
+            optuna.TrialPruned: The pruner stopped the trial after a fold.
+            TrialFailed: A fold failed (non-finite loss, gradients or objective; out of memory).
+        """
+        trial, run_id, artifacts = run.trial, run.run_id, run.artifacts
+        k = len(self.dataset.folds)
+        trackers = [FoldTrackingCallback(self.tracker, run_id, i) for i in range(k)]
+        done: list[FoldOutcome] = []
+        state, final, tags = "FAIL", {}, {}
+
+        def after_fold(outcome: FoldOutcome) -> None:
+            done.append(outcome)
+            result = outcome.result
+            fold_metrics = {"fold_objective": outcome.objective, "fold_epochs": float(result.epochs)}
+            fold_metrics["fold_best_epoch"] = float(result.best_epoch or 0)
+            self.tracker.log_epoch(run_id, outcome.index, fold_metrics)
+            trial.report(outcome.objective, outcome.index)
+            # After the last fold the trial is complete: pruning it would save nothing and lose its value.
+            if outcome.index < k - 1 and trial.should_prune():
+                raise optuna.TrialPruned(
+                    f"pruned after {outcome.index + 1} of {k} folds (fold {outcome.index} "
+                    f"{self.spec.objective.metric}={outcome.objective:.6g})"
+                )
+
+        def record_folds(results: Sequence[FitResult]) -> None:
+            trial.set_user_attr("fold_objectives", [o.objective for o in done])
+            trial.set_user_attr("fold_epochs", [r.epochs for r in results])
+            trial.set_user_attr("fold_best_epochs", [r.best_epoch for r in results])
+            trial.set_user_attr("epochs", sum(r.epochs for r in results))
+            final["epochs"] = float(sum(r.epochs for r in results))
+            for i, r in enumerate(results):
+                tags[f"fold{i}_stop_reason"] = r.stop_reason
+
+        try:
+            try:
+                fits = self.cross_validate(
+                    run.params, run.seed, callbacks=lambda i: [trackers[i]], after_fold=after_fold
+                )
+            except optuna.TrialPruned as exc:
+                state = "PRUNED"
+                tags["stop_reason"] = str(exc)
+                trial.set_user_attr("stop_reason", str(exc))
+                record_folds([o.result for o in done])
+                if self.config.health:
+                    _record_health(trial, folds_verdict([o.result.health for o in done]), tags)
+                raise
+            except torch.OutOfMemoryError as exc:
+                tags["stop_reason"] = f"out of memory: {exc}"
+                raise TrialFailed(f"out of memory: {exc}") from None
+            results = fits.results
+            record_folds(results)
+            summary = (
+                f"{k} folds; epochs per fold {', '.join(str(r.epochs) for r in results)}, restored "
+                f"{', '.join(str(r.best_epoch) for r in results)}"
+            )
+            trial.set_user_attr("stop_reason", fits.failure or summary)
+            tags["stop_reason"] = fits.failure or summary
+            _record_health(trial, fits.health, tags)
+            if fits.failure:
+                failed = fits.failed_result
+                if failed is not None and len(trackers[len(fits.folds)].history) < failed.epochs:
+                    # The epoch that ended the fit reached no callback: log it, so the curves show the blow-up.
+                    trackers[len(fits.folds)].on_epoch_end(failed.epochs - 1, failed.history[-1])
+                trial.set_user_attr("fail_reason", fits.failure)
+                raise TrialFailed(fits.failure)
+            cv = evaluate_folds(fits.folds, self.dataset, self.spec)
+            if not math.isfinite(cv.objective):
+                reason = f"non-finite objective {self.spec.objective.metric}={cv.objective}"
+                trial.set_user_attr("fail_reason", reason)
+                tags["stop_reason"] = reason
+                raise TrialFailed(reason)
+            final.update(cv.final_metrics())
+            for key, value in cv.final_metrics().items():
+                trial.set_user_attr(key, value)
+            if self.spec.tracking.enabled:
+                artifacts.update(crossval_model_files(fits, run.params, self.dataset, self.spec, cv, trial.number))
+                if self.spec.tracking.plots:
+                    artifacts.update(self._crossval_plots(fits, cv, trial.number))
+            state = "COMPLETE"
+            return cv.objective
+        finally:
+            # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
+            self.tracker.end_trial(run_id, state, final, tags, artifacts)
+
+    def _crossval_plots(self, fits: FoldFits, cv: CrossValidation, number: int) -> dict[str, str | bytes]:
+        from tuner.report import crossval_trial_artifacts
+
+        ev = cv.evaluation
+        y_hold = self.dataset.holdout.y_numpy == self.dataset.positive_index
+        oof, hold = "out-of-fold", "holdout (mean of the fold models)"
+        curves = {oof: (cv.oof_labels, ev.val_scores), hold: (y_hold, ev.holdout_scores)}
+        points = {
+            oof: (ev.val_point.completeness, ev.val_point.contamination),
+            hold: (ev.holdout.completeness, ev.holdout.contamination),
+        }
+        return dict(
+            crossval_trial_artifacts(
+                [f.result.history for f in fits.folds],
+                [f.result.best_epoch for f in fits.folds],
+                curves,
+                points,
+                self.spec.objective.target_contamination,
+                f"trial {number}",
+                self.spec.tracking.plotlyjs,
+            )
+        )
+
 
 # --------------------------------------------------------------------------------------------------------------
 # The study
@@ -856,6 +1268,7 @@ def run_study(
     total = n_trials or spec.study.n_trials
     torch_device = resolve_device(device) if isinstance(device, str) else device
     dataset = dataset or build_dataset(spec, torch_device)
+    _check_folds(spec, dataset)
     url = storage_url(spec, storage) if storage is None or isinstance(storage, str) else None
     target: str | optuna.storages.BaseStorage = url if url is not None else storage  # type: ignore[assignment]
     with sqlite_single_process(url) if url else contextlib.nullcontext():
@@ -923,6 +1336,8 @@ def run_study(
         try:
             if mode != "create":
                 pack = pack_size(spec.study.pack, dataset.device)
+                if dataset.folds:
+                    pack = 1  # a k-fold trial trains its folds one after the other (study.pack auto)
                 done = work(
                     study,
                     Objective(spec, dataset, tracker, engine="packed" if pack > 1 else "eager"),
@@ -1184,6 +1599,7 @@ def replay_trial(
         raise StorageError(f"TRIAL: trial {number} holds no parameters for this search space: {exc}") from None
     seed = int(attrs.get("seed", spec.study.seed + number))
     dataset = dataset or build_dataset(spec, "cpu")
+    _check_folds(spec, dataset)
     manifest: dict[str, Any] = attrs.get("manifest") or {}
     notes = (
         _environment_notes(manifest, environment_manifest(dataset.device))
@@ -1200,6 +1616,8 @@ def replay_trial(
     data_hash = dataset.catalogue.data_hash
     if recorded_hash and recorded_hash != data_hash:
         notes.insert(0, f"the data hash {recorded_hash} when the trial ran differs from the rebuilt data's {data_hash}")
+    if dataset.folds:
+        return _replay_folds(trial, dataset, Objective(spec, dataset, NullTracker()), params, seed, notes, tolerance)
     objective = Objective(spec, dataset, NullTracker())
     replayed: float | None = None
     reason = ""
@@ -1224,6 +1642,43 @@ def replay_trial(
         replayed_reason=reason,
         recorded_health=attrs.get("gradient_health"),
         replayed_health=result.health.name if result.health else None,
+        tolerance=tolerance,
+        notes=tuple(notes),
+    )
+
+
+def _replay_folds(
+    trial: FrozenTrial,
+    dataset: Dataset,
+    objective: Objective,
+    params: TrialParams,
+    seed: int,
+    notes: list[str],
+    tolerance: float,
+) -> Replay:
+    """Replay a k-fold trial: retrain its k fold models and compare the mean of their objectives with its value."""
+    attrs = trial.user_attrs
+    manifest: dict[str, Any] = attrs.get("manifest") or {}
+    notes = [
+        *notes,
+        f"k-fold trial: its {len(dataset.folds)} fold models are retrained; the objective is their mean",
+    ]
+    with _threads(manifest.get("torch", {}).get("num_threads")):
+        fits = objective.cross_validate(params, seed)
+    replayed = None if fits.failure else float(np.mean([f.objective for f in fits.folds]))
+    state = trial.state.name
+    health = fits.health
+    return Replay(
+        trial_number=trial.number,
+        state=state,
+        seed=seed,
+        data_hash=dataset.catalogue.data_hash,
+        recorded=trial.value if state == "COMPLETE" else None,
+        replayed=replayed,
+        recorded_reason=str(attrs.get("fail_reason", "")),
+        replayed_reason=fits.failure,
+        recorded_health=attrs.get("gradient_health"),
+        replayed_health=health.name if health else None,
         tolerance=tolerance,
         notes=tuple(notes),
     )

@@ -154,6 +154,31 @@ def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
+def mean_probabilities(
+    models: Sequence[nn.Module], inputs: Sequence[torch.Tensor], task: str, chunk: int = 65_536
+) -> np.ndarray:
+    """The mean of several models' class probabilities, as float64 (n, classes).
+
+    Args:
+        models: The networks of an ensemble (the fold models of a cross-validated trial).
+        inputs: The rows each model scores, in the same order for every model; each through that model's own
+            scaling.
+        task: ``binary`` or ``multiclass``.
+        chunk: Rows per forward pass.
+
+    Returns:
+        The averaged probabilities, summed in model order (so the same models give the same bits).
+    """
+    if not models:
+        raise ValueError("an ensemble needs at least one model")
+    total: np.ndarray | None = None
+    for model, x in zip(models, inputs, strict=True):
+        p = probabilities(predict_logits(model, x, chunk), task).cpu().numpy().astype(np.float64)
+        total = p if total is None else total + p
+    assert total is not None
+    return total / len(models)
+
+
 def fit(
     model: nn.Module,
     train: Part,

@@ -369,14 +369,30 @@ def heartbeat_settings(study: optuna.Study) -> tuple[int, float]:
     return int(interval), float(grace)
 
 
+_terminated = threading.Event()
+
+
+def check_terminated() -> None:
+    """Raise :class:`Terminated` when SIGTERM arrived, even if the exception raised at the time was lost."""
+    if _terminated.is_set():
+        raise Terminated(f"signal {signal.SIGTERM.value}")
+
+
 @contextmanager
 def terminate_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` in the main thread, so the running trial is closed properly."""
+    """Turn SIGTERM into :class:`Terminated` in the main thread, so the running trial is closed properly.
+
+    The signal is also remembered: Python drops an exception raised while it runs a finaliser (a database
+    connection collected mid-step, say), so :func:`check_terminated` raises it again at the next epoch's end and
+    before the next trial is taken.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _terminated.clear()
 
     def handler(signum: int, frame: object) -> None:
+        _terminated.set()
         raise Terminated(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -436,6 +452,7 @@ def work(
     ran = 0
     with terminate_on_sigterm():
         while True:
+            check_terminated()
             if timeout is not None and time.monotonic() - started > timeout:
                 break
             taken: list[optuna.Trial] = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -11,7 +11,7 @@ import torch
 from tuner.config import StudySpec
 from tuner.data.load import Catalogue, catalogue_from_frame, read_table
 from tuner.data.preprocess import Preprocessor
-from tuner.data.split import SplitIndices, stratified_split
+from tuner.data.split import SplitIndices, stratified_folds, stratified_split
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,23 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Fold:
+    """One fold of k-fold cross-validation: trained on the other folds, validated on this one.
+
+    The scaling is fitted on the training folds only; the holdout is kept through the same scaling for the final
+    measurement, and is never used to fit, choose or prune.
+    """
+
+    index: int
+    train_rows: np.ndarray  # catalogue rows of the other folds
+    validation_rows: np.ndarray  # catalogue rows of this fold
+    train: Part
+    validation: Part
+    holdout: Part
+    preprocessor: Preprocessor
+
+
+@dataclass(frozen=True)
 class Dataset:
     """Everything a trial needs from the data; shared read-only by every trial of the process."""
 
@@ -38,6 +55,23 @@ class Dataset:
     preprocessor: Preprocessor
     positive_index: int  # column of the positive class in the model's output probabilities
     device: torch.device
+    # k-fold cross-validation (validation.kind kfold): the folds of the modelling set (train + validation rows).
+    folds: tuple[Fold, ...] = ()
+
+    def fold_view(self, index: int) -> Dataset:
+        """The data as fold ``index`` sees it: train on the other folds, validate on this one, with its scaling.
+
+        Training and evaluation code written for one split runs unchanged on the view.
+        """
+        fold = self.folds[index]
+        return replace(
+            self,
+            train=fold.train,
+            validation=fold.validation,
+            holdout=fold.holdout,
+            preprocessor=fold.preprocessor,
+            folds=(),
+        )
 
     @property
     def n_features(self) -> int:
@@ -51,6 +85,10 @@ class Dataset:
         """What identifies the data, for tags and the model card."""
         counts = np.bincount(self.catalogue.labels, minlength=self.n_classes)
         sizes = self.split.sizes()
+        folds = {}
+        if self.folds:
+            fold_sizes = ", ".join(str(len(f.validation_rows)) for f in self.folds)
+            folds["data.folds"] = f"{len(self.folds)} stratified folds of train + validation, sizes {fold_sizes}"
         return {
             "data.source": self.catalogue.source,
             "data.hash": self.catalogue.data_hash,
@@ -60,6 +98,7 @@ class Dataset:
             ),
             "data.split_sizes": ", ".join(f"{k}={v}" for k, v in sizes.items()),
             "data.features": ", ".join(self.catalogue.feature_names),
+            **folds,
         }
 
 
@@ -95,6 +134,9 @@ def load_catalogue(spec: StudySpec) -> Catalogue:
 def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue: Catalogue | None = None) -> Dataset:
     """Split once, fit scaling on train only, and move every part to the device.
 
+    With ``validation.kind: kfold`` the modelling set (train + validation rows) is also cut into k stratified
+    folds, each with its own scaling fitted on its training folds.
+
     Args:
         spec: The study.
         device: Where the tensors live for the whole study.
@@ -102,16 +144,38 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
 
     Returns:
         The dataset.
+
+    Raises:
+        DataError: A class is too rare for the split or for k folds.
     """
     catalogue = catalogue or load_catalogue(spec)
     device = torch.device(device)
     split = stratified_split(catalogue.labels, spec.data.split, spec.data.seed, catalogue.class_names)
     preprocessor = Preprocessor.fit(spec.data.preprocess, catalogue.features[split.train])
 
-    def part(idx: np.ndarray) -> Part:
-        x = torch.from_numpy(preprocessor.transform(catalogue.features[idx])).to(device)
+    def part(idx: np.ndarray, scaling: Preprocessor = preprocessor) -> Part:
+        x = torch.from_numpy(scaling.transform(catalogue.features[idx])).to(device)
         y_np = catalogue.labels[idx]
         return Part(x=x, y=torch.from_numpy(y_np).to(device), y_numpy=y_np)
+
+    folds: list[Fold] = []
+    if spec.validation.kind == "kfold":
+        modelling = np.sort(np.concatenate([split.train, split.validation]))
+        held = stratified_folds(catalogue.labels, modelling, spec.validation.k, spec.data.seed, catalogue.class_names)
+        for i, rows in enumerate(held):
+            train_rows = np.setdiff1d(modelling, rows)
+            scaling = Preprocessor.fit(spec.data.preprocess, catalogue.features[train_rows])
+            folds.append(
+                Fold(
+                    index=i,
+                    train_rows=train_rows,
+                    validation_rows=rows,
+                    train=part(train_rows, scaling),
+                    validation=part(rows, scaling),
+                    holdout=part(split.holdout, scaling),
+                    preprocessor=scaling,
+                )
+            )
 
     if spec.task == "binary":
         positive_index = 1
@@ -126,4 +190,5 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
         preprocessor=preprocessor,
         positive_index=positive_index,
         device=device,
+        folds=tuple(folds),
     )

@@ -1,11 +1,11 @@
-"""One stratified train / validation / holdout split, fixed by the data seed."""
+"""One stratified train / validation / holdout split, fixed by the data seed, and k folds of train + validation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from tuner.config import SplitSpec
 from tuner.errors import DataError
@@ -58,3 +58,34 @@ def stratified_split(labels: np.ndarray, spec: SplitSpec, seed: int, class_names
             names = ", ".join(repr(class_names[m]) for m in sorted(missing))
             raise DataError(f"data.split: the {part} part has no rows of class {names}; the class is too rare")
     return split
+
+
+def stratified_folds(
+    labels: np.ndarray, rows: np.ndarray, k: int, seed: int, class_names: tuple[str, ...]
+) -> tuple[np.ndarray, ...]:
+    """Cut the modelling rows into k folds that each keep the class proportions.
+
+    Args:
+        labels: Integer class of every row of the catalogue.
+        rows: The modelling rows (train + validation of the split); the holdout is never among them.
+        k: Number of folds.
+        seed: The data seed; the same seed gives the same folds.
+        class_names: For messages.
+
+    Returns:
+        Each fold's row indices (sorted); disjoint, together every modelling row once.
+
+    Raises:
+        DataError: A class has fewer modelling rows than folds, so some fold would have none of it.
+    """
+    counts = np.bincount(labels[rows], minlength=len(class_names))
+    for name, count in zip(class_names, counts, strict=True):
+        if count < k:
+            listing = ", ".join(f"{n}={int(c)}" for n, c in zip(class_names, counts, strict=True))
+            raise DataError(
+                f"validation.k: class {name!r} has {int(count)} rows in the modelling set (train + validation: "
+                f"{listing}), fewer than k={k} folds, so some fold would have none of it; lower validation.k to at "
+                f"most {int(counts.min())}"
+            )
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return tuple(np.sort(rows[held]) for _, held in splitter.split(rows, labels[rows]))
