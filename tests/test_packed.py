@@ -238,3 +238,24 @@ def test_a_packed_trial_replays_alone_to_its_recorded_value(packed_study):
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     replay = replay_trial(study, packed_study["spec"], complete[-1].number, dataset=packed_study["dataset"])
     assert replay.matches, replay.summary()
+
+
+def test_the_eager_engine_remains_selectable_and_replays_its_own_trials(tmp_path):
+    raw = {**PACKED_STUDY, "study": {**PACKED_STUDY["study"], "name": "tiny-eager", "n_trials": 2, "pack": 1}}
+    raw["study"]["engine"] = "eager"
+    spec = spec_from_dict(stored_in(raw, tmp_path, enabled=False))
+    result = run_study(spec, device="cpu")
+    trials = result.study.get_trials(deepcopy=False)
+    assert [t.user_attrs["engine"] for t in trials] == ["eager", "eager"]
+    assert trials[0].user_attrs["manifest"]["engine"] == "eager"
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    replay = replay_trial(result.study, spec, complete[0].number, dataset=result.dataset)
+    assert replay.matches, replay.summary()
+
+
+def test_the_eager_engine_cannot_pack():
+    from tuner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"study\.engine: the eager engine trains one trial at a time, got pack=4"):
+        spec_from_dict({"study": {"engine": "eager", "pack": 4}})
+    assert spec_from_dict({"study": {}}).study.engine == "packed"

@@ -396,6 +396,18 @@ class StudySection(_Frozen):
     # Trials trained together as one vectorised model (tuner.packed): a number >= 1, or auto (8 on a GPU, 1 on
     # the CPU). With pack > 1 a worker takes up to that many trials at a time.
     pack: int | Literal["auto"] = "auto"
+    # What trains a trial: packed (tuner.packed, also for one trial at a time: fused updates, no module
+    # overhead) or eager (torch.nn and torch.optim, tuner.train.fit). k-fold trials train eagerly.
+    engine: Literal["packed", "eager"] = "packed"
+
+    @model_validator(mode="after")
+    def _pack_needs_packed_engine(self) -> StudySection:
+        if self.engine == "eager" and self.pack != "auto" and self.pack > 1:
+            raise ValueError(
+                f"study.engine: the eager engine trains one trial at a time, got pack={self.pack}; "
+                "use engine packed, or pack 1"
+            )
+        return self
 
     @field_validator("pack", mode="before")
     @classmethod

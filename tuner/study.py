@@ -1336,11 +1336,15 @@ def run_study(
         try:
             if mode != "create":
                 pack = pack_size(spec.study.pack, dataset.device)
+                engine = spec.study.engine
                 if dataset.folds:
-                    pack = 1  # a k-fold trial trains its folds one after the other (study.pack auto)
+                    # A k-fold trial trains its folds one after the other, eagerly (study.pack auto).
+                    pack, engine = 1, "eager"
+                elif spec.study.pack == "auto" and engine == "eager":
+                    pack = 1
                 done = work(
                     study,
-                    Objective(spec, dataset, tracker, engine="packed" if pack > 1 else "eager"),
+                    Objective(spec, dataset, tracker, engine=engine),
                     pack=pack,
                     total=total,
                     timeout=spec.study.timeout,
