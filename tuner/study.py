@@ -46,10 +46,10 @@ from tuner.worker import (
     TrialFailed,
     budget,
     check_terminated,
+    find_study,
     is_sqlite,
     make_storage,
     retrying,
-    sqlite_path,
     sqlite_single_process,
     stale_trial_handler,
     state_counts,
@@ -177,31 +177,6 @@ def pack_size(pack: int | str, device: torch.device) -> int:
 
 def storage_url(spec: StudySpec, storage: str | None = None) -> str:
     return storage or spec.study.storage
-
-
-def _storage_exists(url: str) -> bool:
-    # Opening an SQLite URL creates the file and tables; do not, when only looking.
-    path = sqlite_path(url)
-    return path is None or path.exists()
-
-
-def find_study(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.Study | None:
-    """The stored study, or None when there is none of that name.
-
-    Raises:
-        StorageError: The storage cannot be reached.
-    """
-    if isinstance(storage, str) and not _storage_exists(storage):
-        return None
-    try:
-        if name not in optuna.get_all_study_names(storage):
-            return None
-        return optuna.load_study(study_name=name, storage=storage)
-    except Exception as exc:  # storage drivers raise many types; every one means "cannot reach it"
-        if isinstance(exc, StorageError):
-            raise
-        where = mask_password(storage) if isinstance(storage, str) else type(storage).__name__
-        raise StorageError(f"study.storage: cannot open {where}: {type(exc).__name__}: {exc}") from None
 
 
 def _changed_sections(study: optuna.Study, spec: StudySpec) -> list[str]:
@@ -655,11 +630,9 @@ MANIFEST_ARTIFACT = "manifest.json"
 MANIFEST_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "pandas", "optuna", "mlflow")
 
 
-def environment_manifest(device: torch.device) -> dict[str, Any]:
-    """What a trial's numbers depend on besides its parameters, seed and data: versions, device, torch settings.
-
-    Versions are read from the installed distributions, so this imports no tracking library.
-    """
+@functools.cache
+def _package_versions() -> tuple[tuple[str, str], ...]:
+    # Read once per process: every trial records them, and the lookups cost a trial some 50 ms.
     from importlib.metadata import PackageNotFoundError, version
 
     from tuner import __version__
@@ -668,9 +641,17 @@ def environment_manifest(device: torch.device) -> dict[str, Any]:
     for name in MANIFEST_PACKAGES:
         with contextlib.suppress(PackageNotFoundError):
             packages[name] = version(name)
+    return tuple(packages.items())
+
+
+def environment_manifest(device: torch.device) -> dict[str, Any]:
+    """What a trial's numbers depend on besides its parameters, seed and data: versions, device, torch settings.
+
+    Versions are read from the installed distributions, so this imports no tracking library.
+    """
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     return {
-        "packages": packages,
+        "packages": dict(_package_versions()),
         "git_commit": _git_commit(),
         "platform": platform.platform(),
         "device": str(device),
@@ -1192,17 +1173,15 @@ def _git_commit() -> str | None:
 
 def environment_tags() -> dict[str, str]:
     """Package versions and the code's commit, so a run can be traced to what produced it."""
-    import mlflow
-
-    from tuner import __version__
-
-    # "mlflow." is MLflow's own tag namespace: keep ours under "env.".
+    versions = dict(_package_versions())
+    # "mlflow." is MLflow's own tag namespace: keep ours under "env.". The installed distribution's version, so
+    # that a study with tracking off does not import MLflow for its tags.
     tags = {
-        "env.tuner": __version__,
+        "env.tuner": versions["tuner"],
         "env.python": platform.python_version(),
         "env.torch": torch.__version__,
         "env.optuna": optuna.__version__,
-        "env.mlflow": mlflow.__version__,
+        "env.mlflow": versions.get("mlflow", "not installed"),
         "env.numpy": np.__version__,
     }
     commit = _git_commit()
@@ -1349,7 +1328,8 @@ def run_study(
                     total=total,
                     timeout=spec.study.timeout,
                     max_retries=spec.study.max_retries,
-                    poll_interval=min(spec.study.heartbeat_interval, 5),
+                    # An idle worker looks for a free slot (a lost trial's retry) every second.
+                    poll_interval=1,
                     callbacks=callbacks,
                 )
                 ran, finished = done.ran, done.finished_study
@@ -1422,22 +1402,6 @@ def _study_summary_metrics(study: optuna.Study, seconds: float) -> dict[str, flo
             if key in best.user_attrs:
                 out[f"best_{key}"] = float(best.user_attrs[key])
     return out
-
-
-def load_existing(name: str, storage: str) -> optuna.Study:
-    """Open a stored study by name.
-
-    Raises:
-        StorageError: No such study (the names present are listed) or the storage is unreachable.
-    """
-    study = find_study(name, storage)
-    if study is None:
-        names = []
-        if _storage_exists(storage):
-            names = optuna.get_all_study_names(storage)
-        listing = ", ".join(names) if names else "none"
-        raise StorageError(f"study {name!r} not found in {mask_password(storage)}; studies there: {listing}")
-    return study
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -73,6 +73,43 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
 
 
+def find_study(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.Study | None:
+    """The stored study, or None when there is none of that name. Imports optuna only (``tuner status``).
+
+    Raises:
+        StorageError: The storage cannot be reached.
+    """
+    path = sqlite_path(storage) if isinstance(storage, str) else None
+    if path is not None and not path.exists():
+        return None  # opening an SQLite URL would create the file and tables: do not, when only looking
+    try:
+        # One storage object for both looks: each URL opened anew would build its own engine.
+        opened = optuna.storages.get_storage(storage) if isinstance(storage, str) else storage
+        if name not in optuna.get_all_study_names(opened):
+            return None
+        return optuna.load_study(study_name=name, storage=opened)
+    except Exception as exc:  # storage drivers raise many types; every one means "cannot reach it"
+        if isinstance(exc, StorageError):
+            raise
+        where = mask_password(storage) if isinstance(storage, str) else type(storage).__name__
+        raise StorageError(f"study.storage: cannot open {where}: {type(exc).__name__}: {exc}") from None
+
+
+def load_existing(name: str, storage: str) -> optuna.Study:
+    """Open a stored study by name.
+
+    Raises:
+        StorageError: No such study (the names present are listed) or the storage is unreachable.
+    """
+    study = find_study(name, storage)
+    if study is None:
+        path = sqlite_path(storage)
+        names = optuna.get_all_study_names(storage) if path is None or path.exists() else []
+        listing = ", ".join(names) if names else "none"
+        raise StorageError(f"study {name!r} not found in {mask_password(storage)}; studies there: {listing}")
+    return study
+
+
 def make_storage(
     url: str,
     *,

@@ -1,0 +1,214 @@
+"""Benchmark (not a timed test): how much training the default pruner saves before a study finds a good model.
+
+For each sampler seed the same study runs twice, in in-memory storage with tracking off, on one data set built
+once: with the study file's pruner (``median``: Optuna's MedianPruner with tuner's ``n_warmup_steps=3``) and
+with pruner ``none``. Everything else is equal: the study seed (``study.seed``, which seeds the sampler and each
+trial's weights as ``seed + trial number``), the warm-start queue, the trials' budget.
+
+Compute is the number of epochs trained, summed over trials in the order they ran (each trial's user attribute
+``epochs``; a pruned trial counts the epochs it trained before it was cut). The target is the unpruned run's
+final best validation objective ``B``; a run reaches it at the first trial whose running best (COMPLETE trials
+only) is within 0.5% of ``B``, relative: ``best >= B - 0.005 * |B|`` when maximising (``<= B + 0.005 * |B|``
+when minimising). Epochs-to-target is the epochs summed up to and including that trial; the unpruned run
+always reaches its own target. The saving is (epochs-to-target without pruning) / (with pruning); a pruned
+run that never reaches the target saves nothing (ratio 0). The median ratio over the seeds is compared with
+the target of 3x.
+
+Run (about 5-10 minutes on 2 cores with the defaults, which these spell out):
+
+    .venv/bin/python bench/bench_pruning.py --study studies/quickstart.yaml --n-trials 20 --max-epochs 25 \\
+        --n-star 50000 --n-quasar 500 --seeds 0 1 2
+
+``--n-star`` / ``--n-quasar`` apply to a simulated catalogue only; ``--study studies/sdss_qso.yaml`` runs on the
+SDSS file (use a smaller ``--max-epochs``: its default is 60).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+
+from tuner.config import StudySpec, load_spec
+from tuner.data.dataset import Dataset, build_dataset
+from tuner.study import make_pruner, run_study
+
+TOLERANCE = 0.005
+TARGET_RATIO = 3.0
+
+
+@dataclass(frozen=True)
+class Run:
+    """One study run: per trial (in the order run) its epochs, state and value."""
+
+    pruner: str
+    epochs: list[int]
+    states: list[str]
+    values: list[float | None]
+    seconds: float
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(self.epochs)
+
+    def best(self, maximize: bool) -> float:
+        done = [v for v in self.values if v is not None]
+        return max(done) if maximize else min(done)
+
+    def ideal_pruned(self, at: int, n_startup: int, n_warmup: int) -> int:
+        """Epochs to reach trial ``at`` if the same trials ran and every one the pruner may cut were cut as early
+        as it allows (at epoch index ``n_warmup``, after ``n_startup`` COMPLETE trials), the target trial kept.
+        """
+        spent, complete = 0, 0
+        for number in range(at + 1):
+            full = self.epochs[number]
+            cut = number != at and complete >= n_startup
+            spent += min(full, n_warmup + 1) if cut else full
+            complete += self.states[number] == "COMPLETE"
+        return spent
+
+    def epochs_to(self, target: float, maximize: bool) -> tuple[int | None, int | None]:
+        """(epochs summed up to the first trial whose running best reaches ``target``, that trial's number)."""
+        spent = 0
+        for number, (epochs, value) in enumerate(zip(self.epochs, self.values, strict=True)):
+            spent += epochs
+            if value is not None and (value >= target if maximize else value <= target):
+                return spent, number
+        return None, None
+
+
+def run_once(spec: StudySpec, dataset: Dataset, pruner_name: str) -> Run:
+    pruner = make_pruner(pruner_name, spec.study.pruner_options if pruner_name == spec.study.pruner else None)
+    started = time.perf_counter()
+    result = run_study(
+        spec,
+        storage=optuna.storages.InMemoryStorage(),
+        pruner=pruner,
+        device="cpu",
+        n_trials=spec.study.n_trials,
+        dataset=dataset,
+    )
+    seconds = time.perf_counter() - started
+    trials = sorted(result.study.get_trials(deepcopy=False), key=lambda t: t.number)
+    return Run(
+        pruner=pruner_name,
+        epochs=[int(t.user_attrs.get("epochs", 0)) for t in trials],
+        states=[t.state.name for t in trials],
+        values=[t.value if t.state.name == "COMPLETE" else None for t in trials],
+        seconds=seconds,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", default="studies/quickstart.yaml", help="study file (default: quickstart)")
+    parser.add_argument("--n-trials", type=int, default=20, help="trials per run (default 20)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="train.max_epochs (default: the file's)")
+    parser.add_argument("--patience", type=int, default=None, help="train.patience (default: the file's)")
+    parser.add_argument("--n-star", type=int, default=50_000, help="simulated stars (default 50000)")
+    parser.add_argument("--n-quasar", type=int, default=500, help="simulated quasars (default 500)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="study seeds (default 0 1 2)")
+    parser.add_argument("--pruner", default=None, help="the pruner to compare with none (default: the file's)")
+    parser.add_argument(
+        "--no-enqueue", action="store_true", help="drop the study file's warm-start trials (default: keep them)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--verbose", action="store_true", help="print each run's trials (state, epochs, value)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    base = load_spec(args.study)
+    overrides: dict[str, Any] = {
+        "study.n_trials": args.n_trials,
+        "study.name": "bench-pruning",
+        "tracking.enabled": False,
+    }
+    if args.max_epochs is not None:
+        overrides["train.max_epochs"] = args.max_epochs
+    if args.patience is not None:
+        overrides["train.patience"] = args.patience
+    if args.pruner is not None:
+        overrides["study.pruner"] = args.pruner
+    if args.no_enqueue:
+        overrides["study.enqueue"] = []
+    if base.data.source == "simulated":
+        overrides["data.simulated.n_star"] = args.n_star
+        overrides["data.simulated.n_quasar"] = args.n_quasar
+    base = base.with_overrides(overrides)
+    maximize = base.objective.direction == "maximize"
+    pruned_name = base.study.pruner
+    dataset = build_dataset(base, "cpu")
+    facts = dataset.facts()
+    print(
+        f"bench_pruning: {args.study}, {args.n_trials} trials per run, max_epochs {base.train.max_epochs}, "
+        f"patience {base.train.patience}, sampler {base.study.sampler}, pruner {pruned_name} "
+        f"{dict(base.study.pruner_options) or '(tuner defaults)'} vs none, {len(base.study.enqueue)} warm-start "
+        f"trial(s); data {facts['data.class_counts']} ({facts['data.split_sizes']}); seeds {args.seeds}\n"
+        f"target: within {TOLERANCE:.1%} (relative) of the unpruned run's final best {base.objective.metric} "
+        f"({base.objective.direction})"
+    )
+    probe = make_pruner(pruned_name, base.study.pruner_options)
+    # The earliest a median / percentile pruner may cut: after n_startup_trials COMPLETE trials, at epoch index
+    # n_warmup_steps. Other pruners: no bound is computed.
+    n_startup = getattr(probe, "_n_startup_trials", None)
+    n_warmup = getattr(probe, "_n_warmup_steps", None)
+    if n_startup is not None and n_warmup is not None:
+        print(
+            f"pruner {pruned_name}: n_startup_trials={n_startup}, n_warmup_steps={n_warmup} (earliest cut after "
+            f"{n_warmup + 1} epochs); 'bound' is the ratio if every trial it may cut were cut that early"
+        )
+    ratios: list[float] = []
+    print(
+        f"\n{'seed':>4} {'B (none)':>9} {'target':>8} {'epochs none':>11} {'epochs ' + pruned_name:>13} "
+        f"{'ratio':>6} {'bound':>6} {'total none':>10} {'total ' + pruned_name:>12} {'pruned':>6} "
+        f"{'best ' + pruned_name:>11}"
+    )
+    for seed in args.seeds:
+        spec = base.with_overrides({"study.seed": seed})
+        unpruned = run_once(spec, dataset, "none")
+        pruned = run_once(spec, dataset, pruned_name)
+        best = unpruned.best(maximize)
+        target = best - TOLERANCE * abs(best) if maximize else best + TOLERANCE * abs(best)
+        need_none, at_none = unpruned.epochs_to(target, maximize)
+        need_pruned, at_pruned = pruned.epochs_to(target, maximize)
+        assert need_none is not None  # its own best reaches its own target
+        ratio = need_none / need_pruned if need_pruned else 0.0
+        ratios.append(ratio)
+        bound = (
+            f"{need_none / unpruned.ideal_pruned(at_none, n_startup, n_warmup):6.2f}"
+            if n_startup is not None and n_warmup is not None and at_none is not None
+            else f"{'n/a':>6}"
+        )
+        n_pruned = pruned.states.count("PRUNED")
+        shown = f"{need_pruned:13d}" if need_pruned is not None else f"{'not reached':>13}"
+        print(
+            f"{seed:4d} {best:9.4f} {target:8.4f} {need_none:11d} {shown} {ratio:6.2f} {bound} "
+            f"{unpruned.total_epochs:10d} {pruned.total_epochs:12d} {n_pruned:6d} {pruned.best(maximize):11.4f}"
+            f"   (reached at trial {at_none} / {at_pruned}; {unpruned.seconds:.0f} s / {pruned.seconds:.0f} s)",
+            flush=True,
+        )
+        if args.verbose:
+            for run in (unpruned, pruned):
+                trials = ", ".join(
+                    f"{n}:{s[0]}{e}" + (f"={v:.3f}" if v is not None else "")
+                    for n, (s, e, v) in enumerate(zip(run.states, run.epochs, run.values, strict=True))
+                )
+                print(f"     {run.pruner:>6}: {trials}")
+    median = statistics.median(ratios)
+    verdict = "PASS" if median >= TARGET_RATIO else "FAIL"
+    print(
+        f"\nepochs-to-target ratio (none / {pruned_name}): min {min(ratios):.2f}, median {median:.2f}, "
+        f"max {max(ratios):.2f} over {len(ratios)} seed(s); target >= {TARGET_RATIO:.0f}x: {verdict}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
