@@ -37,6 +37,17 @@ PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon"
 #: Pruners that can judge a k-fold trial, which reports once per fold (per-epoch pruners would mix folds and epochs).
 KFOLD_PRUNERS = ("wilcoxon", "none")
 OBJECTIVES = ("completeness_at_contamination", "val_loss", "roc_auc", "average_precision")
+#: Metrics measured on validation at the fixed score threshold ``objective.threshold``: objectives of a
+#: multi-objective study only (together they trace the trade-off that a Pareto front shows).
+THRESHOLD_METRICS = ("completeness", "contamination")
+#: Every name an ``objective.metric`` list may hold.
+MULTI_OBJECTIVE_METRICS = OBJECTIVES + THRESHOLD_METRICS
+#: Samplers that accept several objectives in Optuna 5 (CMA-ES raises on them).
+MULTI_OBJECTIVE_SAMPLERS = ("tpe", "random", "qmc", "gp", "nsga2")
+#: Pruners a multi-objective study can use: the median rule on its guard metric, or none.
+MULTI_OBJECTIVE_PRUNERS = ("median", "none")
+#: pruner_options the guard's median rule reads.
+GUARD_PRUNER_OPTIONS = ("n_startup_trials", "n_warmup_steps")
 MONITORS = ("val_loss", "val_auc", "val_ap", "val_objective")
 PREPROCESSORS = ("standardize", "pca_whiten", "none")
 
@@ -46,6 +57,8 @@ OBJECTIVE_DIRECTION = {
     "val_loss": "minimize",
     "roc_auc": "maximize",
     "average_precision": "maximize",
+    "completeness": "maximize",
+    "contamination": "minimize",
 }
 MONITOR_MODE = {"val_loss": "min", "val_auc": "max", "val_ap": "max"}
 
@@ -356,12 +369,65 @@ class TrainSpec(_Frozen):
 
 
 class ObjectiveSpec(_Frozen):
-    """What a trial returns to Optuna; measured on validation only."""
+    """What a trial returns to Optuna; measured on validation only.
 
-    metric: Literal["completeness_at_contamination", "val_loss", "roc_auc", "average_precision"] = (
-        "completeness_at_contamination"
-    )
+    ``metric`` is one name (a single-objective study) or a list of 2 or 3 names (a multi-objective study, whose
+    result is a Pareto front). ``completeness`` and ``contamination`` are measured at the fixed score
+    ``threshold``; ``guard`` is the scalar metric that prunes a multi-objective study.
+    """
+
+    metric: str | tuple[str, ...] = "completeness_at_contamination"
     target_contamination: float = 0.1
+    threshold: float = 0.5
+    guard: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        # `objective: [completeness, contamination]` is short for `objective: {metric: [...]}`.
+        if isinstance(data, list | tuple):
+            return {"metric": list(data)}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Keys a study does not use are left out: single-objective studies created before they existed keep
+        # their objective fingerprint.
+        data: dict[str, Any] = handler(self)
+        if not self.uses_threshold:
+            data.pop("threshold", None)
+        if self.guard is None:
+            data.pop("guard", None)
+        return data
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _metric(cls, v: Any) -> Any:
+        # Checked before pydantic's union, which would report one message per member.
+        if isinstance(v, str):
+            if v in THRESHOLD_METRICS:
+                raise ValueError(
+                    f"{v} is measured at a fixed threshold and is an objective of a multi-objective study only, "
+                    f"given in a list such as [completeness, contamination], got {v!r}"
+                )
+            if v not in OBJECTIVES:
+                raise ValueError(
+                    f"unknown metric {v!r}; allowed: {', '.join(OBJECTIVES)}{_did_you_mean(v, OBJECTIVES)}"
+                )
+            return v
+        if not isinstance(v, list | tuple):
+            raise ValueError(f"metric must be a metric name or a list of 2 or 3 metric names, got {v!r}")
+        for name in v:
+            if not isinstance(name, str) or name not in MULTI_OBJECTIVE_METRICS:
+                hint = _did_you_mean(str(name), MULTI_OBJECTIVE_METRICS)
+                raise ValueError(
+                    f"unknown metric {name!r} in the list; allowed: {', '.join(MULTI_OBJECTIVE_METRICS)}{hint}"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError(f"a metric list must not repeat a metric, got {list(v)}")
+        if not 2 <= len(v) <= 3:
+            raise ValueError(f"a metric list holds 2 or 3 metrics (a multi-objective study), got {list(v)}")
+        return tuple(v)
 
     @field_validator("target_contamination")
     @classmethod
@@ -370,9 +436,60 @@ class ObjectiveSpec(_Frozen):
             raise ValueError(f"target_contamination must lie in (0, 1), got {v}")
         return v
 
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float) -> float:
+        if not (0.0 < v < 1.0):
+            raise ValueError(f"threshold must lie in (0, 1), got {v}")
+        return v
+
+    @field_validator("guard")
+    @classmethod
+    def _guard(cls, v: str | None) -> str | None:
+        if v is not None and v not in OBJECTIVES:
+            raise ValueError(
+                f"the guard is one scalar metric measured every epoch; allowed: {', '.join(OBJECTIVES)}"
+                f"{_did_you_mean(v, OBJECTIVES)}, got {v!r}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _used(self) -> ObjectiveSpec:
+        if "threshold" in self.model_fields_set and not self.uses_threshold:
+            raise ValueError(
+                "threshold is used by the metrics completeness and contamination only, "
+                f"got threshold={self.threshold} with metric {self.metric}"
+            )
+        if self.guard is not None and not self.multi:
+            raise ValueError(
+                "guard prunes a multi-objective study; a single objective prunes on itself, "
+                f"got guard={self.guard} with metric {self.metric}"
+            )
+        return self
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The objective metric names, in the order of the trial's values."""
+        return self.metric if isinstance(self.metric, tuple) else (self.metric,)
+
+    @property
+    def multi(self) -> bool:
+        """Whether the study has several objectives (a Pareto front rather than one best trial)."""
+        return len(self.metrics) > 1
+
+    @property
+    def uses_threshold(self) -> bool:
+        return any(m in THRESHOLD_METRICS for m in self.metrics)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """``maximize`` or ``minimize`` per objective."""
+        return tuple(OBJECTIVE_DIRECTION[m] for m in self.metrics)
+
     @property
     def direction(self) -> str:
-        return OBJECTIVE_DIRECTION[self.metric]
+        """The direction of the (first) objective."""
+        return self.directions[0]
 
 
 class StudySection(_Frozen):
@@ -510,8 +627,9 @@ class StudySpec(_Frozen):
     def _cross(self) -> StudySpec:
         if self.task == "binary" and self.data.positive is None:
             raise ValueError("data.positive: a binary task needs the positive class, got null")
-        if self.objective.metric == "completeness_at_contamination" and self.data.positive is None:
-            raise ValueError("data.positive: objective completeness_at_contamination needs a positive class, got null")
+        for metric in self.objective.metrics:
+            if metric in ("completeness_at_contamination", *THRESHOLD_METRICS) and self.data.positive is None:
+                raise ValueError(f"data.positive: objective {metric} needs a positive class, got null")
         kfold = self.validation.kind == "kfold"
         if not kfold and "k" in self.validation.model_fields_set:
             raise ValueError(
@@ -533,7 +651,43 @@ class StudySpec(_Frozen):
                 "study.pack: packing is not available with validation.kind kfold; use pack 1 (or auto), "
                 f"got pack={self.study.pack}"
             )
+        if self.objective.multi:
+            self._check_multi_objective()
         return self
+
+    def _check_multi_objective(self) -> None:
+        objective, study, metrics = self.objective, self.study, list(self.objective.metrics)
+        if study.sampler not in MULTI_OBJECTIVE_SAMPLERS:
+            raise ValueError(
+                f"study.sampler: {study.sampler} cannot optimise several objectives (objective.metric {metrics}); "
+                f"use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}"
+            )
+        if self.validation.kind == "kfold":
+            raise ValueError(
+                f"validation.kind: a multi-objective study (objective.metric {metrics}) runs on one split for now; "
+                "use kind split, got kfold"
+            )
+        if self.train.monitor == "val_objective":
+            raise ValueError(
+                f"train.monitor: val_objective is ambiguous with several objectives ({metrics}); "
+                f"use one of {', '.join(m for m in MONITORS if m != 'val_objective')}"
+            )
+        if study.pruner not in MULTI_OBJECTIVE_PRUNERS:
+            raise ValueError(
+                f"study.pruner: a multi-objective study prunes with the median rule on objective.guard, or not at "
+                f"all; use one of {', '.join(MULTI_OBJECTIVE_PRUNERS)}, got {study.pruner}"
+            )
+        if study.pruner != "none" and objective.guard is None:
+            raise ValueError(
+                f"objective.guard: Optuna cannot prune on several objectives ({metrics}); name the scalar metric "
+                f"to prune on (one of {', '.join(OBJECTIVES)}), or set study.pruner: none"
+            )
+        unknown = sorted(set(study.pruner_options) - set(GUARD_PRUNER_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"study.pruner_options: the guard's median rule takes {', '.join(GUARD_PRUNER_OPTIONS)} only, "
+                f"got {', '.join(unknown)}"
+            )
 
     def fingerprint(self, *sections: str) -> str:
         """A stable hash of the named sections, to detect a study file changed under an existing study."""
