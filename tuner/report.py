@@ -349,7 +349,7 @@ def objective_names(study: optuna.Study, spec: StudySpec) -> list[str]:
     if study.metric_names:
         return list(study.metric_names)
     if len(study.directions) == 1:
-        return [spec.objective.metric]
+        return [spec.objective.metrics[0]]
     return [f"objective {i}" for i in range(len(study.directions))]
 
 

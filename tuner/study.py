@@ -203,10 +203,15 @@ class Evaluation:
     val_ap: float
     val_scores: np.ndarray
     holdout_scores: np.ndarray
+    # Every objective's value, in the order of objective.metric (one value in a single-objective study).
+    objectives: tuple[float, ...] = ()
+    # Validation and holdout measured at the fixed threshold objective.threshold, when an objective uses it.
+    val_fixed: metrics.MeasuredPoint | None = None
+    holdout_fixed: metrics.MeasuredPoint | None = None
 
     def final_metrics(self) -> dict[str, float]:
         h = self.holdout
-        return {
+        out = {
             "val_objective": self.objective,
             "threshold": self.val_point.threshold,
             "val_completeness": self.val_point.completeness,
@@ -221,13 +226,57 @@ class Evaluation:
             "holdout_contamination_high": h.contamination_ci.high,
             "holdout_auc": self.holdout_auc,
         }
+        if len(self.objectives) > 1:
+            out.update({f"val_objective_{i}": v for i, v in enumerate(self.objectives)})
+        if self.val_fixed is not None and self.holdout_fixed is not None:
+            v, f = self.val_fixed, self.holdout_fixed
+            out.update(
+                {
+                    "fixed_threshold": v.threshold,
+                    "val_completeness_at_threshold": v.completeness,
+                    "val_contamination_at_threshold": v.contamination,
+                    "holdout_completeness_at_threshold": f.completeness,
+                    "holdout_completeness_at_threshold_low": f.completeness_ci.low,
+                    "holdout_completeness_at_threshold_high": f.completeness_ci.high,
+                    "holdout_contamination_at_threshold": f.contamination,
+                    "holdout_contamination_at_threshold_low": f.contamination_ci.low,
+                    "holdout_contamination_at_threshold_high": f.contamination_ci.high,
+                }
+            )
+        return out
+
+
+def measure_at(y: np.ndarray, scores: np.ndarray, threshold: float) -> metrics.MeasuredPoint:
+    """Completeness and contamination at a fixed score threshold, with 95% Wilson intervals."""
+    counts = metrics.confusion_counts(y, scores, threshold)
+    return metrics.MeasuredPoint(
+        threshold=threshold,
+        counts=counts,
+        completeness=metrics.completeness(counts),
+        contamination=metrics.contamination(counts),
+        completeness_ci=metrics.wilson_interval(counts.tp, counts.n_pos),
+        contamination_ci=metrics.wilson_interval(counts.fp, counts.n_pred_pos),
+    )
+
+
+def scalar_metric(spec: StudySpec) -> tuple[str | None, str]:
+    """The metric measured every epoch for pruning, and its key in the epoch's metrics.
+
+    A single-objective study reports its objective as ``val_objective``; a multi-objective one its
+    ``objective.guard`` as ``val_guard`` (``val_loss`` as itself), or nothing without a guard.
+    """
+    if not spec.objective.multi:
+        metric = spec.objective.metrics[0]
+        return metric, "val_objective"
+    guard = spec.objective.guard
+    return guard, "val_loss" if guard == "val_loss" else "val_guard"
 
 
 def validation_scorer(spec: StudySpec, dataset: Dataset) -> Callable[[np.ndarray], dict[str, float]]:
     """Per-epoch validation metrics: the objective (what pruning compares) and the monitor when it differs."""
     y = dataset.validation.y_numpy == dataset.positive_index
     target = spec.objective.target_contamination
-    metric = spec.objective.metric
+    metric, key = scalar_metric(spec)
     want_auc = metric == "roc_auc" or spec.train.monitor == "val_auc"
     want_ap = metric == "average_precision" or spec.train.monitor == "val_ap"
 
@@ -239,18 +288,22 @@ def validation_scorer(spec: StudySpec, dataset: Dataset) -> Callable[[np.ndarray
         if want_ap:
             out["val_ap"] = metrics.average_precision(y, p)
         if metric == "completeness_at_contamination":
-            out["val_objective"] = metrics.choose_operating_point(y, p, target).completeness
+            out[key] = metrics.choose_operating_point(y, p, target).completeness
         elif metric == "roc_auc":
-            out["val_objective"] = out["val_auc"]
+            out[key] = out["val_auc"]
         elif metric == "average_precision":
-            out["val_objective"] = out["val_ap"]
+            out[key] = out["val_ap"]
         return out
 
     return score
 
 
 def evaluate(model: torch.nn.Module, dataset: Dataset, spec: StudySpec, fit_result: FitResult) -> Evaluation:
-    """Choose the threshold on validation, freeze it, measure it on the holdout."""
+    """Choose the threshold on validation, freeze it, measure it on the holdout.
+
+    With ``completeness`` or ``contamination`` among the objectives, validation and holdout are also measured at
+    the fixed ``objective.threshold``, which defines those objectives.
+    """
     chunk = spec.train.eval_batch_size
     pos = dataset.positive_index
 
@@ -264,14 +317,20 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, spec: StudySpec, fit_resu
     measured = metrics.apply_operating_point(y_hold, hold_scores, point)
     val_auc = metrics.roc_auc(y_val, val_scores)
     val_ap = metrics.average_precision(y_val, val_scores)
-    objective = {
+    values = {
         "completeness_at_contamination": point.completeness,
         "val_loss": fit_result.best_metrics.get("val_loss", float("nan")),
         "roc_auc": val_auc,
         "average_precision": val_ap,
-    }[spec.objective.metric]
+    }
+    val_fixed = hold_fixed = None
+    if spec.objective.uses_threshold:
+        val_fixed = measure_at(y_val, val_scores, spec.objective.threshold)
+        hold_fixed = measure_at(y_hold, hold_scores, spec.objective.threshold)
+        values["completeness"], values["contamination"] = val_fixed.completeness, val_fixed.contamination
+    objectives = tuple(float(values[m]) for m in spec.objective.metrics)
     return Evaluation(
-        objective=float(objective),
+        objective=objectives[0],
         val_point=point,
         holdout=measured,
         val_auc=val_auc,
@@ -279,6 +338,9 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, spec: StudySpec, fit_resu
         val_ap=val_ap,
         val_scores=val_scores,
         holdout_scores=hold_scores,
+        objectives=objectives,
+        val_fixed=val_fixed,
+        holdout_fixed=hold_fixed,
     )
 
 
@@ -537,6 +599,96 @@ class PruningCallback:
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.key}={value:.6g})")
 
 
+#: User attribute holding a multi-objective trial's guard metric per epoch (None where it was not finite).
+GUARD_HISTORY = "guard_history"
+
+
+def guard_median_rule(
+    value: float,
+    step: int,
+    others: Sequence[Sequence[float | None]],
+    *,
+    maximize: bool,
+    n_startup_trials: int = 5,
+    n_warmup_steps: int = 3,
+) -> tuple[bool, float | None]:
+    """The median rule on a guard metric: prune when ``value`` at ``step`` is worse than the others' median there.
+
+    Args:
+        value: The trial's guard at this epoch.
+        step: The epoch (0-based).
+        others: The guard per epoch of each other COMPLETE trial.
+        maximize: Whether a larger guard is better.
+        n_startup_trials: Never prune before this many other trials completed.
+        n_warmup_steps: Never prune before this epoch.
+
+    Returns:
+        Whether to prune, and the median compared with (None when the rule could not apply).
+    """
+    if step < n_warmup_steps or len(others) < n_startup_trials:
+        return False, None
+    at_step = [float(v) for h in others if len(h) > step and (v := h[step]) is not None and math.isfinite(v)]
+    if not at_step:
+        return False, None
+    median = float(np.median(at_step))
+    return (value < median if maximize else value > median), median
+
+
+class GuardPruningCallback:
+    """Prunes a multi-objective trial on its ``objective.guard`` metric by the median rule.
+
+    Optuna's ``trial.report`` and pruners take one objective only, so the guard's value per epoch is kept here and
+    stored on the trial (:data:`GUARD_HISTORY`) when it ends; each epoch it is compared with the other COMPLETE
+    trials' guard at the same epoch (:func:`guard_median_rule`). Without a guard it records and prunes nothing.
+    """
+
+    def __init__(
+        self,
+        trial: optuna.Trial,
+        guard: str | None,
+        key: str,
+        *,
+        enabled: bool,
+        n_startup_trials: int = 5,
+        n_warmup_steps: int = 3,
+    ) -> None:
+        self.trial = trial
+        self.guard = guard
+        self.key = key
+        self.enabled = enabled and guard is not None
+        self.maximize = guard is not None and OBJECTIVE_DIRECTION[guard] == "maximize"
+        self.n_startup_trials = n_startup_trials
+        self.n_warmup_steps = n_warmup_steps
+        self.history: list[float | None] = []
+        self.pruned_at: int | None = None
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.guard is None:
+            return
+        value = float(metrics.get(self.key, math.nan))
+        finite = math.isfinite(value)
+        self.history.extend([None] * (epoch - len(self.history)))  # epochs that reached no callback
+        self.history.append(value if finite else None)
+        if not (self.enabled and finite) or epoch < self.n_warmup_steps:
+            return
+        complete = self.trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        others = [t.user_attrs[GUARD_HISTORY] for t in complete if GUARD_HISTORY in t.user_attrs]
+        prune, median = guard_median_rule(
+            value,
+            epoch,
+            others,
+            maximize=self.maximize,
+            n_startup_trials=self.n_startup_trials,
+            n_warmup_steps=self.n_warmup_steps,
+        )
+        if prune:
+            self.pruned_at = epoch
+            raise optuna.TrialPruned(
+                f"pruned at epoch {epoch} (guard {self.guard}={value:.6g}, worse than the median {median:.6g} of "
+                f"{len(others)} complete trials)"
+            )
+
+
 class TrackingCallback:
     """Buffers each epoch's metrics for the trial's run."""
 
@@ -559,7 +711,7 @@ def fit_config(spec: StudySpec, dataset: Dataset) -> FitConfig:
     else:
         pos_weight = spec.train.pos_weight if isinstance(spec.train.pos_weight, float) else None
     monitor = spec.train.monitor
-    mode = MONITOR_MODE.get(monitor) or ("max" if OBJECTIVE_DIRECTION[spec.objective.metric] == "maximize" else "min")
+    mode = MONITOR_MODE.get(monitor) or ("max" if spec.objective.direction == "maximize" else "min")
     return FitConfig(
         task=spec.task,
         max_epochs=spec.train.max_epochs,
@@ -720,7 +872,7 @@ class TrialRun:
     seed: int
     run_id: str | None
     tracking: TrackingCallback
-    pruning: PruningCallback
+    pruning: PruningCallback | GuardPruningCallback
     artifacts: dict[str, str | bytes]
 
     @property
@@ -779,7 +931,7 @@ class Objective:
         )
         return model, result
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         run = self.begin(trial)
         if self.dataset.folds:
             return self.cross_validate_trial(run)
@@ -789,14 +941,14 @@ class Objective:
             return self.finish(run, None, None, exc)
         return self.finish(run, model, result, None)
 
-    def run_pack(self, trials: Sequence[optuna.Trial]) -> list[float | Exception]:
+    def run_pack(self, trials: Sequence[optuna.Trial]) -> list[float | list[float] | Exception]:
         """Run several trials, packing those of one shape; each trial's value, or the exception that ended it.
 
         ``optuna.TrialPruned`` and :class:`TrialFailed` end one trial and are returned in its place; anything
         else (Ctrl-C, SIGTERM, a defect) closes every run still open as failed and is raised.
         """
         runs = [self.begin(trial) for trial in trials]
-        outcomes: list[float | Exception | None] = [None] * len(runs)
+        outcomes: list[float | list[float] | Exception | None] = [None] * len(runs)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, run in enumerate(runs):
             groups.setdefault(pack_key(run.params), []).append(i)
@@ -827,7 +979,7 @@ class Objective:
 
     def _settle(
         self, run: TrialRun, model: torch.nn.Module | None, result: FitResult | None, error: BaseException | None
-    ) -> float | Exception:
+    ) -> float | list[float] | Exception:
         try:
             return self.finish(run, model, result, error)
         except (optuna.TrialPruned, TrialFailed) as exc:
@@ -859,9 +1011,23 @@ class Objective:
             seed=seed,
             run_id=run_id,
             tracking=TrackingCallback(self.tracker, run_id),
-            pruning=PruningCallback(trial),
+            pruning=self._pruning(trial),
             # Every trial's run holds its manifest, whatever its end.
             artifacts={MANIFEST_ARTIFACT: json.dumps(manifest, indent=2)},
+        )
+
+    def _pruning(self, trial: optuna.Trial) -> PruningCallback | GuardPruningCallback:
+        objective, study = self.spec.objective, self.spec.study
+        if not objective.multi:
+            return PruningCallback(trial)
+        options = study.pruner_options
+        return GuardPruningCallback(
+            trial,
+            objective.guard,
+            scalar_metric(self.spec)[1],
+            enabled=study.pruner == "median",
+            n_startup_trials=int(options.get("n_startup_trials", 5)),
+            n_warmup_steps=int(options.get("n_warmup_steps", 3)),
         )
 
     def finish(
@@ -870,11 +1036,11 @@ class Objective:
         model: torch.nn.Module | None,
         result: FitResult | None,
         error: BaseException | None,
-    ) -> float:
+    ) -> float | list[float]:
         """Judge a trained trial and close its run; or close it as PRUNED / FAIL and raise ``error``.
 
         Returns:
-            The objective value of a completed trial.
+            The objective value of a completed trial; a list of values in a multi-objective study.
 
         Raises:
             optuna.TrialPruned: The trial was pruned.
@@ -886,6 +1052,10 @@ class Objective:
         state: str = "FAIL"
         final: dict[str, float] = {}
         tags: dict[str, str] = {}
+        if isinstance(run.pruning, GuardPruningCallback) and run.pruning.guard is not None:
+            # Stored whatever the trial's end: the guard's median rule reads the complete trials'.
+            with contextlib.suppress(Exception):
+                trial.set_user_attr(GUARD_HISTORY, run.pruning.history)
         try:
             if isinstance(error, optuna.TrialPruned):
                 state = "PRUNED"
@@ -915,8 +1085,11 @@ class Objective:
                 trial.set_user_attr("fail_reason", result.stop_reason)
                 raise TrialFailed(result.stop_reason)
             ev = evaluate(model, self.dataset, self.spec, result)
-            if not math.isfinite(ev.objective):
-                reason = f"non-finite objective {self.spec.objective.metric}={ev.objective}"
+            bad = [
+                (m, v) for m, v in zip(self.spec.objective.metrics, ev.objectives, strict=True) if not math.isfinite(v)
+            ]
+            if bad:
+                reason = "non-finite objective " + ", ".join(f"{m}={v}" for m, v in bad)
                 trial.set_user_attr("fail_reason", reason)
                 tags["stop_reason"] = reason
                 raise TrialFailed(reason)
@@ -928,7 +1101,7 @@ class Objective:
                 if self.spec.tracking.plots:
                     artifacts.update(self._plots(result, ev, trial.number))
             state = "COMPLETE"
-            return ev.objective
+            return list(ev.objectives) if self.spec.objective.multi else ev.objective
         finally:
             # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
             self.tracker.end_trial(run_id, state, final, tags, artifacts)
@@ -1276,12 +1449,26 @@ def run_study(
                 study_name=spec.study.name,
                 storage=study_storage,
                 sampler=sampler or make_sampler(spec.study.sampler, spec.study.seed, spec.study.sampler_options),
-                pruner=pruner or make_pruner(spec.study.pruner, spec.study.pruner_options),
-                direction="maximize" if spec.objective.direction == "maximize" else "minimize",
+                # A multi-objective study prunes on its guard (GuardPruningCallback): Optuna's pruners take one value.
+                pruner=pruner
+                or (
+                    optuna.pruners.NopPruner()
+                    if spec.objective.multi
+                    else make_pruner(spec.study.pruner, spec.study.pruner_options)
+                ),
+                directions=[
+                    optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
+                    for d in spec.objective.directions
+                ],
                 load_if_exists=True,
             ),
             what="create the study",
         )
+        if spec.objective.multi and not study.metric_names:
+            # Experimental in Optuna 5; it names the values in the dashboard and the report.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(spec.objective.metrics))
         if "tuner.fingerprints" not in study.user_attrs:
             study.set_user_attr("tuner.fingerprints", {s: spec.fingerprint(s) for s in FINGERPRINTED})
             study.set_user_attr("tuner.spec", masked_spec(spec))
@@ -1364,10 +1551,11 @@ def _check_compatible(
             f"{', '.join(changed)}; its trials would not be comparable. Restore the study file, or start a new "
             "study with --study-name NEW_NAME"
         )
-    if existing.direction.name.lower() != spec.objective.direction:
+    stored = [d.name.lower() for d in existing.directions]
+    if stored != list(spec.objective.directions):
         raise ConfigError(
-            f"objective.metric: study {spec.study.name!r} exists with direction {existing.direction.name}, "
-            f"got {spec.objective.metric} ({spec.objective.direction})"
+            f"objective.metric: study {spec.study.name!r} exists with direction(s) {', '.join(stored)}, "
+            f"got {spec.objective.metric} ({', '.join(spec.objective.directions)})"
         )
     stored_hash = existing.user_attrs.get("tuner.data", {}).get("data.hash")
     if stored_hash and stored_hash != dataset.catalogue.data_hash:
@@ -1394,7 +1582,9 @@ def _study_summary_metrics(study: optuna.Study, seconds: float) -> dict[str, flo
     out = {f"n_{state.lower()}": float(n) for state, n in counts.items()}
     out["wall_seconds_last_run"] = seconds
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    if complete:
+    if complete and len(study.directions) > 1:
+        out["pareto_front_size"] = float(len(study.best_trials))
+    elif complete:
         best = study.best_trial
         out["best_value"] = float(best.value)  # type: ignore[arg-type]
         out["best_trial"] = float(best.number)
@@ -1604,7 +1794,7 @@ def replay_trial(
         state=state,
         seed=seed,
         data_hash=data_hash,
-        recorded=trial.value if state == "COMPLETE" else None,
+        recorded=trial.values[0] if state == "COMPLETE" and trial.values else None,
         replayed=replayed,
         recorded_reason=str(attrs.get("fail_reason", "")),
         replayed_reason=reason,
@@ -1641,7 +1831,7 @@ def _replay_folds(
         state=state,
         seed=seed,
         data_hash=dataset.catalogue.data_hash,
-        recorded=trial.value if state == "COMPLETE" else None,
+        recorded=trial.values[0] if state == "COMPLETE" and trial.values else None,
         replayed=replayed,
         recorded_reason=str(attrs.get("fail_reason", "")),
         replayed_reason=fits.failure,

@@ -453,14 +453,14 @@ class WorkResult:
 class PackObjective(Protocol):
     """An objective that can run several trials at once (see :meth:`tuner.study.Objective.run_pack`)."""
 
-    def __call__(self, trial: optuna.Trial) -> float: ...
+    def __call__(self, trial: optuna.Trial) -> float | Sequence[float]: ...
 
-    def run_pack(self, trials: Sequence[optuna.Trial]) -> list[float | Exception]: ...
+    def run_pack(self, trials: Sequence[optuna.Trial]) -> Sequence[float | Sequence[float] | Exception]: ...
 
 
 def work(
     study: optuna.Study,
-    objective: Callable[[optuna.Trial], float] | PackObjective,
+    objective: Callable[[optuna.Trial], float | Sequence[float]] | PackObjective,
     *,
     total: int,
     timeout: float | None = None,
@@ -526,7 +526,10 @@ def _take_trial(study: optuna.Study, total: int) -> optuna.Trial | None:
 
 
 def _run_one(
-    study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float], max_retries: int
+    study: optuna.Study,
+    trial: optuna.Trial,
+    objective: Callable[[optuna.Trial], float | Sequence[float]],
+    max_retries: int,
 ) -> FrozenTrial:
     interval, grace = heartbeat_settings(study)
     try:
@@ -599,8 +602,13 @@ def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, max_retries: int, 
 
 
 def _tell(
-    study: optuna.Study, trial: optuna.Trial, *, state: TrialState | None = None, values: float | None = None
+    study: optuna.Study,
+    trial: optuna.Trial,
+    *,
+    state: TrialState | None = None,
+    values: float | Sequence[float] | None = None,
 ) -> FrozenTrial:
+    # values: one float, or a list with one value per objective in a multi-objective study.
     # skip_if_finished: after a reconnect the first attempt may have committed already.
     return retrying(
         lambda: study.tell(trial, values, state=state, skip_if_finished=True), what=f"record trial {trial.number}"
