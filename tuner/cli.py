@@ -106,6 +106,70 @@ def print_trial(trial: Any, spec: StudySpec, title: str = "Best trial") -> None:
         console.print(f"MLflow run {attrs['mlflow_run_id']}")
 
 
+def _values(trial: Any) -> str:
+    """A trial's objective value, or its values joined by ``/`` in a multi-objective study; ``-`` without."""
+    return "/".join(_fmt(v, 5) for v in trial.values) if trial.values else "-"
+
+
+def _interval(attrs: dict[str, Any], key: str) -> str:
+    if key not in attrs:
+        return "-"
+    return f"{attrs[key]:.4f} [{attrs[key + '_low']:.4f}, {attrs[key + '_high']:.4f}]"
+
+
+def front_records(study: Any, spec: StudySpec) -> list[dict[str, Any]]:
+    """The Pareto front of a multi-objective study, one record per trial in trial order."""
+    from tuner.pareto import front, objective_names
+
+    names = objective_names(study)
+    return [
+        {
+            "number": t.number,
+            "values": dict(zip(names, t.values, strict=True)),
+            "params": trial_params(t, spec),
+            **t.user_attrs,
+        }
+        for t in front(study)
+    ]
+
+
+def print_front(study: Any, spec: StudySpec) -> None:
+    """The Pareto front as a table: each objective, then the holdout figures with 95% Wilson intervals.
+
+    Holdout at the fixed threshold (``objective.threshold``, where the completeness and contamination objectives
+    are measured on validation), and at the threshold chosen on validation for ``objective.target_contamination``.
+    """
+    from tuner.pareto import objective_names
+
+    names = objective_names(study)
+    fixed = spec.objective.uses_threshold
+    table = Table(title=f"Pareto front of study {spec.study.name}", title_justify="left")
+    table.add_column("trial", justify="right")
+    for name, direction in zip(names, study.directions, strict=True):
+        table.add_column(f"{name} ({direction.name.lower()[:3]})", justify="right")
+    if fixed:
+        table.add_column(f"holdout completeness @{spec.objective.threshold:g}")
+        table.add_column(f"holdout contamination @{spec.objective.threshold:g}")
+    target = spec.objective.target_contamination
+    table.add_column(f"holdout completeness (threshold for contamination {target:g})")
+    table.add_column("holdout contamination")
+    records = front_records(study, spec)
+    for record in records:
+        row = [str(record["number"]), *(_fmt(v, 4) for v in record["values"].values())]
+        if fixed:
+            row += [
+                _interval(record, "holdout_completeness_at_threshold"),
+                _interval(record, "holdout_contamination_at_threshold"),
+            ]
+        row += [_interval(record, "holdout_completeness"), _interval(record, "holdout_contamination")]
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"{len(records)} trial(s) on the front; export one with `tuner export STUDY --trial N` or "
+        f"`--rule '{names[-1]}<=C'`"
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.progress import (
         BarColumn,
@@ -158,10 +222,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         now = time.monotonic()
         seconds, last[0] = now - last[0], now
         best = "-"
-        with contextlib.suppress(ValueError):  # no completed trial yet
-            best = _fmt(study.best_value, 5)
+        if len(study.directions) > 1:
+            best = f"front of {len(study.best_trials)}"
+        else:
+            with contextlib.suppress(ValueError):  # no completed trial yet
+                best = _fmt(study.best_value, 5)
         progress.update(task_id, advance=1, best=best)
-        value = _fmt(trial.value, 5) if trial.value is not None else "-"
+        value = _values(trial)
         reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("stop_reason", "")
         # One line per trial, also under --quiet: workers' logs need them.
         progress.console.print(
@@ -194,7 +261,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v}" for k, v in counts.items())
     )
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    if complete:
+    if complete and len(study.directions) > 1:
+        print_front(study, spec)
+    elif complete:
         print_trial(study.best_trial, spec)
     else:
         err_console.print("no trial completed; see the reasons above")
@@ -239,7 +308,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     for state, n in counts.items():
         table.add_row(state, str(n))
     console.print(table)
-    if counts["COMPLETE"]:
+    if counts["COMPLETE"] and len(study.directions) > 1:
+        from tuner.pareto import front, objective_names
+
+        numbers = [t.number for t in front(study)]
+        console.print(
+            f"Pareto front so far ({', '.join(objective_names(study))}): {len(numbers)} trial(s), "
+            f"#{', #'.join(map(str, numbers))}"
+        )
+    elif counts["COMPLETE"]:
         best = study.best_trial
         console.print(
             f"best so far: trial #{best.number}, value {_fmt(best.value, 5)} ({study.direction.name.lower()})"
@@ -255,6 +332,12 @@ def cmd_best(args: argparse.Namespace) -> int:
     if not state_counts(study)["COMPLETE"]:
         err_console.print(f"study {spec.study.name!r} has no completed trial yet")
         return 1
+    if len(study.directions) > 1:
+        if args.json:
+            print(json.dumps(front_records(study, spec), indent=2))
+        else:
+            print_front(study, spec)
+        return 0
     best = study.best_trial
     if args.json:
         record = {"number": best.number, "value": best.value, "params": trial_params(best, spec), **best.user_attrs}
@@ -298,6 +381,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         study,
         spec,
         trial_number=args.trial,
+        rule=args.rule,
         out=args.out,
         force=args.force,
         register=args.register,
@@ -532,6 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export a trial (the best by default) as an MLflow pyfunc model + model card")
     exp.add_argument("study", help="study file (YAML) or study name")
     exp.add_argument("--trial", type=int, help="trial number to export (default: the best COMPLETE trial)")
+    exp.add_argument(
+        "--rule",
+        help="multi-objective study: choose from the Pareto front, e.g. 'contamination<=0.1' exports the front trial "
+        "with the best other objective among those meeting it",
+    )
     exp.add_argument("--out", help="model directory to write (default: exports/<study>-trial-<N>)")
     exp.add_argument("--force", action="store_true", help="replace --out when it holds a previous export")
     exp.add_argument(

@@ -32,7 +32,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from tuner.data.preprocess import Preprocessor
-from tuner.errors import DataError, ExportError, TunerError
+from tuner.errors import ConfigError, DataError, ExportError, TunerError
 from tuner.model import load_state_dict_file, mlp_from_record
 from tuner.space import TrialParams
 from tuner.train import mean_probabilities, predict_logits, probabilities
@@ -405,15 +405,72 @@ def _study_spec(study: optuna.Study, spec: StudySpec) -> tuple[StudySpec, list[s
     return ran, notes
 
 
+def _value(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The trial's (first) objective value: ``val_objective``, as every trial's run records it."""
+    return trial.values[0] if trial.values else None
+
+
+def _pick_front(
+    study: optuna.Study, spec: StudySpec, number: int | None, rule: str | None, notes: list[str]
+) -> tuple[optuna.trial.FrozenTrial, optuna.trial.FrozenTrial | None] | None:
+    """In a multi-objective study, the trial named by ``--trial`` or chosen from the Pareto front by ``--rule``.
+
+    Returns None when ``--trial`` names one (checked as in a single-objective study; a note says when it is off
+    the front). With ``--rule`` the runner-up is the next front trial satisfying the rule.
+    """
+    from tuner import pareto
+
+    name = spec.study.name
+    if number is not None and rule is not None:
+        raise ExportError(f"--rule: give --trial or --rule, not both, got --trial {number} --rule {rule!r}")
+    if not pareto.complete_trials(study):
+        raise ExportError(f"study {name!r} has no COMPLETE trial to export")
+    if number is not None:
+        chosen = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+        on_front = {t.number for t in study.best_trials}
+        if chosen and chosen[0].values and number not in on_front:
+            better = [
+                t.number
+                for t in pareto.complete_trials(study)
+                if pareto.dominates(t.values, chosen[0].values, study.directions)
+            ]
+            notes.append(f"trial {number} is not on the Pareto front: trial(s) {better} are better in every objective")
+        return None
+    if rule is None:
+        raise ExportError(
+            f"study {name!r} has {len(study.directions)} objectives and no single best trial; choose from its Pareto "
+            f"front with --trial N or --rule (e.g. --rule '{pareto.objective_names(study)[-1]}<=0.1'):\n"
+            + pareto.front_listing(study)
+        )
+    try:
+        ranked = pareto.choose(study, pareto.parse_rule(rule, pareto.objective_names(study)))
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
+    notes.append(f"trial {ranked[0].number} chosen from the Pareto front by the rule {rule!r}")
+    return ranked[0], (ranked[1] if len(ranked) > 1 else None)
+
+
 def _pick_trials(
-    study: optuna.Study, spec: StudySpec, number: int | None
+    study: optuna.Study, spec: StudySpec, number: int | None, rule: str | None = None, notes: list[str] | None = None
 ) -> tuple[optuna.trial.FrozenTrial, optuna.trial.FrozenTrial | None]:
-    """The trial to export (best by default) and the best other COMPLETE trial to compare it with."""
+    """The trial to export (best by default) and the best other COMPLETE trial to compare it with.
+
+    A multi-objective study has no best trial: ``number`` or ``rule`` chooses one (:func:`_pick_front`).
+    """
     from optuna.trial import TrialState
 
     name = spec.study.name
+    if len(study.directions) > 1:
+        picked = _pick_front(study, spec, number, rule, notes if notes is not None else [])
+        if picked is not None:
+            return picked
+    elif rule is not None:
+        raise ExportError(
+            f"--rule: chooses from the Pareto front of a multi-objective study; study {name!r} has one "
+            f"objective, so its best trial is exported (or --trial N), got --rule {rule!r}"
+        )
     trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
     if number is None:
         if not complete:
             raise ExportError(f"study {name!r} has no COMPLETE trial to export")
@@ -431,10 +488,12 @@ def _pick_trials(
                 f"--trial: trial {number} is {chosen.state.name}; only COMPLETE trials have a model to export "
                 f"(complete trials: {listing})"
             )
+    if len(study.directions) > 1:
+        return chosen, None  # a trial named on a front: no other trial is "the next best"
     maximize = spec.objective.direction == "maximize"
     others = sorted(
         (t for t in complete if t.number != chosen.number),
-        key=lambda t: (-(t.value or 0.0) if maximize else (t.value or 0.0), t.number),
+        key=lambda t: (-(_value(t) or 0.0) if maximize else (_value(t) or 0.0), t.number),
     )
     return chosen, (others[0] if others else None)
 
@@ -512,7 +571,8 @@ def _differs(a: Any, b: Any, tolerance: float) -> bool:
 
 
 def _recorded(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
-    out = {"val_objective": float(trial.value)} if trial.value is not None else {}
+    value = _value(trial)
+    out = {"val_objective": float(value)} if value is not None else {}
     out.update({k: float(trial.user_attrs[k]) for k in CHECKED if k in trial.user_attrs})
     return out
 
@@ -564,7 +624,7 @@ def _figures(ev: Evaluation, y_hold: np.ndarray, target: float) -> dict[str, Any
 def _recorded_figures(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     a = trial.user_attrs
     return {
-        "val_objective": trial.value,
+        "val_objective": _value(trial),
         "threshold": a.get("threshold"),
         "validation": {
             "completeness": a.get("val_completeness"),
@@ -704,13 +764,14 @@ def _retrain_folds(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Da
     if fits.failure:
         raise ExportError(f"trial {trial.number}: retraining failed ({fits.failure}); not exported")
     value = float(np.mean([f.objective for f in fits.folds]))
-    if trial.value is None or _differs(value, trial.value, TOLERANCE) or math.isnan(value):
+    recorded = _value(trial)
+    if recorded is None or _differs(value, recorded, TOLERANCE) or math.isnan(value):
         raise ExportError(
             f"trial {trial.number}: retraining gave mean validation objective {value:.10g}, the trial recorded "
-            f"{trial.value!r} (tolerance {TOLERANCE:g}); the data, code or library versions no longer reproduce "
+            f"{recorded!r} (tolerance {TOLERANCE:g}); the data, code or library versions no longer reproduce "
             "it, so it is not exported. Restore the weights artifacts or export another trial with --trial"
         )
-    notes = [note, f"retrained mean validation objective {value:.10g} matches the recorded {trial.value:.10g}"]
+    notes = [note, f"retrained mean validation objective {value:.10g} matches the recorded {recorded:.10g}"]
     nets = torch.nn.ModuleList(f.model.cpu().eval() for f in fits.folds)
     return _Trained(nets, _params_record(params), None, retrained=True, notes=notes)
 
@@ -732,13 +793,14 @@ def _retrain(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset,
     if result.failed:
         raise ExportError(f"trial {trial.number}: retraining failed ({result.stop_reason}); not exported")
     ev = evaluate(model, dataset, spec, result)
-    if trial.value is None or _differs(ev.objective, trial.value, TOLERANCE) or math.isnan(ev.objective):
+    recorded = _value(trial)
+    if recorded is None or _differs(ev.objective, recorded, TOLERANCE) or math.isnan(ev.objective):
         raise ExportError(
             f"trial {trial.number}: retraining gave validation objective {ev.objective:.10g}, the trial recorded "
-            f"{trial.value!r} (tolerance {TOLERANCE:g}); the data, code or library versions no longer reproduce "
+            f"{recorded!r} (tolerance {TOLERANCE:g}); the data, code or library versions no longer reproduce "
             "it, so it is not exported. Restore the weights artifact or export another trial with --trial"
         )
-    notes = [note, f"retrained validation objective {ev.objective:.10g} matches the recorded {trial.value:.10g}"]
+    notes = [note, f"retrained validation objective {ev.objective:.10g} matches the recorded {recorded:.10g}"]
     return _Trained(model.cpu().eval(), _params_record(params), None, retrained=True, notes=notes)
 
 
@@ -1122,7 +1184,7 @@ def _card(
     if trained.retrained:
         weights = (
             "retrained from the stored parameters and seed (the run's weights artifact was missing); the retrained "
-            f"validation objective matched the recorded {trial.value!r} within {TOLERANCE:g}"
+            f"validation objective matched the recorded {_value(trial)!r} within {TOLERANCE:g}"
         )
     elif dataset.folds:
         run = trial.user_attrs.get("mlflow_run_id")
@@ -1163,9 +1225,13 @@ def _card(
         "search_space": spec.search_space.model_dump(mode="json"),
         "training": spec.train.model_dump(mode="json"),
         "objective": {
-            "metric": spec.objective.metric,
-            "direction": spec.objective.direction,
+            "metric": ", ".join(spec.objective.metrics),
+            "direction": ", ".join(spec.objective.directions),
             "target_contamination": spec.objective.target_contamination,
+            # A multi-objective study: the trial's value per objective (val_objective is the first) and the fixed
+            # threshold that completeness and contamination objectives are measured at.
+            **({"values": list(trial.values)} if spec.objective.multi and trial.values else {}),
+            **({"threshold": spec.objective.threshold} if spec.objective.uses_threshold else {}),
         },
         "trial": {**_trial_info(trial, trained.params), "figures": chosen},
         "validation": _validation_card(trial, spec),
@@ -1212,13 +1278,13 @@ def _log_and_register(
         tags={
             "tuner.study": name,
             "tuner.trial_number": str(trial.number),
-            "tuner.val_objective": str(trial.value),
+            "tuner.val_objective": str(_value(trial)),
             "tuner.holdout_completeness": str(h["completeness"]),
             "tuner.holdout_contamination": str(h["contamination"]),
             "tuner.retrained": str(card["model"]["retrained"]).lower(),
         },
         description=(
-            f"Trial {trial.number} of study {name}: validation {metric} {_fmt(trial.value)}; holdout completeness "
+            f"Trial {trial.number} of study {name}: validation {metric} {_fmt(_value(trial))}; holdout completeness "
             f"{_fmt(h['completeness'])} {_ci(h['completeness_95ci'])}, contamination {_fmt(h['contamination'])} "
             f"{_ci(h['contamination_95ci'])} at the frozen threshold."
         ),
@@ -1231,6 +1297,7 @@ def export_trial(
     spec: StudySpec,
     *,
     trial_number: int | None = None,
+    rule: str | None = None,
     out: str | Path | None = None,
     force: bool = False,
     register: bool = False,
@@ -1243,7 +1310,9 @@ def export_trial(
         study: The stored study.
         spec: The study's spec (a study file, or the one stored in the study); the stored one wins for what the
             trials ran with, this one says where the data and the stores are.
-        trial_number: The trial to export; the best trial when None.
+        trial_number: The trial to export; the best trial when None (a multi-objective study needs it or ``rule``).
+        rule: In a multi-objective study, choose from the Pareto front: ``contamination<=0.1`` exports the front
+            trial with the best other objective among those with contamination <= 0.1.
         out: The model directory; ``exports/<study>-trial-<N>`` when None.
         force: Replace ``out`` when it holds a previous export.
         register: Register the model under the study's name and move alias ``champion`` to the new version.
@@ -1260,7 +1329,7 @@ def export_trial(
     """
     spec, notes = _study_spec(study, spec)
     uri = tracking_uri or spec.tracking.uri
-    trial, runner = _pick_trials(study, spec, trial_number)
+    trial, runner = _pick_trials(study, spec, trial_number, rule, notes)
     name = spec.study.name
     target = Path(out) if out is not None else Path("exports") / f"{name.replace('/', '_')}-trial-{trial.number}"
     _prepare_out(target, force)
