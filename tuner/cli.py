@@ -114,7 +114,7 @@ def _values(trial: Any) -> str:
 def _interval(attrs: dict[str, Any], key: str) -> str:
     if key not in attrs:
         return "-"
-    return f"{attrs[key]:.4f} [{attrs[key + '_low']:.4f}, {attrs[key + '_high']:.4f}]"
+    return f"{attrs[key]:.3f} [{attrs[key + '_low']:.3f}, {attrs[key + '_high']:.3f}]"
 
 
 def front_records(study: Any, spec: StudySpec) -> list[dict[str, Any]]:
@@ -147,12 +147,12 @@ def print_front(study: Any, spec: StudySpec) -> None:
     table.add_column("trial", justify="right")
     for name, direction in zip(names, study.directions, strict=True):
         table.add_column(f"{name} ({direction.name.lower()[:3]})", justify="right")
+    # Short headers keep the table readable in 80 columns; the legend below spells them out.
     if fixed:
-        table.add_column(f"holdout completeness @{spec.objective.threshold:g}")
-        table.add_column(f"holdout contamination @{spec.objective.threshold:g}")
-    target = spec.objective.target_contamination
-    table.add_column(f"holdout completeness (threshold for contamination {target:g})")
-    table.add_column("holdout contamination")
+        table.add_column("H compl. @fixed")
+        table.add_column("H contam. @fixed")
+    table.add_column("H compl. @target")
+    table.add_column("H contam. @target")
     records = front_records(study, spec)
     for record in records:
         row = [str(record["number"]), *(_fmt(v, 4) for v in record["values"].values())]
@@ -164,6 +164,13 @@ def print_front(study: Any, spec: StudySpec) -> None:
         row += [_interval(record, "holdout_completeness"), _interval(record, "holdout_contamination")]
         table.add_row(*row)
     console.print(table)
+    legend = "objectives measured on validation; H: holdout, with 95% Wilson intervals"
+    if fixed:
+        legend += f"; @fixed: at the score threshold {spec.objective.threshold:g}"
+    legend += (
+        f"; @target: at the threshold chosen on validation for contamination {spec.objective.target_contamination:g}"
+    )
+    console.print(legend)
     console.print(
         f"{len(records)} trial(s) on the front; export one with `tuner export STUDY --trial N` or "
         f"`--rule '{names[-1]}<=C'`"

@@ -32,7 +32,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from tuner.data.preprocess import Preprocessor
-from tuner.errors import ConfigError, DataError, ExportError, TunerError
+from tuner.errors import DataError, ExportError, TunerError
 from tuner.model import load_state_dict_file, mlp_from_record
 from tuner.space import TrialParams
 from tuner.train import mean_probabilities, predict_logits, probabilities
@@ -444,7 +444,7 @@ def _pick_front(
         )
     try:
         ranked = pareto.choose(study, pareto.parse_rule(rule, pareto.objective_names(study)))
-    except ConfigError as exc:
+    except ValueError as exc:
         raise ExportError(str(exc)) from None
     notes.append(f"trial {ranked[0].number} chosen from the Pareto front by the rule {rule!r}")
     return ranked[0], (ranked[1] if len(ranked) > 1 else None)

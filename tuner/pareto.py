@@ -1,5 +1,8 @@
 """Multi-objective studies: the Pareto front, dominance, and choosing one trial from the front by a rule.
 
+A rule that cannot be used raises ``ValueError`` with the message for the user; the caller wraps it in its own
+error type.
+
 Light on purpose (Optuna, no torch or MLflow): ``tuner best`` and ``tuner status`` read a front through here.
 """
 
@@ -12,8 +15,6 @@ from dataclasses import dataclass
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
-
-from tuner.errors import ConfigError
 
 
 def is_multi_objective(study: optuna.Study) -> bool:
@@ -74,25 +75,25 @@ def parse_rule(text: str, names: Sequence[str]) -> Rule:
     """Read ``--rule`` such as ``contamination<=0.1``.
 
     Raises:
-        ConfigError: The rule is malformed, names no objective of the study, or the study has not two objectives.
+        ValueError: The rule is malformed, names no objective of the study, or the study has not two objectives.
     """
     if len(names) != 2:
-        raise ConfigError(
+        raise ValueError(
             f"--rule: a rule constrains one objective and optimises the other, so it needs a study with two "
             f"objectives; this one has {len(names)} ({', '.join(names)}): choose with --trial N, got {text!r}"
         )
     found = _RULE.match(text)
     if not found:
-        raise ConfigError(
+        raise ValueError(
             f"--rule: expected OBJECTIVE OP NUMBER with OP one of <=, >=, <, > (e.g. '{names[-1]}<=0.1'), got {text!r}"
         )
     metric, op, number = found.groups()
     if metric not in names:
-        raise ConfigError(f"--rule: {metric!r} is not an objective of this study ({', '.join(names)}), got {text!r}")
+        raise ValueError(f"--rule: {metric!r} is not an objective of this study ({', '.join(names)}), got {text!r}")
     try:
         bound = float(number)
     except ValueError:
-        raise ConfigError(f"--rule: {number!r} is not a number, got {text!r}") from None
+        raise ValueError(f"--rule: {number!r} is not a number, got {text!r}") from None
     return Rule(metric, op, bound)
 
 
@@ -100,7 +101,7 @@ def choose(study: optuna.Study, rule: Rule) -> list[FrozenTrial]:
     """The front's trials that satisfy ``rule``, best first by the other objective (ties: the earlier trial).
 
     Raises:
-        ConfigError: No trial on the front satisfies the rule (the front is listed).
+        ValueError: No trial on the front satisfies the rule (the front is listed).
     """
     names = objective_names(study)
     i = names.index(rule.metric)
@@ -108,7 +109,7 @@ def choose(study: optuna.Study, rule: Rule) -> list[FrozenTrial]:
     maximize = study.directions[j] == StudyDirection.MAXIMIZE
     feasible = [t for t in front(study) if rule.holds(t.values[i])]
     if not feasible:
-        raise ConfigError(f"--rule: no trial on the Pareto front has {rule}; the front:\n{front_listing(study)}")
+        raise ValueError(f"--rule: no trial on the Pareto front has {rule}; the front:\n{front_listing(study)}")
     return sorted(feasible, key=lambda t: (-t.values[j] if maximize else t.values[j], t.number))
 
 

@@ -203,11 +203,17 @@ class Evaluation:
     val_ap: float
     val_scores: np.ndarray
     holdout_scores: np.ndarray
-    # Every objective's value, in the order of objective.metric (one value in a single-objective study).
+    # A multi-objective study's values, in the order of objective.metric (``objective`` is the first); empty with
+    # one objective.
     objectives: tuple[float, ...] = ()
     # Validation and holdout measured at the fixed threshold objective.threshold, when an objective uses it.
     val_fixed: metrics.MeasuredPoint | None = None
     holdout_fixed: metrics.MeasuredPoint | None = None
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        """The value per objective: what the trial returns to Optuna."""
+        return self.objectives or (self.objective,)
 
     def final_metrics(self) -> dict[str, float]:
         h = self.holdout
@@ -338,7 +344,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, spec: StudySpec, fit_resu
         val_ap=val_ap,
         val_scores=val_scores,
         holdout_scores=hold_scores,
-        objectives=objectives,
+        objectives=objectives if spec.objective.multi else (),
         val_fixed=val_fixed,
         holdout_fixed=hold_fixed,
     )
@@ -1085,9 +1091,7 @@ class Objective:
                 trial.set_user_attr("fail_reason", result.stop_reason)
                 raise TrialFailed(result.stop_reason)
             ev = evaluate(model, self.dataset, self.spec, result)
-            bad = [
-                (m, v) for m, v in zip(self.spec.objective.metrics, ev.objectives, strict=True) if not math.isfinite(v)
-            ]
+            bad = [(m, v) for m, v in zip(self.spec.objective.metrics, ev.values, strict=True) if not math.isfinite(v)]
             if bad:
                 reason = "non-finite objective " + ", ".join(f"{m}={v}" for m, v in bad)
                 trial.set_user_attr("fail_reason", reason)
@@ -1101,7 +1105,7 @@ class Objective:
                 if self.spec.tracking.plots:
                     artifacts.update(self._plots(result, ev, trial.number))
             state = "COMPLETE"
-            return list(ev.objectives) if self.spec.objective.multi else ev.objective
+            return list(ev.values) if self.spec.objective.multi else ev.objective
         finally:
             # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
             self.tracker.end_trial(run_id, state, final, tags, artifacts)
