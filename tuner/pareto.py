@@ -17,10 +17,6 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 
-def is_multi_objective(study: optuna.Study) -> bool:
-    return len(study.directions) > 1
-
-
 def objective_names(study: optuna.Study) -> list[str]:
     """A name per objective: the study's metric names, else ``objective 0``, ``objective 1``, ..."""
     if study.metric_names:
@@ -114,4 +110,5 @@ def choose(study: optuna.Study, rule: Rule) -> list[FrozenTrial]:
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The COMPLETE trials that hold values."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]

@@ -1059,7 +1059,8 @@ class Objective:
         final: dict[str, float] = {}
         tags: dict[str, str] = {}
         if isinstance(run.pruning, GuardPruningCallback) and run.pruning.guard is not None:
-            # Stored whatever the trial's end: the guard's median rule reads the complete trials'.
+            # Stored whatever the trial's end (the median rule reads the complete trials'); a failed write must not
+            # hide the error that ended the trial.
             with contextlib.suppress(Exception):
                 trial.set_user_attr(GUARD_HISTORY, run.pruning.history)
         try:
