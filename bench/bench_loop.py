@@ -34,8 +34,10 @@ Equal work: every trial trains exactly ``--epochs`` epochs on every side (pruner
   validation loss and the validation objective (completeness at 10% contamination by
   :func:`tuner.metrics.choose_operating_point`, as tuner computes it). Nothing else: no Optuna, no pruning or
   report calls, no tracking, no early-stopping bookkeeping or best-weight copy, no gradient health, no holdout
-  evaluation. It seeds init, dropout and shuffling as tuner does, so its per-epoch train loss, validation loss
-  and objective must equal tuner's bit for bit: checked and printed ("same model and batches").
+  evaluation. It seeds init, dropout and shuffling as tuner's eager engine (``study.engine: eager``) does, so
+  with that engine its per-epoch train loss, validation loss and objective equal tuner's bit for bit; tuner's
+  default packed engine starts from the same weights and takes the same batches, but draws its own dropout masks
+  and updates with its own fused code, so its histories differ (printed as "same model and batches").
 - tuner: :func:`tuner.study.run_study` (``device="cpu"``, ``dataset=`` the prebuilt data, sampler random,
   pruner none, the trials passed as ``enqueue``), tracking off, then the same study with tracking on (an SQLite
   MLflow store in the scratch folder; ``tracking.plots`` true unless ``--no-plots``).
@@ -399,6 +401,8 @@ def baseline_params(trial: optuna.Trial, space: Any) -> dict[str, Any]:
 
     def num(name: str, kind: str) -> Any:
         p = getattr(space, name)
+        if p.value is not None:  # fixed in the study file: a constant, as a user's script would have it
+            return int(p.value) if kind == "int" else float(p.value)
         suggest_fn = trial.suggest_int if kind == "int" else trial.suggest_float
         return suggest_fn(name, p.low, p.high, log=p.log)
 
@@ -409,8 +413,12 @@ def baseline_params(trial: optuna.Trial, space: Any) -> dict[str, Any]:
     for name in ("lr", "momentum", "dropout", "weight_decay"):
         params[name] = num(name, "float")
     b = space.batch_size
-    params["batch_size"] = trial.suggest_categorical(
-        "batch_size", [2**k for k in range(int(math.log2(b.low)), int(math.log2(b.high)) + 1)]
+    params["batch_size"] = (
+        int(b.value)
+        if b.value is not None
+        else trial.suggest_categorical(
+            "batch_size", [2**k for k in range(int(math.log2(b.low)), int(math.log2(b.high)) + 1)]
+        )
     )
     for name in ("optimizer", "activation", "init", "batch_norm"):
         params[name] = trial.suggest_categorical(name, list(getattr(space, name).options))

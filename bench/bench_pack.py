@@ -6,7 +6,8 @@ pruning), validation loss and objective every epoch, MLflow tracking on. Sides:
 
 - baseline: the hand-wired loop of bench/bench_loop.py (Optuna + optuna-integration's ``MLflowCallback`` with
   ``track_in_mlflow``, ``DataLoader(TensorDataset, shuffle=True)``, ``mlflow.log_metric`` per epoch), in one
-  process with torch's default threads (all cores) — what a user's script does on this machine;
+  process with torch's default threads (all cores) — what a user's script does on this machine
+  (``--baseline-threads 1`` gives it one thread: on a busy machine the fairer comparison);
 - packed, 1 process: :func:`tuner.study.run_study` with ``study.pack = --pack`` and 1 torch thread;
 - packed, 2 workers: ``tuner create`` then two ``tuner worker`` processes (1 torch thread each) on one study
   in a scratch PostgreSQL database, MLflow in another (the many-workers topology), ``study.pack = --pack``.
@@ -88,7 +89,7 @@ def raw_study(args: argparse.Namespace, folder: Path, *, name: str, pack: int, t
             "storage": f"sqlite:///{folder}/tuner-optuna.db",
             "sampler": "random",
             "pruner": "none",
-            "n_trials": len(trials),
+            "n_trials": max(1, len(trials)),
             "seed": 0,
             "pack": pack,
             "enqueue": [enqueue_entry(p) for p in trials],
@@ -176,13 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draw-seed", type=int, default=0)
     parser.add_argument("--no-workers", action="store_true", help="skip the two-worker side (no PostgreSQL)")
     parser.add_argument("--device", default="cpu", help="device of the tuner sides (the baseline stays on the CPU)")
+    parser.add_argument(
+        "--baseline-threads",
+        type=int,
+        default=0,
+        help="torch threads of the baseline: 0 (default) = torch's default, all cores, as a user's script runs",
+    )
     parser.add_argument("--pg", default="host=127.0.0.1 port=5432 user=postgres")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cores = os.cpu_count() or 1
+    base_threads = args.baseline_threads or cores
     print(
         f"bench_pack: {args.dataset}, {args.space} space, {args.trials} trials x {args.epochs} epochs, pack "
-        f"{args.pack}; {cores} cores, load average {os.getloadavg()[0]:.2f} at start"
+        f"{args.pack}; {cores} cores, baseline {base_threads} thread(s); load average {os.getloadavg()[0]:.2f} at start"
     )
     rates: dict[str, list[float]] = {"baseline": [], "packed-1": [], "packed-2w": []}
     ratios: dict[str, list[float]] = {"packed-1": [], "packed-2w": []}
@@ -192,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         trials = draw_trials(first, [t.batch_size for t in _draw_shapes(first, args)], args.draw_seed)
         dataset = build_dataset(first, "cpu")
         packed_data = dataset if args.device == "cpu" else build_dataset(first, args.device)
-        print(f"data: {dataset.facts().get('data.rows_train', '?')} training rows; trials:")
+        print(f"data: {len(dataset.train)} training rows, {len(dataset.validation)} validation rows; trials:")
         for p in trials:
             print(f"  {p.n_layers}x{'-'.join(map(str, p.widths))} {p.activation} {p.optimizer} batch {p.batch_size}")
         # Untimed warm-up of each in-process side (stores created, code paths loaded).
         warm = trials[:1]
-        with threads(cores):
+        with threads(base_threads):
             run_baseline(
                 _spec(args, folder, "warm-b", 1, warm), dataset, warm, name="warm-b", folder=folder, storage="sqlite"
             )
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             run_packed(_spec(args, folder, "warm-p", args.pack, warm), packed_data, 1)
         for repeat in range(args.repeats):
             name = f"r{repeat}"
-            with threads(cores):
+            with threads(base_threads):
                 base = run_baseline(
                     _spec(args, folder, f"b-{name}", 1, trials),
                     dataset,

@@ -35,9 +35,10 @@ start=$(date +%s)
 echo "quickstart wall: $(( $(date +%s) - start )) s" | tee -a "$out/quickstart.txt"
 "$py" -m tuner.cli best quickstart-gpu --storage "sqlite:///$work/optuna.db" | tee -a "$out/quickstart.txt"
 
-echo "== P1: tuner's epoch against the eager floor and the hand-wired loop (GPU)"
-"$py" bench/bench_loop.py --device cuda --datasets sdss simulated --epochs 3 --repeats 3 | tee "$out/p1.txt"
-
-echo "== P4: packed trials against the hand-wired loop (GPU, one process)"
-"$py" bench/bench_pack.py --device cuda --dataset simulated --trials 16 --epochs 3 --pack 16 --repeats 3 \
-    --no-workers | tee "$out/p4.txt"
+echo "== P1 (one trial at a time) and P4 (packed): tuner on CUDA against the hand-wired loop on the CPU"
+# bench_pack.py keeps the hand-wired baseline on the CPU (bench_loop.py measures CPU only): on a GPU machine the
+# figures say how far tuner on the GPU is ahead of the hand-wired loop as it runs on this machine's CPU.
+for pack in 1 16; do
+    "$py" bench/bench_pack.py --device cuda --dataset simulated --trials 16 --epochs 3 --pack "$pack" \
+        --repeats 3 --no-workers | tee "$out/pack-$pack.txt"
+done
