@@ -94,13 +94,11 @@ class _Slot:
     """Per-member state the pack does not vectorise."""
 
     member: PackMember
-    index: int
     model: nn.Sequential
     stopper: EarlyStopping
     result: FitResult = field(default_factory=FitResult)
     best: dict[str, torch.Tensor] | None = None
     error: Exception | None = None
-    history_seen: int = 0
 
 
 class _Pack:
@@ -440,7 +438,6 @@ def fit_pack(
     slots = [
         _Slot(
             member=m,
-            index=i,
             model=pack.models[i],
             stopper=EarlyStopping(
                 config.monitor, patience=config.patience, min_delta=config.min_delta, mode=config.monitor_mode
