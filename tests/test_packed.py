@@ -259,3 +259,16 @@ def test_the_eager_engine_cannot_pack():
     with pytest.raises(ConfigError, match=r"study\.engine: the eager engine trains one trial at a time, got pack=4"):
         spec_from_dict({"study": {"engine": "eager", "pack": 4}})
     assert spec_from_dict({"study": {}}).study.engine == "packed"
+
+
+def test_packs_are_split_so_that_narrow_trials_are_not_padded_to_a_wide_ones_size():
+    from tuner.packed import split_by_cost
+
+    wide, narrow = params(widths=(256, 256)), params(widths=(16, 12))
+    trials = [narrow, wide, *[params(widths=(8 + i, 16)) for i in range(6)]]
+    packs = split_by_cost(trials, 4, 1)
+    assert sorted(i for pack in packs for i in pack) == list(range(8))  # every trial once
+    assert [1] in packs  # the wide trial alone
+    assert len(packs) == 2
+    # Trials of one size are never split.
+    assert split_by_cost([params(widths=(64, 64))] * 8, 4, 1) == [list(range(8))]

@@ -37,7 +37,7 @@ from tuner.data.dataset import Dataset, build_dataset
 from tuner.errors import ConfigError, StorageError
 from tuner.health import VERDICTS, Verdict, judge
 from tuner.model import build_mlp
-from tuner.packed import PackMember, fit_pack, pack_key
+from tuner.packed import PackMember, fit_pack, pack_key, split_by_cost
 from tuner.space import TrialParams, enqueue_params, max_layers, suggest
 from tuner.tracking import MlflowTracker, NullTracker, Tracker, mask_password
 from tuner.train import FitConfig, FitResult, fit, mean_probabilities, predict_logits, probabilities
@@ -958,8 +958,16 @@ class Objective:
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, run in enumerate(runs):
             groups.setdefault(pack_key(run.params), []).append(i)
+        packs = list(groups.values())
+        if self.dataset.device.type == "cpu":
+            # On the CPU padding costs arithmetic: a wide trial does not drag narrow ones to its size.
+            packs = [
+                [rows[j] for j in part]
+                for rows in packs
+                for part in split_by_cost([runs[i].params for i in rows], self.dataset.n_features, self.n_out)
+            ]
         try:
-            for rows in groups.values():
+            for rows in packs:
                 try:
                     fitted = fit_pack(
                         [PackMember(runs[i].params, runs[i].seed, runs[i].callbacks) for i in rows],
