@@ -100,31 +100,51 @@ def write_study(tmp_path: Path, *, n_trials: int, big: bool = False, tracking: s
     return path
 
 
+_LOGS: dict[int, Path] = {}
+
+
 def tuner(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    # Output goes to a file, not a pipe: a pipe nobody reads until the end blocks the process once it fills.
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tuner.cli", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    log = cwd / f"tuner-{uuid.uuid4().hex[:8]}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tuner.cli", *args],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+    _LOGS[proc.pid] = log
+    return proc
+
+
+def output(proc: subprocess.Popen[str]) -> str:
+    return _LOGS[proc.pid].read_text()
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
+    proc.wait(timeout=timeout)
+    return proc.returncode, output(proc)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll an observable condition (a trial's state in the database), failing after ``timeout``."""
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[str] | None = None
+) -> None:
+    """Poll an observable condition (a trial's state in the database), failing after ``timeout``.
+
+    With ``proc``, fail as soon as that process has exited, and show what it printed.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}:\n{output(proc)[-3000:]}")
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    printed = f"; it printed:\n{output(proc)[-3000:]}" if proc is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{printed}")
 
 
 _STORAGES: dict[str, optuna.storages.RDBStorage] = {}
@@ -362,6 +382,7 @@ def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_
         lambda: (tmp_path / "optuna.db").exists() and has_running_tracked_trial(url),
         timeout=120,
         what="a running trial",
+        proc=proc,
     )
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
