@@ -748,6 +748,18 @@ def _stored_folds(
     return nets.eval(), params, ""
 
 
+def _require_reproduced(trial: optuna.trial.FrozenTrial, value: float, what: str, artifacts: str) -> str:
+    """The note that a retrained trial gave its recorded objective; an ExportError when it did not."""
+    recorded = _value(trial)
+    if recorded is None or _differs(value, recorded, TOLERANCE) or math.isnan(value):
+        raise ExportError(
+            f"trial {trial.number}: retraining gave {what} {value:.10g}, the trial recorded "
+            f"{recorded!r} (tolerance {TOLERANCE:g}); the data, code or library versions no longer reproduce "
+            f"it, so it is not exported. Restore the {artifacts} or export another trial with --trial"
+        )
+    return f"retrained {what} {value:.10g} matches the recorded {recorded:.10g}"
+
+
 def _retrain_folds(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset, why: str) -> _Trained:
     from tuner.study import Objective
     from tuner.tracking import NullTracker
@@ -764,14 +776,7 @@ def _retrain_folds(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Da
     if fits.failure:
         raise ExportError(f"trial {trial.number}: retraining failed ({fits.failure}); not exported")
     value = float(np.mean([f.objective for f in fits.folds]))
-    recorded = _value(trial)
-    if recorded is None or _differs(value, recorded, TOLERANCE) or math.isnan(value):
-        raise ExportError(
-            f"trial {trial.number}: retraining gave mean validation objective {value:.10g}, the trial recorded "
-            f"{recorded!r} (tolerance {TOLERANCE:g}); the data, code or library versions no longer reproduce "
-            "it, so it is not exported. Restore the weights artifacts or export another trial with --trial"
-        )
-    notes = [note, f"retrained mean validation objective {value:.10g} matches the recorded {recorded:.10g}"]
+    notes = [note, _require_reproduced(trial, value, "mean validation objective", "weights artifacts")]
     nets = torch.nn.ModuleList(f.model.cpu().eval() for f in fits.folds)
     return _Trained(nets, _params_record(params), None, retrained=True, notes=notes)
 
@@ -793,14 +798,7 @@ def _retrain(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset,
     if result.failed:
         raise ExportError(f"trial {trial.number}: retraining failed ({result.stop_reason}); not exported")
     ev = evaluate(model, dataset, spec, result)
-    recorded = _value(trial)
-    if recorded is None or _differs(ev.objective, recorded, TOLERANCE) or math.isnan(ev.objective):
-        raise ExportError(
-            f"trial {trial.number}: retraining gave validation objective {ev.objective:.10g}, the trial recorded "
-            f"{recorded!r} (tolerance {TOLERANCE:g}); the data, code or library versions no longer reproduce "
-            "it, so it is not exported. Restore the weights artifact or export another trial with --trial"
-        )
-    notes = [note, f"retrained validation objective {ev.objective:.10g} matches the recorded {recorded:.10g}"]
+    notes = [note, _require_reproduced(trial, ev.objective, "validation objective", "weights artifact")]
     return _Trained(model.cpu().eval(), _params_record(params), None, retrained=True, notes=notes)
 
 

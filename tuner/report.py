@@ -160,6 +160,19 @@ def trial_artifacts(
         "plots/learning_curves.html": _html(
             learning_curves(history, best_epoch, f"{label}: learning curves"), plotlyjs
         ),
+        **_score_plots(curves, points, target_contamination, label, plotlyjs),
+    }
+
+
+def _score_plots(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    points: dict[str, tuple[float, float]],
+    target_contamination: float,
+    label: str,
+    plotlyjs: IncludeJs,
+) -> dict[str, str]:
+    """ROC and completeness vs efficiency of a trial's scores, keyed by artifact path."""
+    return {
         "plots/roc.html": _html(roc_figure(curves, f"{label}: ROC"), plotlyjs),
         "plots/completeness_efficiency.html": _html(
             completeness_efficiency_figure(
@@ -219,13 +232,7 @@ def crossval_trial_artifacts(
         "plots/learning_curves.html": _html(
             fold_learning_curves(histories, best_epochs, f"{label}: learning curves per fold"), plotlyjs
         ),
-        "plots/roc.html": _html(roc_figure(curves, f"{label}: ROC"), plotlyjs),
-        "plots/completeness_efficiency.html": _html(
-            completeness_efficiency_figure(
-                curves, points, target_contamination, f"{label}: completeness vs efficiency"
-            ),
-            plotlyjs,
-        ),
+        **_score_plots(curves, points, target_contamination, label, plotlyjs),
     }
 
 
