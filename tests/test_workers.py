@@ -6,6 +6,7 @@ machine without PostgreSQL they skip with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -160,10 +161,25 @@ def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="workers", storage=_STORAGES[url]).get_trials(deepcopy=False)
 
 
+def _sqlite_study_exists(url: str) -> bool:
+    """Read-only: the study row is in an SQLite file. Opening an Optuna storage on a file whose tables are still
+    being made would write the schema version too, racing the process that makes them."""
+    import sqlite3
+
+    path = url[len("sqlite:///") :]
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return conn.execute("SELECT 1 FROM studies WHERE study_name = 'workers'").fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
 def has_running_tracked_trial(url: str) -> bool:
     """A trial is RUNNING and has its MLflow run; False while the study is still being created."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    if url.startswith("sqlite:///") and not _sqlite_study_exists(url):
+        return False
     try:
         trials = trials_of(url)
     except (KeyError, SQLAlchemyError):  # the tuner process is still creating the tables or the study
