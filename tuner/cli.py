@@ -65,14 +65,15 @@ def trial_params(trial: Any, spec: StudySpec) -> dict[str, Any]:
     """A stored trial's hyperparameters as the model used them (fixed ones included, batch size not as log2)."""
     from dataclasses import asdict
 
-    from tuner.space import suggest
+    from tuner.space import OPTIONAL_PARAMS, suggest
 
     try:
         record = asdict(suggest(trial, spec.search_space))
     except ValueError:  # a study not made by tuner (or by another space): show Optuna's parameters as they are
         return dict(trial.params)
     record["widths"] = list(record["widths"])
-    return record
+    # Parameters the study's space leaves out (clipping, a regression's loss, L1) are not shown as None.
+    return {k: v for k, v in record.items() if not (k in OPTIONAL_PARAMS and v is None)}
 
 
 def print_trial(trial: Any, spec: StudySpec, title: str = "Best trial") -> None:
@@ -86,7 +87,28 @@ def print_trial(trial: Any, spec: StudySpec, title: str = "Best trial") -> None:
     direction = spec.objective.direction
     console.print(table)
     console.print(f"validation objective ({direction}): [bold]{_fmt(trial.value, 5)}[/bold]")
-    if "holdout_completeness" in attrs:
+    if "holdout_rmse" in attrs:
+        console.print(f"validation MAE {attrs['val_mae']:.4g}, RMSE {attrs['val_rmse']:.4g}, R² {attrs['val_r2']:.4f}")
+        for name, label in (("mae", "MAE "), ("rmse", "RMSE"), ("r2", "R²  ")):
+            key = f"holdout_{name}"
+            console.print(
+                f"holdout {label}  {attrs[key]:.4g}  95% CI [{attrs[key + '_low']:.4g}, {attrs[key + '_high']:.4g}]"
+                " (bootstrap)"
+            )
+    elif "holdout_completeness" in attrs and "threshold" not in attrs:
+        # Multilabel: one threshold per label, chosen on validation; the headline figures are macro averages.
+        console.print(
+            f"holdout, macro over labels: completeness {attrs['holdout_completeness']:.4f}, contamination "
+            f"{attrs['holdout_contamination']:.4f} (each label's threshold chosen on validation)"
+        )
+        for key in sorted(k for k in attrs if k.startswith("threshold_")):
+            name = key[len("threshold_") :]
+            console.print(
+                f"  {name}: threshold {attrs[key]:.4g}; holdout completeness "
+                f"{_interval(attrs, f'holdout_completeness_{name}')}, contamination "
+                f"{_interval(attrs, f'holdout_contamination_{name}')}"
+            )
+    elif "holdout_completeness" in attrs:
         console.print(
             f"threshold {attrs['threshold']:.4g} (chosen on validation: completeness {attrs['val_completeness']:.4f}, "
             f"contamination {attrs['val_contamination']:.4f})"

@@ -37,11 +37,27 @@ PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon"
 #: Pruners that can judge a k-fold trial, which reports once per fold (per-epoch pruners would mix folds and epochs).
 KFOLD_PRUNERS = ("wilcoxon", "none")
 OBJECTIVES = ("completeness_at_contamination", "val_loss", "roc_auc", "average_precision")
+#: Objectives of the regression tasks, measured on validation in the target's unit.
+REGRESSION_OBJECTIVES = ("mae", "rmse", "r2")
+#: Every single objective by name; which ones a study may use depends on its task (TASK_OBJECTIVES).
+SCALAR_OBJECTIVES = OBJECTIVES + REGRESSION_OBJECTIVES
+#: The problem types of the lecture's table (see tuner.tasks for each one's last layer and loss).
+TASKS = ("binary", "multiclass", "multilabel", "regression", "unit_regression")
+#: The objectives each task can measure. Multilabel figures are macro averages over the labels.
+TASK_OBJECTIVES = {
+    "binary": OBJECTIVES,
+    "multiclass": OBJECTIVES,
+    "multilabel": OBJECTIVES,
+    "regression": ("val_loss", *REGRESSION_OBJECTIVES),
+    "unit_regression": ("val_loss", *REGRESSION_OBJECTIVES),
+}
+#: The losses a regression task can train with (search_space.loss); the first is its default.
+TASK_LOSSES = {"regression": ("mse", "mae", "huber"), "unit_regression": ("mse", "bce")}
 #: Metrics measured on validation at the fixed score threshold ``objective.threshold``: objectives of a
 #: multi-objective study only (together they trace the trade-off that a Pareto front shows).
 THRESHOLD_METRICS = ("completeness", "contamination")
 #: Every name an ``objective.metric`` list may hold.
-MULTI_OBJECTIVE_METRICS = OBJECTIVES + THRESHOLD_METRICS
+MULTI_OBJECTIVE_METRICS = SCALAR_OBJECTIVES + THRESHOLD_METRICS
 #: Samplers that accept several objectives in Optuna 5 (CMA-ES raises on them).
 MULTI_OBJECTIVE_SAMPLERS = ("tpe", "random", "qmc", "gp", "nsga2")
 #: Pruners a multi-objective study can use: the median rule on its guard metric, or none.
@@ -59,6 +75,9 @@ OBJECTIVE_DIRECTION = {
     "average_precision": "maximize",
     "completeness": "maximize",
     "contamination": "minimize",
+    "mae": "minimize",
+    "rmse": "minimize",
+    "r2": "maximize",
 }
 MONITOR_MODE = {"val_loss": "min", "val_auc": "max", "val_ap": "max"}
 
@@ -215,13 +234,22 @@ class SearchSpace(_Frozen):
     batch_norm: ChoiceParam = ChoiceParam(choices=(False, True))
     # Gradient clipping (clip_grad_norm_ over all parameters); null: no clipping.
     max_grad_norm: OptionalFloatParam = OptionalFloatParam()
+    # A regression's loss (mse, mae, huber; unit_regression: mse, bce); null: the task's default (mse).
+    loss: ChoiceParam | None = None
+    # Huber's delta, in standardised target units; drawn for trials whose loss is huber. null: 1.0.
+    huber_delta: OptionalFloatParam = OptionalFloatParam()
+    # Coefficient of the L1 penalty on the weights (beside weight_decay, the L2 penalty); null: no penalty.
+    l1: OptionalFloatParam = OptionalFloatParam()
 
     @model_serializer(mode="wrap")
     def _omit_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Unset, the key is left out: studies created before it existed keep their search_space fingerprint.
+        # Unset, a key is left out: studies created before it existed keep their search_space fingerprint.
         data: dict[str, Any] = handler(self)
-        if self.max_grad_norm.off:
-            data.pop("max_grad_norm", None)
+        for name in ("max_grad_norm", "huber_delta", "l1"):
+            if getattr(self, name).off:
+                data.pop(name, None)
+        if self.loss is None:
+            data.pop("loss", None)
         return data
 
     @field_validator("n_layers", "width", "batch_size")
@@ -267,6 +295,29 @@ class SearchSpace(_Frozen):
                 f"max_grad_norm must be > 0 (null turns clipping off), got {'value' if p.fixed else 'low'}={low:g}"
             )
         return p
+
+    @field_validator("huber_delta")
+    @classmethod
+    def _huber_delta(cls, p: OptionalFloatParam) -> OptionalFloatParam:
+        if not p.off and _bounds(p)[0] <= 0:
+            raise ValueError(
+                f"huber_delta must be > 0 (null takes 1.0), got {'value' if p.fixed else 'low'}={_bounds(p)[0]:g}"
+            )
+        return p
+
+    @field_validator("l1")
+    @classmethod
+    def _l1(cls, p: OptionalFloatParam) -> OptionalFloatParam:
+        if not p.off and _bounds(p)[0] < 0:
+            raise ValueError(
+                f"l1 must be >= 0 (null turns the penalty off), got {'value' if p.fixed else 'low'}={_bounds(p)[0]:g}"
+            )
+        return p
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, p: ChoiceParam | None) -> ChoiceParam | None:
+        return None if p is None else _check_choices(p, tuple(dict.fromkeys(sum(TASK_LOSSES.values(), ()))))
 
     @field_validator("optimizer")
     @classmethod
@@ -331,13 +382,70 @@ class DataSpec(_Frozen):
     source: str = "simulated"
     simulated: SimulatedSpec = SimulatedSpec()
     features: tuple[str, ...] = DEFAULT_FEATURES
-    target: str = "class"
+    # The label column (binary, multiclass), the value column (regressions), or a list of label columns
+    # (multilabel): each a 0/1 or true/false column, or a condition on a column such as "class==QSO" or
+    # "redshift>1".
+    target: str | tuple[str, ...] = "class"
     positive: str | None = "QSO"
+    # Rows kept, by column value: {class: GALAXY}, {class: [GALAXY, QSO]}, or a range {redshift: {min: 0, max: 1}}
+    # (inclusive); every condition must hold. Empty keeps every row.
+    where: dict[str, Any] = Field(default_factory=dict)
     id_columns: tuple[str, ...] = ()
     split: SplitSpec = SplitSpec()
     # The split uses seed and seed + 1 as scikit-learn random states, which must lie in [0, 2**32 - 1].
     seed: Annotated[int, Field(ge=0, le=2**32 - 2)] = 0
     preprocess: Literal["standardize", "pca_whiten", "none"] = "standardize"
+
+    @model_serializer(mode="wrap")
+    def _omit_where(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Without a filter the key is left out: studies created before it existed keep their data fingerprint.
+        data: dict[str, Any] = handler(self)
+        if not self.where:
+            data.pop("where", None)
+        return data
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            if not v or not all(isinstance(t, str) and t for t in v):
+                raise ValueError(f"target must be a column name or a list of label columns, got {v!r}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"target columns must not repeat, got {list(v)}")
+            return tuple(v)
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"target must be a column name or a list of label columns, got {v!r}")
+        return v
+
+    @field_validator("where")
+    @classmethod
+    def _where(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for column, allowed in v.items():
+            if isinstance(allowed, dict):
+                bounds = {k: allowed[k] for k in allowed if k in ("min", "max")}
+                unknown = sorted(set(allowed) - {"min", "max"})
+                numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in bounds.values())
+                if unknown or not bounds or not numbers:
+                    raise ValueError(
+                        f"where.{column}: a range is {{min: number, max: number}} (either may be left out), "
+                        f"got {allowed!r}"
+                    )
+                if len(bounds) == 2 and bounds["min"] > bounds["max"]:
+                    raise ValueError(
+                        f"where.{column}: min must be <= max, got min={bounds['min']}, max={bounds['max']}"
+                    )
+                continue
+            values = allowed if isinstance(allowed, list | tuple) else [allowed]
+            if not values or not all(isinstance(x, str | int | float | bool) for x in values):
+                raise ValueError(
+                    f"where.{column}: give a value, a list of values or a range {{min, max}} to keep, got {allowed!r}"
+                )
+        return v
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The target columns: one, or the labels of a multilabel task."""
+        return self.target if isinstance(self.target, tuple) else (self.target,)
 
     @field_validator("features")
     @classmethod
@@ -410,9 +518,10 @@ class ObjectiveSpec(_Frozen):
                     f"{v} is measured at a fixed threshold and is an objective of a multi-objective study only, "
                     f"given in a list such as [completeness, contamination], got {v!r}"
                 )
-            if v not in OBJECTIVES:
+            if v not in SCALAR_OBJECTIVES:
                 raise ValueError(
-                    f"unknown metric {v!r}; allowed: {', '.join(OBJECTIVES)}{_did_you_mean(v, OBJECTIVES)}"
+                    f"unknown metric {v!r}; allowed: {', '.join(SCALAR_OBJECTIVES)}"
+                    f"{_did_you_mean(v, SCALAR_OBJECTIVES)}"
                 )
             return v
         if not isinstance(v, list | tuple):
@@ -446,10 +555,10 @@ class ObjectiveSpec(_Frozen):
     @field_validator("guard")
     @classmethod
     def _guard(cls, v: str | None) -> str | None:
-        if v is not None and v not in OBJECTIVES:
+        if v is not None and v not in SCALAR_OBJECTIVES:
             raise ValueError(
-                f"the guard is one scalar metric measured every epoch; allowed: {', '.join(OBJECTIVES)}"
-                f"{_did_you_mean(v, OBJECTIVES)}, got {v!r}"
+                f"the guard is one scalar metric measured every epoch; allowed: {', '.join(SCALAR_OBJECTIVES)}"
+                f"{_did_you_mean(v, SCALAR_OBJECTIVES)}, got {v!r}"
             )
         return v
 
@@ -593,7 +702,7 @@ class StudySpec(_Frozen):
     """A whole study file, validated. Build it with :func:`load_spec` or :func:`spec_from_dict`."""
 
     data: DataSpec = DataSpec()
-    task: Literal["binary", "multiclass"] = "binary"
+    task: Literal["binary", "multiclass", "multilabel", "regression", "unit_regression"] = "binary"
     search_space: SearchSpace = SearchSpace()
     train: TrainSpec = TrainSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
@@ -614,6 +723,25 @@ class StudySpec(_Frozen):
 
     @model_validator(mode="before")
     @classmethod
+    def _regression_objective(cls, data: Any) -> Any:
+        # A regression has no completeness: unless the file names an objective, it is the holdout-comparable RMSE.
+        if isinstance(data, dict) and data.get("task") in ("multilabel", "regression", "unit_regression"):
+            # No positive class either: the default (QSO) belongs to the binary task.
+            section = data.get("data")
+            if section is None:
+                data = {**data, "data": {"positive": None}}
+            elif isinstance(section, dict) and "positive" not in section:
+                data = {**data, "data": {**section, "positive": None}}
+        if isinstance(data, dict) and data.get("task") in ("regression", "unit_regression"):
+            objective = data.get("objective")
+            if objective is None:
+                data = {**data, "objective": {"metric": "rmse"}}
+            elif isinstance(objective, dict) and "metric" not in objective:
+                data = {**data, "objective": {**objective, "metric": "rmse"}}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _kfold_pruner(cls, data: Any) -> Any:
         # A k-fold trial reports once per fold; unless the file names a pruner, it is the Wilcoxon test across folds.
         if isinstance(data, dict):
@@ -623,12 +751,81 @@ class StudySpec(_Frozen):
                 data = {**data, "study": {**study, "pruner": "wilcoxon"}}
         return data
 
+    def _check_task(self) -> None:
+        task, data, space = self.task, self.data, self.search_space
+        if task == "multilabel":
+            if len(data.targets) < 2:
+                raise ValueError(
+                    f"data.target: a multilabel task needs a list of 2 or more label columns, got {data.target!r}"
+                )
+        elif isinstance(data.target, tuple):
+            raise ValueError(
+                f"data.target: a list of label columns is for task multilabel; a {task} task has one target column, "
+                f"got {list(data.target)}"
+            )
+        if task not in ("binary", "multiclass") and data.positive is not None:
+            raise ValueError(
+                f"data.positive: a {task} task has no positive class (each label or value is scored on its own), "
+                f"got {data.positive!r}; drop data.positive"
+            )
+        allowed = TASK_OBJECTIVES[task] + (THRESHOLD_METRICS if task in ("binary", "multiclass") else ())
+        for metric in self.objective.metrics:
+            if metric not in allowed:
+                raise ValueError(
+                    f"objective.metric: {metric} does not apply to a {task} task; use one of {', '.join(allowed)}"
+                )
+        guard = self.objective.guard
+        if guard is not None and guard not in TASK_OBJECTIVES[task]:
+            raise ValueError(
+                f"objective.guard: {guard} does not apply to a {task} task; "
+                f"use one of {', '.join(TASK_OBJECTIVES[task])}"
+            )
+        if task in TASK_LOSSES and self.train.monitor in ("val_auc", "val_ap"):
+            raise ValueError(
+                f"train.monitor: {self.train.monitor} needs classes; a {task} task monitors val_loss or "
+                f"val_objective, got {self.train.monitor}"
+            )
+        if self.train.pos_weight is not None and task not in ("binary", "multilabel"):
+            raise ValueError(
+                f"train.pos_weight: weights positive rows of a binary or multilabel task, got "
+                f"{self.train.pos_weight!r} with task {task}"
+            )
+        if space.loss is not None:
+            losses = TASK_LOSSES.get(task)
+            if losses is None:
+                raise ValueError(
+                    f"search_space.loss: the loss of a {task} task is fixed by the task "
+                    f"({'cross-entropy' if task == 'multiclass' else 'BCE'}); loss is chosen for regression and "
+                    f"unit_regression, got {list(space.loss.options)}"
+                )
+            wrong = [x for x in space.loss.options if x not in losses]
+            if wrong:
+                raise ValueError(
+                    f"search_space.loss: a {task} task trains with {' or '.join(losses)}, got {', '.join(wrong)}"
+                )
+        if not space.huber_delta.off and (space.loss is None or "huber" not in space.loss.options):
+            options = "unset" if space.loss is None else list(space.loss.options)
+            raise ValueError(
+                f"search_space.huber_delta: Huber's delta is used with loss huber only, got search_space.loss "
+                f"{options}; add huber to search_space.loss or drop huber_delta"
+            )
+        if task not in ("binary", "multiclass") and self.validation.kind == "kfold":
+            raise ValueError(
+                f"validation.kind: k-fold cross-validation is available for binary and multiclass tasks, got kfold "
+                f"with task {task}; use kind split"
+            )
+
     @model_validator(mode="after")
     def _cross(self) -> StudySpec:
+        self._check_task()
         if self.task == "binary" and self.data.positive is None:
             raise ValueError("data.positive: a binary task needs the positive class, got null")
         for metric in self.objective.metrics:
-            if metric in ("completeness_at_contamination", *THRESHOLD_METRICS) and self.data.positive is None:
+            if (
+                metric in ("completeness_at_contamination", *THRESHOLD_METRICS)
+                and self.data.positive is None
+                and self.task in ("binary", "multiclass")
+            ):
                 raise ValueError(f"data.positive: objective {metric} needs a positive class, got null")
         kfold = self.validation.kind == "kfold"
         if not kfold and "k" in self.validation.model_fields_set:
@@ -688,6 +885,11 @@ class StudySpec(_Frozen):
                 f"study.pruner_options: the guard's median rule takes {', '.join(GUARD_PRUNER_OPTIONS)} only, "
                 f"got {', '.join(unknown)}"
             )
+
+    @property
+    def positive_class(self) -> str | None:
+        """The class whose completeness the study is about: binary and multiclass tasks only."""
+        return self.data.positive if self.task in ("binary", "multiclass") else None
 
     def fingerprint(self, *sections: str) -> str:
         """A stable hash of the named sections, to detect a study file changed under an existing study."""

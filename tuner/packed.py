@@ -37,6 +37,7 @@ from torch import nn
 from tuner.health import HealthThresholds, Problem, describe, find_problem, judge
 from tuner.model import build_mlp
 from tuner.space import TrialParams
+from tuner.tasks import DEFAULT_HUBER_DELTA, outputs, row_losses
 from tuner.train import Callback, EarlyStopping, FitConfig, FitResult, Part, _failure
 
 #: Optimizers whose update rules share one vectorised implementation.
@@ -64,7 +65,14 @@ _DROPOUT_SEED_OFFSET = 1_000_003
 
 def pack_key(params: TrialParams) -> tuple[Any, ...]:
     """Trials with equal keys can share a pack."""
-    return (params.n_layers, params.activation, params.batch_norm, params.batch_size, FAMILY[params.optimizer])
+    return (
+        params.n_layers,
+        params.activation,
+        params.batch_norm,
+        params.batch_size,
+        FAMILY[params.optimizer],
+        params.loss,
+    )
 
 
 # A CPU cost model for splitting packs, in microseconds per training step: a fixed cost per step (Python, the
@@ -158,6 +166,7 @@ class _Pack:
         self.batch_norm = first.batch_norm
         self.batch_size = first.batch_size
         self.family = FAMILY[first.optimizer]
+        self.loss = first.loss
         self.device = device
         k = len(members)
         widths = [max(m.params.widths[i] for m in members) for i in range(self.depth)]
@@ -203,6 +212,10 @@ class _Pack:
         self.decoupled = column([1.0 if x.optimizer == "adamw" else 0.0 for x in p])
         self.coupled = 1.0 - self.decoupled
         self.clip = column([x.max_grad_norm if x.max_grad_norm is not None else math.inf for x in p]).view(k)
+        # Huber's delta per member, against (K, rows) residuals; the L1 coefficient per member.
+        self.delta = column([x.huber_delta or DEFAULT_HUBER_DELTA for x in p]).view(k, 1)
+        self.l1 = column([x.l1 or 0.0 for x in p]).view(k)
+        self.any_l1 = any(x.l1 for x in p)
         self.any_clip = any(x.max_grad_norm is not None for x in p)
         self.dropout = [x.dropout for x in p]
         self.any_dropout = any(d > 0 for d in self.dropout)
@@ -256,7 +269,7 @@ class _Pack:
         self.running_means = [pick(t) for t in self.running_means]
         self.running_vars = [pick(t) for t in self.running_vars]
         self.state = {name: [pick(t) for t in ts] for name, ts in self.state.items()}
-        for name in ("lr", "momentum", "weight_decay", "nesterov", "decoupled", "coupled", "clip"):
+        for name in ("lr", "momentum", "weight_decay", "nesterov", "decoupled", "coupled", "clip", "delta", "l1"):
             setattr(self, name, pick(getattr(self, name)))
         self.unit_masks = [pick(t) for t in self.unit_masks]
         self.unit_counts = [pick(t) for t in self.unit_counts]
@@ -266,6 +279,7 @@ class _Pack:
             setattr(self, name, [values[r] for r in rows])
         self.any_dropout = any(d > 0 for d in self.dropout)
         self.any_clip = bool(torch.isfinite(self.clip).any())
+        self.any_l1 = bool((self.l1 > 0).any())
 
     def snapshot(self, row: int) -> dict[str, torch.Tensor]:
         """A copy of one member's parameters and batch-norm statistics."""
@@ -353,6 +367,10 @@ class _Pack:
             masks.append(mask)
         self._dropout_masks = masks
 
+    def l1_norms(self) -> torch.Tensor:
+        """(K,) each member's sum of absolute weights (padded weights are zero and add nothing)."""
+        return torch.stack([w.abs().sum(dim=(1, 2)) for w in self.weights]).sum(dim=0)
+
     # ----------------------------------------------------------------------------------------------------------
     # Optimizer
 
@@ -429,23 +447,12 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def _losses(logits: torch.Tensor, y: torch.Tensor, config: FitConfig, pos_weight: torch.Tensor | None) -> torch.Tensor:
-    """(K,) mean loss of each member: BCE on one logit (binary) or cross-entropy (multiclass)."""
-    if config.task == "binary":
-        per_row = F.binary_cross_entropy_with_logits(
-            logits[..., 0], y.to(logits.dtype), pos_weight=pos_weight, reduction="none"
-        )
-    else:
-        k, rows, classes = logits.shape
-        per_row = F.cross_entropy(logits.reshape(k * rows, classes), y.reshape(-1), reduction="none").view(k, rows)
-    return per_row.mean(dim=1)
-
-
-def _probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
-    if task == "binary":
-        p = torch.sigmoid(logits[..., 0])
-        return torch.stack([1 - p, p], dim=-1)
-    return torch.softmax(logits, dim=-1)
+def _losses(
+    logits: torch.Tensor, y: torch.Tensor, config: FitConfig, pos_weight: torch.Tensor | None, pack: _Pack
+) -> torch.Tensor:
+    """(K,) mean loss of each member, with the task's loss (tuner.tasks) and each member's Huber delta."""
+    loss = pack.loss
+    return row_losses(logits, y, config.task, loss=loss, delta=pack.delta, pos_weight=pos_weight).mean(dim=1)
 
 
 def fit_pack(
@@ -464,7 +471,7 @@ def fit_pack(
         train: Training rows, on the device.
         validation: Validation rows, for the loss, the monitor and ``score_validation``.
         config: Epochs, patience, monitor, task, gradient-health sampling (as for :func:`tuner.train.fit`).
-        n_out: 1 for a binary task, the number of classes otherwise.
+        n_out: Units of the last layer (see tuner.tasks.n_outputs).
         score_validation: Extra validation metrics from one member's (n, classes) probabilities.
 
     Returns:
@@ -509,8 +516,9 @@ def fit_pack(
             sampled = config.health and (step == 0 if config.health_every == 0 else step % config.health_every == 0)
             watched: list[torch.Tensor] | None = [] if sampled else None
             logits = pack.forward(train.x[idx], training=True, watch=watched)
-            losses = _losses(logits, train.y[idx], config, pos_weight)
-            losses.sum().backward()
+            losses = _losses(logits, train.y[idx], config, pos_weight, pack)
+            # The L1 penalty trains the weights but stays out of the reported loss, as in tuner.train.fit.
+            (losses.sum() + (pack.l1 * pack.l1_norms()).sum() if pack.any_l1 else losses.sum()).backward()
             pack.clip_gradients()
             if watched is not None:
                 norms = pack.grad_norms()
@@ -539,12 +547,13 @@ def fit_pack(
                 ],
                 dim=1,
             )
-            val_losses = _losses(val_logits, validation.y.expand(len(active), -1), config, pos_weight)
+            val_y = validation.y.unsqueeze(0).expand(len(active), *validation.y.shape)
+            val_losses = _losses(val_logits, val_y, config, pos_weight, pack)
         # One transfer per epoch for every member's figures.
         train_losses = (loss_sum / n).tolist()
         val_loss_values = val_losses.tolist()
         samples = torch.stack(health_rows, dim=1).tolist() if health_rows else None
-        probs = _probabilities(val_logits, config.task).cpu().numpy() if score_validation is not None else None
+        probs = outputs(val_logits, config.task).cpu().numpy() if score_validation is not None else None
         leaving: list[int] = []
         for row, slot in enumerate(active):
             metrics = {"train_loss": train_losses[row], "val_loss": val_loss_values[row]}

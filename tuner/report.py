@@ -164,6 +164,47 @@ def trial_artifacts(
     }
 
 
+def prediction_figure(parts: dict[str, tuple[np.ndarray, np.ndarray]], target: str, title: str) -> go.Figure:
+    """Predicted against true values per data part, the diagonal marked: a regression's residuals at a glance."""
+    fig = go.Figure()
+    low, high = math.inf, -math.inf
+    for part, (y, predicted) in parts.items():
+        rmse = float(np.sqrt(np.mean((np.asarray(y) - np.asarray(predicted)) ** 2))) if len(y) else math.nan
+        fig.add_scatter(
+            x=y, y=predicted, mode="markers", marker={"size": 4, "opacity": 0.5}, name=f"{part} (RMSE {rmse:.4g})"
+        )
+        if len(y):
+            low = min(low, float(np.min(y)), float(np.min(predicted)))
+            high = max(high, float(np.max(y)), float(np.max(predicted)))
+    if math.isfinite(low):
+        fig.add_scatter(
+            x=[low, high], y=[low, high], mode="lines", line={"dash": "dot", "color": "grey"}, name="perfect"
+        )
+    fig.update_layout(
+        title=title, xaxis_title=f"true {target}", yaxis_title=f"predicted {target}", template="plotly_white"
+    )
+    return fig
+
+
+def regression_artifacts(
+    history: list[dict[str, float]],
+    best_epoch: int | None,
+    parts: dict[str, tuple[np.ndarray, np.ndarray]],
+    target: str,
+    label: str,
+    plotlyjs: IncludeJs = "cdn",
+) -> dict[str, str]:
+    """The HTML plots of a finished regression trial: learning curves and predicted against true values."""
+    return {
+        "plots/learning_curves.html": _html(
+            learning_curves(history, best_epoch, f"{label}: learning curves"), plotlyjs
+        ),
+        "plots/predicted_vs_true.html": _html(
+            prediction_figure(parts, target, f"{label}: predicted vs true {target}"), plotlyjs
+        ),
+    }
+
+
 def _score_plots(
     curves: dict[str, tuple[np.ndarray, np.ndarray]],
     points: dict[str, tuple[float, float]],

@@ -26,7 +26,9 @@ class TrialParams:
 
     ``momentum`` is SGD's momentum and, for Adam and AdamW, their first-moment coefficient beta1, so the
     space stays flat (no conditional parameter) for every sampler. ``max_grad_norm`` is None when gradients
-    are not clipped.
+    are not clipped. ``loss`` is a regression's loss (None: the task's default, see :mod:`tuner.tasks`),
+    ``huber_delta`` Huber's delta when the loss is huber (None: the default), ``l1`` the L1 penalty's
+    coefficient (None: no penalty).
     """
 
     n_layers: int
@@ -41,17 +43,25 @@ class TrialParams:
     init: str
     batch_norm: bool
     max_grad_norm: float | None = None
+    loss: str | None = None
+    huber_delta: float | None = None
+    l1: float | None = None
 
     def as_record(self, max_layers: int) -> dict[str, Any]:
         """Flat values with the same keys for every trial, so runs line up in MLflow's compare view."""
         record = asdict(self)
-        if self.max_grad_norm is None:
-            # Off for the whole study (search_space.max_grad_norm unset): no column of "None" in MLflow.
-            del record["max_grad_norm"]
+        for name in OPTIONAL_PARAMS:
+            if record[name] is None:
+                # Off for the whole study (unset in search_space): no column of "None" in MLflow.
+                del record[name]
         record["widths"] = "-".join(str(w) for w in self.widths)
         for layer in range(max_layers):
             record[f"n_units_l{layer}"] = self.widths[layer] if layer < self.n_layers else 0
         return record
+
+
+#: Parameters that are None when the search space leaves them out; records omit them then.
+OPTIONAL_PARAMS = ("max_grad_norm", "loss", "huber_delta", "l1")
 
 
 def width_name(layer: int) -> str:
@@ -94,6 +104,9 @@ def suggest(trial: SuggestsParams, space: SearchSpace) -> TrialParams:
     """
     n_layers = _int(trial, "n_layers", space.n_layers)
     widths = tuple(_int(trial, width_name(layer), space.width) for layer in range(n_layers))
+    loss = None if space.loss is None else str(_choice(trial, "loss", space.loss))
+    # Huber's delta exists only for trials that train with the Huber loss: a conditional parameter.
+    draw_delta = loss == "huber" and not space.huber_delta.off
     return TrialParams(
         n_layers=n_layers,
         widths=widths,
@@ -107,6 +120,9 @@ def suggest(trial: SuggestsParams, space: SearchSpace) -> TrialParams:
         init=str(_choice(trial, "init", space.init)),
         batch_norm=bool(_choice(trial, "batch_norm", space.batch_norm)),
         max_grad_norm=None if space.max_grad_norm.off else _float(trial, "max_grad_norm", space.max_grad_norm),
+        loss=loss,
+        huber_delta=_float(trial, "huber_delta", space.huber_delta) if draw_delta else None,
+        l1=None if space.l1.off else _float(trial, "l1", space.l1),
     )
 
 
@@ -127,6 +143,9 @@ _SCALARS = (
     "init",
     "batch_norm",
     "max_grad_norm",
+    "loss",
+    "huber_delta",
+    "l1",
 )
 
 
@@ -150,8 +169,8 @@ def enqueue_params(space: SearchSpace, entry: dict[str, Any], where: str) -> tup
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{where}: unknown parameter {key!r}{hint}")
 
-    def check(name: str, value: Any, p: FloatParam | IntParam | ChoiceParam, optuna_name: str) -> None:
-        if isinstance(p, OptionalFloatParam) and p.off:
+    def check(name: str, value: Any, p: FloatParam | IntParam | ChoiceParam | None, optuna_name: str) -> None:
+        if p is None or (isinstance(p, OptionalFloatParam) and p.off):
             problems.append(f"{where}.{name}: search_space.{name} is off (null), got {value!r}")
             return
         if isinstance(p, ChoiceParam):

@@ -35,10 +35,20 @@ from tuner import metrics
 from tuner.config import MONITOR_MODE, OBJECTIVE_DIRECTION, StudySpec
 from tuner.data.dataset import Dataset, build_dataset
 from tuner.errors import ConfigError, StorageError
+from tuner.evaluation import (
+    MultilabelEvaluation,
+    RegressionEvaluation,
+    evaluate_multilabel,
+    evaluate_regression,
+    multilabel_scorer,
+    per_class_figures,
+    regression_scorer,
+)
 from tuner.health import VERDICTS, Verdict, judge
 from tuner.model import build_mlp
 from tuner.packed import PackMember, fit_pack, pack_key, split_by_cost
-from tuner.space import TrialParams, enqueue_params, max_layers, suggest
+from tuner.space import OPTIONAL_PARAMS, TrialParams, enqueue_params, max_layers, suggest
+from tuner.tasks import REGRESSION
 from tuner.tracking import MlflowTracker, NullTracker, Tracker, mask_password
 from tuner.train import FitConfig, FitResult, fit, mean_probabilities, predict_logits, probabilities
 from tuner.worker import (
@@ -209,6 +219,8 @@ class Evaluation:
     # Validation and holdout measured at the fixed threshold objective.threshold, when an objective uses it.
     val_fixed: metrics.MeasuredPoint | None = None
     holdout_fixed: metrics.MeasuredPoint | None = None
+    # Multiclass: every class's completeness and contamination at the most probable class, and macro figures.
+    per_class: dict[str, float] = field(default_factory=dict)
 
     @property
     def values(self) -> tuple[float, ...]:
@@ -249,7 +261,12 @@ class Evaluation:
                     "holdout_contamination_at_threshold_high": f.contamination_ci.high,
                 }
             )
+        out.update(self.per_class)
         return out
+
+
+#: What judges a trained model: one positive class (binary, multiclass), each label, or a regression.
+AnyEvaluation = Evaluation | MultilabelEvaluation | RegressionEvaluation
 
 
 def measure_at(y: np.ndarray, scores: np.ndarray, threshold: float) -> metrics.MeasuredPoint:
@@ -280,9 +297,13 @@ def scalar_metric(spec: StudySpec) -> tuple[str | None, str]:
 
 def validation_scorer(spec: StudySpec, dataset: Dataset) -> Callable[[np.ndarray], dict[str, float]]:
     """Per-epoch validation metrics: the objective (what pruning compares) and the monitor when it differs."""
-    y = dataset.validation.y_numpy == dataset.positive_index
     target = spec.objective.target_contamination
     metric, key = scalar_metric(spec)
+    if spec.task in REGRESSION:
+        return regression_scorer(dataset.validation.y_numpy, dataset.unscale, metric, key)
+    if spec.task == "multilabel":
+        return multilabel_scorer(dataset.validation.y_numpy, target, metric, key, (spec.train.monitor,))
+    y = dataset.validation.y_numpy == dataset.positive_index
     want_auc = metric == "roc_auc" or spec.train.monitor == "val_auc"
     want_ap = metric == "average_precision" or spec.train.monitor == "val_ap"
 
@@ -304,19 +325,42 @@ def validation_scorer(spec: StudySpec, dataset: Dataset) -> Callable[[np.ndarray
     return score
 
 
-def evaluate(model: torch.nn.Module, dataset: Dataset, spec: StudySpec, fit_result: FitResult) -> Evaluation:
+def evaluate(model: torch.nn.Module, dataset: Dataset, spec: StudySpec, fit_result: FitResult) -> AnyEvaluation:
     """Choose the threshold on validation, freeze it, measure it on the holdout.
 
     With ``completeness`` or ``contamination`` among the objectives, validation and holdout are also measured at
-    the fixed ``objective.threshold``, which defines those objectives.
+    the fixed ``objective.threshold``, which defines those objectives. Regressions are measured by MAE, RMSE and
+    R² (holdout with bootstrap intervals), multilabel tasks label by label (see :mod:`tuner.evaluation`).
     """
     chunk = spec.train.eval_batch_size
     pos = dataset.positive_index
 
-    def scores(x: torch.Tensor) -> np.ndarray:
-        return probabilities(predict_logits(model, x, chunk), spec.task)[:, pos].cpu().numpy().astype(np.float64)
+    def outputs(x: torch.Tensor) -> np.ndarray:
+        return probabilities(predict_logits(model, x, chunk), spec.task).cpu().numpy().astype(np.float64)
 
-    val_scores, hold_scores = scores(dataset.validation.x), scores(dataset.holdout.x)
+    val_out, hold_out = outputs(dataset.validation.x), outputs(dataset.holdout.x)
+    val_loss = fit_result.best_metrics.get("val_loss", float("nan"))
+    if spec.task in REGRESSION:
+        return evaluate_regression(
+            dataset.validation.y_numpy,
+            dataset.unscale(val_out[:, 0]),
+            dataset.holdout.y_numpy,
+            dataset.unscale(hold_out[:, 0]),
+            spec.objective.metrics,
+            val_loss,
+        )
+    if spec.task == "multilabel":
+        return evaluate_multilabel(
+            dataset.catalogue.target_names,
+            dataset.validation.y_numpy,
+            val_out,
+            dataset.holdout.y_numpy,
+            hold_out,
+            spec.objective.target_contamination,
+            spec.objective.metrics,
+            val_loss,
+        )
+    val_scores, hold_scores = val_out[:, pos], hold_out[:, pos]
     y_val = dataset.validation.y_numpy == pos
     y_hold = dataset.holdout.y_numpy == pos
     point = metrics.choose_operating_point(y_val, val_scores, spec.objective.target_contamination)
@@ -325,7 +369,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, spec: StudySpec, fit_resu
     val_ap = metrics.average_precision(y_val, val_scores)
     values = {
         "completeness_at_contamination": point.completeness,
-        "val_loss": fit_result.best_metrics.get("val_loss", float("nan")),
+        "val_loss": val_loss,
         "roc_auc": val_auc,
         "average_precision": val_ap,
     }
@@ -347,6 +391,17 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, spec: StudySpec, fit_resu
         objectives=objectives if spec.objective.multi else (),
         val_fixed=val_fixed,
         holdout_fixed=hold_fixed,
+        per_class=(
+            per_class_figures(
+                dataset.catalogue.class_names,
+                dataset.validation.y_numpy,
+                val_out,
+                dataset.holdout.y_numpy,
+                hold_out,
+            )
+            if spec.task == "multiclass"
+            else {}
+        ),
     )
 
 
@@ -710,10 +765,16 @@ class TrackingCallback:
 
 
 def fit_config(spec: StudySpec, dataset: Dataset) -> FitConfig:
-    pos_weight: float | None
-    if spec.train.pos_weight == "balanced":
+    pos_weight: float | tuple[float, ...] | None
+    if spec.train.pos_weight == "balanced" and spec.task == "multilabel":
+        # One weight per label: its negatives per positive among the training rows.
+        positives = dataset.train.y_numpy.sum(axis=0)
+        pos_weight = tuple(float((len(dataset.train) - n) / max(n, 1)) for n in positives)
+    elif spec.train.pos_weight == "balanced":
         y = dataset.train.y_numpy == dataset.positive_index
         pos_weight = float((~y).sum() / max(int(y.sum()), 1))
+    elif isinstance(spec.train.pos_weight, float) and spec.task == "multilabel":
+        pos_weight = (spec.train.pos_weight,) * len(dataset.catalogue.target_names)
     else:
         pos_weight = spec.train.pos_weight if isinstance(spec.train.pos_weight, float) else None
     monitor = spec.train.monitor
@@ -726,7 +787,7 @@ def fit_config(spec: StudySpec, dataset: Dataset) -> FitConfig:
         monitor=monitor,
         monitor_mode=mode,
         eval_batch_size=spec.train.eval_batch_size,
-        pos_weight=pos_weight if spec.task == "binary" else None,
+        pos_weight=pos_weight if spec.task in ("binary", "multilabel") else None,
     )
 
 
@@ -736,15 +797,16 @@ MODEL_META_ARTIFACT = "model/model.json"
 
 
 def params_json(params: TrialParams) -> dict[str, Any]:
-    """A trial's parameters as JSON values; ``max_grad_norm`` only when clipping is on, as in the search space."""
+    """A trial's parameters as JSON values; optional ones (clipping, loss, L1) only when the space sets them."""
     record: dict[str, Any] = {**params.__dict__, "widths": list(params.widths)}
-    if params.max_grad_norm is None:
-        del record["max_grad_norm"]
+    for name in OPTIONAL_PARAMS:
+        if record[name] is None:
+            del record[name]
     return record
 
 
 def model_meta(
-    params: TrialParams, dataset: Dataset, spec: StudySpec, ev: Evaluation | None, trial_number: int
+    params: TrialParams, dataset: Dataset, spec: StudySpec, ev: AnyEvaluation | None, trial_number: int
 ) -> dict[str, Any]:
     """Everything needed to rebuild a trial's model and apply it to raw catalogue columns, as plain numbers."""
     catalogue = dataset.catalogue
@@ -755,7 +817,7 @@ def model_meta(
         "params": params_json(params),
         "feature_names": list(catalogue.feature_names),
         "class_names": list(catalogue.class_names),
-        "positive_class": spec.data.positive,
+        "positive_class": spec.positive_class,
         "positive_index": dataset.positive_index,
         "preprocessor": dataset.preprocessor.to_dict(),
         "target_contamination": spec.objective.target_contamination,
@@ -763,14 +825,22 @@ def model_meta(
         "data": dataset.facts(),
         "seed": spec.study.seed + trial_number,
     }
-    if ev is not None:
+    if spec.task not in ("binary", "multiclass"):
+        meta["n_outputs"] = dataset.n_out
+        meta["target_names"] = list(catalogue.target_names)
+    if dataset.target_scaling is not None:
+        meta["target_scaling"] = {"mean": dataset.target_scaling[0], "std": dataset.target_scaling[1]}
+    if isinstance(ev, Evaluation):
         meta["threshold"] = ev.val_point.threshold
+    elif isinstance(ev, MultilabelEvaluation):
+        meta["thresholds"] = ev.thresholds
+    if ev is not None:
         meta["metrics"] = ev.final_metrics()
     return meta
 
 
 def trial_model_files(
-    model: torch.nn.Module, params: TrialParams, dataset: Dataset, spec: StudySpec, ev: Evaluation, number: int
+    model: torch.nn.Module, params: TrialParams, dataset: Dataset, spec: StudySpec, ev: AnyEvaluation, number: int
 ) -> dict[str, str | bytes]:
     """The restored best-epoch weights (a plain state dict) and the model's description, as artifacts."""
     import io
@@ -904,7 +974,7 @@ class Objective:
         self.config = fit_config(spec, dataset)
         self.score_validation = validation_scorer(spec, dataset)
         self.max_layers = max_layers(spec.search_space)
-        self.n_out = 1 if spec.task == "binary" else dataset.n_classes
+        self.n_out = dataset.n_out
 
     def train_trial(
         self, params: TrialParams, seed: int, callbacks: Sequence[Any], engine: str | None = None
@@ -1119,18 +1189,32 @@ class Objective:
             # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
             self.tracker.end_trial(run_id, state, final, tags, artifacts)
 
-    def _plots(self, result: FitResult, ev: Evaluation, number: int) -> dict[str, str | bytes]:
-        from tuner.report import trial_artifacts
+    def _plots(self, result: FitResult, ev: AnyEvaluation, number: int) -> dict[str, str | bytes]:
+        from tuner.report import regression_artifacts, trial_artifacts
 
-        pos = self.dataset.positive_index
-        curves = {
-            "validation": (self.dataset.validation.y_numpy == pos, ev.val_scores),
-            "holdout": (self.dataset.holdout.y_numpy == pos, ev.holdout_scores),
-        }
-        points = {
-            "validation": (ev.val_point.completeness, ev.val_point.contamination),
-            "holdout": (ev.holdout.completeness, ev.holdout.contamination),
-        }
+        label, plotlyjs = f"trial {number}", self.spec.tracking.plotlyjs
+        if isinstance(ev, RegressionEvaluation):
+            parts = {
+                "validation": (self.dataset.validation.y_numpy, ev.val_predictions),
+                "holdout": (self.dataset.holdout.y_numpy, ev.holdout_predictions),
+            }
+            name = self.dataset.catalogue.target_names[0]
+            return dict(regression_artifacts(result.history, result.best_epoch, parts, name, label, plotlyjs))
+        if isinstance(ev, MultilabelEvaluation):
+            # One curve per label on the holdout, each label's frozen operating point marked.
+            y_hold = self.dataset.holdout.y_numpy
+            curves = {f.name: (y_hold[:, j] > 0.5, ev.holdout_scores[:, j]) for j, f in enumerate(ev.labels)}
+            points = {f.name: (f.holdout.completeness, f.holdout.contamination) for f in ev.labels}
+        else:
+            pos = self.dataset.positive_index
+            curves = {
+                "validation": (self.dataset.validation.y_numpy == pos, ev.val_scores),
+                "holdout": (self.dataset.holdout.y_numpy == pos, ev.holdout_scores),
+            }
+            points = {
+                "validation": (ev.val_point.completeness, ev.val_point.contamination),
+                "holdout": (ev.holdout.completeness, ev.holdout.contamination),
+            }
         return dict(
             trial_artifacts(
                 result.history,
@@ -1138,8 +1222,8 @@ class Objective:
                 curves,
                 points,
                 self.spec.objective.target_contamination,
-                f"trial {number}",
-                self.spec.tracking.plotlyjs,
+                label,
+                plotlyjs,
             )
         )
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from tuner.health import HealthMonitor, HealthThresholds, Problem, Verdict, judge
 from tuner.space import TrialParams
+from tuner.tasks import DEFAULT_HUBER_DELTA, outputs, row_losses
 
 
 class Part(Protocol):
@@ -47,7 +48,8 @@ class FitConfig:
     monitor: str = "val_loss"
     monitor_mode: str = "min"
     eval_batch_size: int = 65_536
-    pos_weight: float | None = None
+    # Weight of positive rows: one number (binary) or one per label (multilabel).
+    pos_weight: float | tuple[float, ...] | None = None
     # Gradient health: sample the first step of each epoch (0) or every n-th step; off with health=False.
     health: bool = True
     health_every: int = 0
@@ -126,14 +128,30 @@ def make_optimizer(model: nn.Module, params: TrialParams) -> torch.optim.Optimiz
     return adam(model.parameters(), lr=params.lr, betas=(params.momentum, 0.999), weight_decay=params.weight_decay)
 
 
-def loss_function(config: FitConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Binary: BCE on one logit (sigmoid folded in, stable); multiclass: cross-entropy on the logits."""
+def loss_function(
+    config: FitConfig, device: torch.device, params: TrialParams | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The mean loss over rows for the task (see :mod:`tuner.tasks`); ``params`` chooses a regression's loss.
+
+    Binary: BCE on one logit (sigmoid folded in, stable); multiclass: cross-entropy on the logits; multilabel:
+    BCE per label; regression: MSE, MAE or Huber; unit_regression: MSE on the sigmoid or BCE on the logit.
+    """
     if config.task == "binary":
         pos_weight = None if config.pos_weight is None else torch.tensor(config.pos_weight, device=device)
         bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
         return lambda logits, y: bce(logits[:, 0], y.to(logits.dtype))
-    ce = nn.CrossEntropyLoss()
-    return ce
+    if config.task == "multiclass":
+        return nn.CrossEntropyLoss()
+    pos_weight = None if config.pos_weight is None else torch.tensor(config.pos_weight, device=device)
+    loss = params.loss if params is not None else None
+    delta = params.huber_delta if params is not None and params.huber_delta is not None else DEFAULT_HUBER_DELTA
+    task = config.task
+    return lambda logits, y: row_losses(logits, y, task, loss=loss, delta=delta, pos_weight=pos_weight).mean()
+
+
+def l1_norm(model: nn.Module) -> torch.Tensor:
+    """The sum of absolute weights of the linear layers (biases and batch norm are not penalised)."""
+    return torch.stack([m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.Linear)]).sum()
 
 
 @torch.no_grad()
@@ -147,11 +165,9 @@ def predict_logits(model: nn.Module, x: torch.Tensor, chunk: int = 65_536) -> to
 
 
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """Class probabilities: (n, 2) for binary (rest, positive), (n, k) for multiclass."""
-    if task == "binary":
-        p = torch.sigmoid(logits[:, 0])
-        return torch.stack([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
+    """What the outputs mean: class probabilities, (n, 2) for binary (rest, positive) and (n, k) for multiclass;
+    (n, L) label probabilities for multilabel; (n, 1) predictions for the regressions (see tuner.tasks.outputs)."""
+    return outputs(logits, task)
 
 
 def mean_probabilities(
@@ -211,7 +227,8 @@ def fit(
     torch.manual_seed(seed)  # dropout draws from the global generator
     shuffle = torch.Generator(device=device).manual_seed(seed)
     optimizer = make_optimizer(model, params)
-    criterion = loss_function(config, device)
+    criterion = loss_function(config, device, params)
+    l1 = params.l1 or 0.0
     stopper = EarlyStopping(
         config.monitor, patience=config.patience, min_delta=config.min_delta, mode=config.monitor_mode
     )
@@ -239,7 +256,9 @@ def fit(
                 watch.unwatch_forward()
             loss = criterion(logits, train.y[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # The L1 penalty trains the weights but is not part of the reported loss, which stays comparable
+            # with val_loss.
+            (loss + l1 * l1_norm(model) if l1 > 0 else loss).backward()
             if max_grad_norm is not None:
                 # Returns the total norm as a tensor, which is not read: clipping costs no host sync.
                 nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

@@ -12,6 +12,8 @@ from tuner.config import StudySpec
 from tuner.data.load import Catalogue, catalogue_from_frame, read_table
 from tuner.data.preprocess import Preprocessor
 from tuner.data.split import SplitIndices, stratified_folds, stratified_split
+from tuner.errors import DataError
+from tuner.tasks import n_outputs
 
 
 @dataclass(frozen=True)
@@ -19,8 +21,10 @@ class Part:
     """One part of the split, already scaled and on the device."""
 
     x: torch.Tensor  # (n, d) float32
-    y: torch.Tensor  # (n,) int64
-    y_numpy: np.ndarray  # host copy of the labels, for metrics
+    # (n,) int64 class (binary, multiclass); (n, L) float32 0/1 (multilabel); (n,) float32 standardised value
+    # (regression) or value in [0, 1] (unit_regression)
+    y: torch.Tensor
+    y_numpy: np.ndarray  # host copy of the labels, or of the values in the target's own unit, for metrics
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -57,6 +61,9 @@ class Dataset:
     device: torch.device
     # k-fold cross-validation (validation.kind kfold): the folds of the modelling set (train + validation rows).
     folds: tuple[Fold, ...] = ()
+    task: str = "binary"
+    # Regression: the training rows' mean and standard deviation; the network predicts (value - mean) / std.
+    target_scaling: tuple[float, float] | None = None
 
     def fold_view(self, index: int) -> Dataset:
         """The data as fold ``index`` sees it: train on the other folds, validate on this one, with its scaling.
@@ -81,9 +88,42 @@ class Dataset:
     def n_classes(self) -> int:
         return len(self.catalogue.class_names)
 
+    @property
+    def n_out(self) -> int:
+        """Units of the network's last layer for this task."""
+        return n_outputs(self.task, self.n_classes, len(self.catalogue.target_names))
+
+    def unscale(self, predictions: np.ndarray) -> np.ndarray:
+        """Network outputs of a regression back in the target's unit (float64)."""
+        values = np.asarray(predictions, dtype=np.float64)
+        if self.target_scaling is None:
+            return values
+        mean, std = self.target_scaling
+        return values * std + mean
+
+    def _target_facts(self) -> dict[str, str]:
+        catalogue = self.catalogue
+        targets = catalogue.targets
+        if targets is None:
+            counts = np.bincount(catalogue.labels, minlength=self.n_classes)
+            return {
+                "data.class_counts": ", ".join(
+                    f"{n}={int(c)}" for n, c in zip(catalogue.class_names, counts, strict=True)
+                )
+            }
+        if targets.ndim == 2:
+            return {
+                "data.label_counts": ", ".join(
+                    f"{n}={int(c)}" for n, c in zip(catalogue.target_names, targets.sum(axis=0), strict=True)
+                )
+            }
+        return {
+            "data.target": f"{catalogue.target_names[0]}: mean {targets.mean():.6g}, std {targets.std():.6g}, "
+            f"min {targets.min():.6g}, max {targets.max():.6g}"
+        }
+
     def facts(self) -> dict[str, str]:
         """What identifies the data, for tags and the model card."""
-        counts = np.bincount(self.catalogue.labels, minlength=self.n_classes)
         sizes = self.split.sizes()
         folds = {}
         if self.folds:
@@ -93,9 +133,7 @@ class Dataset:
             "data.source": self.catalogue.source,
             "data.hash": self.catalogue.data_hash,
             "data.rows": str(self.catalogue.n_rows),
-            "data.class_counts": ", ".join(
-                f"{n}={int(c)}" for n, c in zip(self.catalogue.class_names, counts, strict=True)
-            ),
+            **self._target_facts(),
             "data.split_sizes": ", ".join(f"{k}={v}" for k, v in sizes.items()),
             "data.features": ", ".join(self.catalogue.feature_names),
             **folds,
@@ -152,11 +190,29 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
     device = torch.device(device)
     split = stratified_split(catalogue.labels, spec.data.split, spec.data.seed, catalogue.class_names)
     preprocessor = Preprocessor.fit(spec.data.preprocess, catalogue.features[split.train])
+    targets = catalogue.targets
+    target_scaling = None
+    if spec.task == "regression":
+        assert targets is not None
+        train_values = targets[split.train]
+        std = float(train_values.std())
+        target_scaling = (float(train_values.mean()), std if std > 0 else 1.0)
+    if spec.task == "multilabel":
+        _check_labels_in_parts(catalogue, split)
 
     def part(idx: np.ndarray, scaling: Preprocessor = preprocessor) -> Part:
         x = torch.from_numpy(scaling.transform(catalogue.features[idx])).to(device)
-        y_np = catalogue.labels[idx]
-        return Part(x=x, y=torch.from_numpy(y_np).to(device), y_numpy=y_np)
+        if targets is None:
+            y_np = catalogue.labels[idx]
+            return Part(x=x, y=torch.from_numpy(y_np).to(device), y_numpy=y_np)
+        values = targets[idx]
+        if target_scaling is not None:
+            mean, std = target_scaling
+            values_for_training = (values - mean) / std
+        else:
+            values_for_training = values
+        y = torch.from_numpy(values_for_training.astype(np.float32)).to(device)
+        return Part(x=x, y=y, y_numpy=values)
 
     folds: list[Fold] = []
     if spec.validation.kind == "kfold":
@@ -179,8 +235,10 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
 
     if spec.task == "binary":
         positive_index = 1
+    elif spec.task == "multiclass" and spec.data.positive:
+        positive_index = catalogue.class_names.index(spec.data.positive)
     else:
-        positive_index = catalogue.class_names.index(spec.data.positive) if spec.data.positive else 0
+        positive_index = 0
     return Dataset(
         train=part(split.train),
         validation=part(split.validation),
@@ -191,4 +249,20 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
         positive_index=positive_index,
         device=device,
         folds=tuple(folds),
+        task=spec.task,
+        target_scaling=target_scaling,
     )
+
+
+def _check_labels_in_parts(catalogue: Catalogue, split: SplitIndices) -> None:
+    """Every label needs positive and negative rows in every part, or its threshold cannot be chosen or measured."""
+    assert catalogue.targets is not None
+    for part, idx in (("train", split.train), ("validation", split.validation), ("holdout", split.holdout)):
+        positives = catalogue.targets[idx].sum(axis=0)
+        for name, count in zip(catalogue.target_names, positives, strict=True):
+            if count == 0 or count == len(idx):
+                which = "positive" if count == 0 else "negative"
+                raise DataError(
+                    f"data.target: the {part} part has no {which} row of label {name!r}; the label is too rare for "
+                    "the split (add rows, or enlarge data.split.validation / holdout)"
+                )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,6 +17,12 @@ from tuner.errors import DataError
 
 #: Fewest rows of a class that a stratified train / validation / holdout split can place in every part.
 MIN_PER_CLASS = 3
+#: A regression's rows are stratified by target quantile: at most this many bins, of at least MIN_PER_BIN rows.
+MAX_BINS = 10
+MIN_PER_BIN = 50
+#: A multilabel combination of labels rarer than this is stratified together with the other rare ones.
+MIN_PER_COMBINATION = 10
+_CONDITION = re.compile(r"^\s*([^=!<>]+?)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -22,12 +30,15 @@ class Catalogue:
     """Validated rows: a float32 feature matrix, integer labels and the names that explain them."""
 
     features: np.ndarray  # (n, d) float32
-    labels: np.ndarray  # (n,) int64: index into class_names
+    labels: np.ndarray  # (n,) int64: index into class_names; the strata of the split for the other tasks
     feature_names: tuple[str, ...]
-    class_names: tuple[str, ...]  # binary: ("rest", positive)
+    class_names: tuple[str, ...]  # binary: ("rest", positive); regression, multilabel: names of the strata
     ids: pd.DataFrame  # id columns, same row order
     source: str
     data_hash: str
+    # Regression: (n,) float64 values; multilabel: (n, L) 0/1 float64; None for the single-label tasks.
+    targets: np.ndarray | None = None
+    target_names: tuple[str, ...] = ()  # the target column, or the multilabel labels
 
     @property
     def n_rows(self) -> int:
@@ -104,22 +115,152 @@ def _numeric(series: pd.Series, name: str) -> pd.Series:
     return series.astype("float64")
 
 
+def keep_rows(frame: pd.DataFrame, where: dict[str, Any]) -> pd.DataFrame:
+    """The rows whose columns hold the allowed values (``data.where``), renumbered from 0.
+
+    Raises:
+        DataError: A column is missing, or no row is left.
+    """
+    if not where:
+        return frame
+    mask = np.ones(len(frame), dtype=bool)
+    for column, allowed in where.items():
+        series = _column(frame, column, f"data.where.{column}")
+        if isinstance(allowed, dict):
+            if not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+                raise DataError(f"data.where.{column}: a range needs a numeric column, got dtype {series.dtype}")
+            x = series.to_numpy(dtype=np.float64)
+            # NaN fails both comparisons: a row without a value is not in any range.
+            mask &= (x >= allowed.get("min", -np.inf)) & (x <= allowed.get("max", np.inf))
+            continue
+        values = list(allowed) if isinstance(allowed, list | tuple) else [allowed]
+        if pd.api.types.is_numeric_dtype(series) and all(isinstance(v, int | float) for v in values):
+            mask &= series.isin(values).to_numpy()
+        else:
+            mask &= series.astype(str).isin([str(v) for v in values]).to_numpy()
+    if not mask.any():
+        shown = ", ".join(f"{c}={v!r}" for c, v in where.items())
+        raise DataError(f"data.where: no row has {shown}; the catalogue has {len(frame)} rows")
+    return frame[mask].reset_index(drop=True)
+
+
+def label_column(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """One multilabel label as 0/1: a 0/1 or true/false column, or a condition such as ``class==QSO``.
+
+    Raises:
+        DataError: The column is missing, or does not hold 0/1 values, or the condition cannot be read.
+    """
+    if name in frame.columns:
+        series = frame[name]
+        if series.isna().any():
+            rows = np.flatnonzero(series.isna().to_numpy())[:5].tolist()
+            raise DataError(f"data.target: label column {name!r} has missing values, first at rows {rows}")
+        values = set(pd.unique(series).tolist())
+        if not values <= {0, 1}:
+            shown = sorted(map(str, values))[:5]
+            raise DataError(
+                f"data.target: label column {name!r} must hold 0/1 or true/false, got values {shown}; "
+                "a condition such as 'class==QSO' or 'redshift>1' derives a label"
+            )
+        return series.astype(bool).to_numpy().astype(np.float64)
+    match = _CONDITION.match(name)
+    if match is None:
+        return _column(frame, name, "data.target").to_numpy()  # raises: not a column, not a condition
+    column, op, raw = match.groups()
+    series = _column(frame, column.strip(), "data.target")
+    value: Any = raw.strip().strip("'\"")
+    numeric = pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+    if op in ("==", "!="):
+        if numeric:
+            try:
+                value = float(value)
+            except ValueError:
+                raise DataError(
+                    f"data.target: label {name!r} compares numeric column {column!r} with {value!r}, not a number"
+                ) from None
+            equal = series.to_numpy(dtype=np.float64) == value
+        else:
+            equal = (series.astype(str) == value).to_numpy()
+        return (equal if op == "==" else ~equal).astype(np.float64)
+    if not numeric:
+        raise DataError(
+            f"data.target: label {name!r} needs a numeric column for {op}, got {column!r} of {series.dtype}"
+        )
+    try:
+        bound = float(value)
+    except ValueError:
+        raise DataError(f"data.target: label {name!r} compares with {value!r}, not a number") from None
+    x = series.to_numpy(dtype=np.float64)
+    result = {">": x > bound, ">=": x >= bound, "<": x < bound, "<=": x <= bound}[op]
+    return result.astype(np.float64)
+
+
+def _value_strata(values: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Quantile bins of a regression target, so every part of the split spans the same range of values."""
+    n_bins = int(max(1, min(MAX_BINS, len(values) // MIN_PER_BIN)))
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    strata = np.searchsorted(edges, values, side="right").astype(np.int64)
+    present = np.unique(strata)
+    strata = np.searchsorted(present, strata).astype(np.int64)
+    names = tuple(f"quantile bin {i + 1} of {len(present)}" for i in range(len(present)))
+    return strata, names
+
+
+def _label_strata(labels: np.ndarray, names: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """One stratum per combination of labels; rare combinations share one, so a split can stratify them."""
+    codes = (labels.astype(np.int64) * (1 << np.arange(labels.shape[1]))).sum(axis=1)
+    combos, counts = np.unique(codes, return_counts=True)
+    common = [int(c) for c, n in zip(combos, counts, strict=True) if n >= MIN_PER_COMBINATION]
+    rare = [int(c) for c, n in zip(combos, counts, strict=True) if n < MIN_PER_COMBINATION]
+    if rare and int(np.isin(codes, rare).sum()) < MIN_PER_COMBINATION and common:
+        # Too few even together: they join the largest combination.
+        largest = int(combos[np.argmax(counts)])
+        codes = np.where(np.isin(codes, rare), largest, codes)
+        rare = []
+
+    def describe(code: int) -> str:
+        on = [n for i, n in enumerate(names) if code >> i & 1]
+        return "+".join(on) if on else "no label"
+
+    strata_names = [describe(c) for c in common] + (["rare combinations"] if rare else [])
+    lookup = {c: i for i, c in enumerate(common)}
+    strata = np.array([lookup.get(int(c), len(common)) for c in codes], dtype=np.int64)
+    return strata, tuple(strata_names)
+
+
+def _hash(matrix: np.ndarray, *arrays: np.ndarray, names: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    digest.update(matrix.tobytes())
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
+    digest.update("|".join(names).encode())
+    return digest.hexdigest()[:16]
+
+
 def catalogue_from_frame(frame: pd.DataFrame, spec: DataSpec, *, task: str, source: str) -> Catalogue:
     """Select and check the study's columns.
 
     Args:
         frame: The raw catalogue.
         spec: The data section of the study.
-        task: ``binary`` (positive class vs the rest) or ``multiclass`` (every class).
+        task: ``binary`` (positive class vs the rest), ``multiclass`` (every class), ``multilabel`` (a list of
+            label columns or conditions), ``regression`` or ``unit_regression`` (a numeric target column).
         source: Where the rows came from, for messages and tags.
 
     Returns:
         The validated catalogue.
 
     Raises:
-        DataError: A missing or non-numeric column, non-finite values, one class only, too few of a class.
+        DataError: A missing or non-numeric column, non-finite values, one class only, too few of a class, a
+            label without positives or negatives, a unit_regression target outside [0, 1].
     """
-    target = _column(frame, spec.target, "data.target")
+    frame = keep_rows(frame, spec.where)
+    if task == "multilabel":
+        label_names = spec.targets
+        for name in label_names:
+            label_column(frame, name)  # a missing column fails before the features are read
+    else:
+        target = _column(frame, str(spec.target), "data.target")
     for col in spec.id_columns:
         _column(frame, col, "data.id_columns")
     columns = {}
@@ -134,6 +275,12 @@ def catalogue_from_frame(frame: pd.DataFrame, spec: DataSpec, *, task: str, sour
                 f"data.features: column {name!r} has {int(bad.sum())} non-finite value(s) (NaN or inf), "
                 f"first at rows {rows}; clean or drop them before tuning"
             )
+    matrix = features.to_numpy(dtype=np.float32)
+    ids = frame[list(spec.id_columns)].reset_index(drop=True)
+    if task == "multilabel":
+        return _multilabel(frame, matrix, ids, spec, source)
+    if task in ("regression", "unit_regression"):
+        return _regression(target, matrix, ids, spec, task, source)
     if target.isna().any():
         rows = np.flatnonzero(target.isna().to_numpy())[:5].tolist()
         raise DataError(
@@ -173,17 +320,83 @@ def catalogue_from_frame(frame: pd.DataFrame, spec: DataSpec, *, task: str, sour
                 f"data.target: class {name!r} has {int(count)} row(s); a stratified train/validation/holdout "
                 f"split needs at least {MIN_PER_CLASS}"
             )
-    matrix = features.to_numpy(dtype=np.float32)
-    digest = hashlib.sha256()
-    digest.update(matrix.tobytes())
-    digest.update(labels.tobytes())
-    digest.update("|".join(spec.features).encode())
     return Catalogue(
         features=matrix,
         labels=labels,
         feature_names=tuple(spec.features),
         class_names=class_names,
-        ids=frame[list(spec.id_columns)].reset_index(drop=True),
+        ids=ids,
         source=source,
-        data_hash=digest.hexdigest()[:16],
+        data_hash=_hash(matrix, labels, names=tuple(spec.features)),
+    )
+
+
+def _regression(
+    target: pd.Series, matrix: np.ndarray, ids: pd.DataFrame, spec: DataSpec, task: str, source: str
+) -> Catalogue:
+    name = str(spec.target)
+    if pd.api.types.is_bool_dtype(target) or not pd.api.types.is_numeric_dtype(target):
+        bad = target[pd.to_numeric(target, errors="coerce").isna()]
+        example = repr(bad.iloc[0]) if len(bad) else repr(target.iloc[0]) if len(target) else "none"
+        raise DataError(
+            f"data.target: a {task} task needs a numeric target column, got column {name!r} of dtype "
+            f"{target.dtype} (e.g. {example})"
+        )
+    values = target.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        rows = np.flatnonzero(bad)[:5].tolist()
+        raise DataError(
+            f"data.target: column {name!r} has {int(bad.sum())} missing or non-finite value(s), first at rows {rows}"
+        )
+    if task == "unit_regression":
+        outside = (values < 0) | (values > 1)
+        if outside.any():
+            rows = np.flatnonzero(outside)[:5].tolist()
+            raise DataError(
+                f"data.target: task unit_regression needs values in [0, 1], but column {name!r} has "
+                f"{int(outside.sum())} outside (from {values.min():.6g} to {values.max():.6g}; first at rows "
+                f"{rows}); use task regression, or select rows with data.where"
+            )
+    if len(values) < 3 * MIN_PER_CLASS or float(values.std()) == 0.0:
+        raise DataError(
+            f"data.target: column {name!r} needs varying values on at least {3 * MIN_PER_CLASS} rows to fit a "
+            f"regression, got {len(values)} row(s) with standard deviation {float(values.std()):.3g}"
+        )
+    strata, names = _value_strata(values)
+    return Catalogue(
+        features=matrix,
+        labels=strata,
+        feature_names=tuple(spec.features),
+        class_names=names,
+        ids=ids,
+        source=source,
+        data_hash=_hash(matrix, values, names=(*spec.features, name)),
+        targets=values,
+        target_names=(name,),
+    )
+
+
+def _multilabel(frame: pd.DataFrame, matrix: np.ndarray, ids: pd.DataFrame, spec: DataSpec, source: str) -> Catalogue:
+    names = spec.targets
+    labels = np.stack([label_column(frame, name) for name in names], axis=1)
+    n = labels.shape[0]
+    for i, name in enumerate(names):
+        positives = int(labels[:, i].sum())
+        if min(positives, n - positives) < MIN_PER_CLASS:
+            raise DataError(
+                f"data.target: label {name!r} holds {positives} positive and {n - positives} negative row(s); "
+                f"a stratified split needs at least {MIN_PER_CLASS} of each"
+            )
+    strata, strata_names = _label_strata(labels, names)
+    return Catalogue(
+        features=matrix,
+        labels=strata,
+        feature_names=tuple(spec.features),
+        class_names=strata_names,
+        ids=ids,
+        source=source,
+        data_hash=_hash(matrix, labels, names=(*spec.features, *names)),
+        targets=labels,
+        target_names=tuple(names),
     )
