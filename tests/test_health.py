@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
-from tiny import toy_parts
+from tiny import toy_parts, trial_params
 from torch import nn
 
 from tuner import health as health_mod
@@ -23,19 +23,7 @@ from tuner.study import run_study
 from tuner.tracking import NullTracker
 from tuner.train import FitConfig, FitResult, fit
 
-BASE = TrialParams(
-    n_layers=2,
-    widths=(32, 16),
-    lr=0.01,
-    momentum=0.9,
-    dropout=0.0,
-    weight_decay=0.0,
-    batch_size=32,
-    optimizer="adam",
-    activation="relu",
-    init="he",
-    batch_norm=False,
-)
+BASE = trial_params()
 
 
 def params(**changes: Any) -> TrialParams:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny import Part, toy_parts
+from tiny import Part, toy_parts, trial_params
 
 from tuner.model import build_mlp
 from tuner.space import TrialParams
@@ -60,19 +60,7 @@ def test_early_stopping_rejects_unknown_mode():
         EarlyStopping("val_loss", patience=1, mode="up")
 
 
-PARAMS = TrialParams(
-    n_layers=2,
-    widths=(32, 16),
-    lr=0.05,
-    momentum=0.9,
-    dropout=0.1,
-    weight_decay=0.0,
-    batch_size=32,
-    optimizer="adam",
-    activation="relu",
-    init="he",
-    batch_norm=False,
-)
+PARAMS = trial_params(lr=0.05, dropout=0.1)
 
 
 def test_fit_restores_the_best_epoch_weights_not_the_last():

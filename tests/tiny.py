@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from tuner.space import TrialParams
+
 TINY_DATA: dict[str, Any] = {"simulated": {"n_star": 1500, "n_quasar": 150}, "seed": 3}
 TINY_SPACE: dict[str, Any] = {
     "n_layers": {"low": 1, "high": 2},
@@ -39,3 +41,21 @@ def toy_parts(seed: int = 0) -> tuple[Part, Part]:
     x = torch.randn(600, 4, generator=g)
     y = ((x[:, 0] + 0.5 * x[:, 1] + 0.8 * torch.randn(600, generator=g)) > 1.0).long()
     return Part(x[:400], y[:400]), Part(x[400:], y[400:])
+
+
+def trial_params(**changes: Any) -> TrialParams:
+    """A small trial's parameters (two ReLU layers, Adam, no dropout or decay), with ``changes`` applied."""
+    base: dict[str, Any] = {
+        "n_layers": 2,
+        "widths": (32, 16),
+        "lr": 0.01,
+        "momentum": 0.9,
+        "dropout": 0.0,
+        "weight_decay": 0.0,
+        "batch_size": 32,
+        "optimizer": "adam",
+        "activation": "relu",
+        "init": "he",
+        "batch_norm": False,
+    }
+    return TrialParams(**{**base, **changes})

@@ -121,11 +121,32 @@ def print_trial(trial: Any, spec: StudySpec, title: str = "Best trial") -> None:
             f"holdout contamination  {attrs['holdout_contamination']:.4f}  "
             f"95% CI [{attrs['holdout_contamination_low']:.4f}, {attrs['holdout_contamination_high']:.4f}]"
         )
+    if "holdout_macro_completeness" in attrs:
+        # Multiclass: every class at its most probable class (no threshold), then the macro figures.
+        classes = sorted(k[len("holdout_contamination_") : -len("_low")] for k in attrs if _is_class_interval(k))
+        for name in classes:
+            console.print(
+                f"  {name}: holdout completeness {_interval(attrs, f'holdout_completeness_{name}')}, "
+                f"contamination {_interval(attrs, f'holdout_contamination_{name}')}"
+            )
+        console.print(
+            f"holdout macro completeness {attrs['holdout_macro_completeness']:.4f}, macro contamination "
+            f"{attrs['holdout_macro_contamination']:.4f}, accuracy {attrs['holdout_accuracy']:.4f} "
+            "(each row to its most probable class)"
+        )
     console.print(
         f"epochs {attrs.get('epochs', '?')} (best {attrs.get('best_epoch', '?')}); {attrs.get('stop_reason', '')}"
     )
     if "mlflow_run_id" in attrs:
         console.print(f"MLflow run {attrs['mlflow_run_id']}")
+
+
+def _is_class_interval(key: str) -> bool:
+    return (
+        key.startswith("holdout_contamination_")
+        and key.endswith("_low")
+        and not key.startswith("holdout_contamination_at_threshold")
+    )
 
 
 def _values(trial: Any) -> str:

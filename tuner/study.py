@@ -1685,7 +1685,15 @@ def _study_summary_metrics(study: optuna.Study, seconds: float) -> dict[str, flo
         best = study.best_trial
         out["best_value"] = float(best.value)  # type: ignore[arg-type]
         out["best_trial"] = float(best.number)
-        for key in ("holdout_completeness", "holdout_contamination", "threshold"):
+        # The headline holdout figures of the task: a classifier's selection, or a regression's errors.
+        for key in (
+            "holdout_completeness",
+            "holdout_contamination",
+            "threshold",
+            "holdout_mae",
+            "holdout_rmse",
+            "holdout_r2",
+        ):
             if key in best.user_attrs:
                 out[f"best_{key}"] = float(best.user_attrs[key])
     return out
