@@ -90,9 +90,7 @@ def test_a_packed_trial_has_the_history_and_weights_it_has_alone(shared):
 def test_the_returned_network_holds_the_best_epoch_and_is_an_ordinary_mlp():
     train, validation = toy_parts()
     config = FitConfig(max_epochs=12, patience=12)
-    outcomes = fit_pack(
-        [PackMember(p, 3 + i) for i, p in enumerate(varied())], train, validation, config, n_out=1
-    )
+    outcomes = fit_pack([PackMember(p, 3 + i) for i, p in enumerate(varied())], train, validation, config, n_out=1)
     for outcome in outcomes:
         result = outcome.result
         assert result.best_epoch is not None
