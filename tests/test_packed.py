@@ -270,3 +270,44 @@ def test_packs_are_split_so_that_narrow_trials_are_not_padded_to_a_wide_ones_siz
     assert len(packs) == 2
     # Trials of one size are never split.
     assert split_by_cost([params(widths=(64, 64))] * 8, 4, 1) == [list(range(8))]
+
+
+class _PruneTrialZero(optuna.pruners.BasePruner):
+    """Prunes trial 0 at its second epoch; records what trial 1 sees of trial 0 at each of its epochs."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, optuna.trial.TrialState] = {}
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step or 0
+        if trial.number == 1:
+            self.seen[step] = study.get_trials(deepcopy=False)[0].state
+        return trial.number == 0 and step >= 1
+
+
+def test_a_member_that_leaves_its_pack_is_told_to_optuna_while_the_pack_trains_on(tmp_path):
+    space = {
+        **TINY_SPACE,
+        "n_layers": 1,
+        "width": 16,
+        "batch_size": 128,
+        "optimizer": "adam",
+        "activation": "relu",
+        "batch_norm": False,
+    }
+    raw = {
+        "data": TINY_DATA,
+        "search_space": space,
+        "train": {"max_epochs": 6, "patience": 6},
+        "study": {"name": "early-tell", "n_trials": 2, "seed": 0, "pack": 2},
+    }
+    spec = spec_from_dict(stored_in(raw, tmp_path, plots=False))
+    pruner = _PruneTrialZero()
+    study = run_study(spec, pruner=pruner, device="cpu").study
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+    # Trained together: trial 0 was still running at trial 1's first epoch ...
+    assert pruner.seen[0] == optuna.trial.TrialState.RUNNING
+    # ... and was recorded PRUNED while trial 1 still trained, not when the pack ended.
+    assert pruner.seen[5] == optuna.trial.TrialState.PRUNED
+    assert study.trials[0].datetime_complete < study.trials[1].datetime_complete

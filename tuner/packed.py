@@ -123,11 +123,16 @@ def split_by_cost(params: Sequence[TrialParams], n_in: int, n_out: int) -> list[
 
 @dataclass
 class PackMember:
-    """One trial in a pack: its parameters, its seed and its callbacks."""
+    """One trial in a pack: its parameters, its seed and its callbacks.
+
+    ``on_finish`` is called with the member's outcome as soon as it leaves the pack (stopped early, pruned,
+    failed or at max_epochs), while the others go on training: its trial can be closed at once.
+    """
 
     params: TrialParams
     seed: int
     callbacks: Sequence[Callback] = ()
+    on_finish: Callable[[PackOutcome], None] | None = None
 
 
 @dataclass
@@ -569,7 +574,7 @@ def fit_pack(
                 leaving.append(row)
         if leaving:
             for row in leaving:
-                _finish(active[row], pack, config)
+                _leave(active[row], pack, config)
             stay = [r for r in range(len(active)) if r not in leaving]
             active = [active[r] for r in stay]
             if not active:
@@ -577,8 +582,19 @@ def fit_pack(
             pack.keep(stay)
     for slot in active:
         slot.result.stop_reason = f"max_epochs reached ({config.max_epochs})"
-        _finish(slot, pack, config)
-    return [PackOutcome(result=s.result, model=s.model.to(device), error=s.error) for s in slots]
+        _leave(slot, pack, config)
+    return [_outcome(s, device) for s in slots]
+
+
+def _outcome(slot: _Slot, device: torch.device) -> PackOutcome:
+    return PackOutcome(result=slot.result, model=slot.model.to(device), error=slot.error)
+
+
+def _leave(slot: _Slot, pack: _Pack, config: FitConfig) -> None:
+    """A member leaves the pack: its best weights restored, and its outcome handed to ``on_finish`` at once."""
+    _finish(slot, pack, config)
+    if slot.member.on_finish is not None:
+        slot.member.on_finish(_outcome(slot, pack.device))
 
 
 def _epoch_health(

@@ -1017,14 +1017,28 @@ class Objective:
             return self.finish(run, None, None, exc)
         return self.finish(run, model, result, None)
 
-    def run_pack(self, trials: Sequence[optuna.Trial]) -> list[float | list[float] | Exception]:
+    def run_pack(
+        self,
+        trials: Sequence[optuna.Trial],
+        on_settled: Callable[[int, float | list[float] | Exception], None] | None = None,
+    ) -> list[float | list[float] | Exception]:
         """Run several trials, packing those of one shape; each trial's value, or the exception that ended it.
 
+        A trial is settled (judged, its run closed) as soon as it leaves its pack, and ``on_settled(index,
+        outcome)`` is called then, so its worker can tell Optuna while the rest of the pack trains.
         ``optuna.TrialPruned`` and :class:`TrialFailed` end one trial and are returned in its place; anything
         else (Ctrl-C, SIGTERM, a defect) closes every run still open as failed and is raised.
         """
         runs = [self.begin(trial) for trial in trials]
         outcomes: list[float | list[float] | Exception | None] = [None] * len(runs)
+
+        def settle(
+            i: int, model: torch.nn.Module | None, result: FitResult | None, error: BaseException | None
+        ) -> None:
+            outcomes[i] = outcome = self._settle(runs[i], model, result, error)
+            if on_settled is not None:
+                on_settled(i, outcome)
+
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, run in enumerate(runs):
             groups.setdefault(pack_key(run.params), []).append(i)
@@ -1038,9 +1052,18 @@ class Objective:
             ]
         try:
             for rows in packs:
+                members = [
+                    PackMember(
+                        runs[i].params,
+                        runs[i].seed,
+                        runs[i].callbacks,
+                        on_finish=lambda out, i=i: settle(i, out.model, out.result, out.error),  # type: ignore[misc]
+                    )
+                    for i in rows
+                ]
                 try:
-                    fitted = fit_pack(
-                        [PackMember(runs[i].params, runs[i].seed, runs[i].callbacks) for i in rows],
+                    fit_pack(
+                        members,
                         self.dataset.train,
                         self.dataset.validation,
                         self.config,
@@ -1049,10 +1072,8 @@ class Objective:
                     )
                 except torch.OutOfMemoryError as exc:
                     for i in rows:
-                        outcomes[i] = self._settle(runs[i], None, None, exc)
-                    continue
-                for i, out in zip(rows, fitted, strict=True):
-                    outcomes[i] = self._settle(runs[i], out.model, out.result, out.error)
+                        if outcomes[i] is None:
+                            settle(i, None, None, exc)
         except BaseException as exc:
             for i, run in enumerate(runs):
                 if outcomes[i] is None:

@@ -455,7 +455,11 @@ class PackObjective(Protocol):
 
     def __call__(self, trial: optuna.Trial) -> float | Sequence[float]: ...
 
-    def run_pack(self, trials: Sequence[optuna.Trial]) -> Sequence[float | Sequence[float] | Exception]: ...
+    def run_pack(
+        self,
+        trials: Sequence[optuna.Trial],
+        on_settled: Callable[[int, float | list[float] | Exception], None] | None = None,
+    ) -> Sequence[float | Sequence[float] | Exception]: ...
 
 
 def work(
@@ -560,39 +564,54 @@ def _run_pack(
     study: optuna.Study, trials: list[optuna.Trial], objective: PackObjective, max_retries: int
 ) -> list[FrozenTrial]:
     interval, grace = heartbeat_settings(study)
+    # Each trial is told as soon as its pack member leaves (see Objective.run_pack), not when the pack ends: the
+    # pruner and the sampler see it at once, and it no longer shows RUNNING.
+    told: dict[int, FrozenTrial] = {}
+
+    def tell(index: int, outcome: float | Sequence[float] | Exception) -> None:
+        told[index] = _tell_outcome(study, trials[index], outcome)
+
+    def unsettled() -> list[optuna.Trial]:
+        return [t for i, t in enumerate(trials) if i not in told]
+
     try:
         with ExitStack() as beats:
             for i, trial in enumerate(trials):
                 # One thread per trial keeps its heartbeat; the first also looks for other workers' lost trials.
                 check_every = grace / 2 if i == 0 else math.inf
                 beats.enter_context(Heartbeat(study, trial._trial_id, interval, check_every=check_every))
-            outcomes = objective.run_pack(trials)
+            outcomes = objective.run_pack(trials, on_settled=tell)
     except (KeyboardInterrupt, Terminated):
-        for trial in trials:
+        for trial in unsettled():
             _fail_and_retry(study, trial, max_retries, "queue the interrupted trial again")
         raise
     except Exception as exc:
         transient = _is_transient(exc)
-        finished = []
-        for trial in trials:
+        finished = list(told.values())
+        for trial in unsettled():
             if transient:
                 finished.append(_fail_and_retry(study, trial, max_retries, "queue the lost trial again"))
             else:
                 finished.append(_tell(study, trial, state=TrialState.FAIL))
         if not transient:
             raise
-        log.warning("trials %s lost to a storage error, queued again: %s", [t.number for t in trials], exc)
+        log.warning("trials %s lost to a storage error, queued again: %s", [t.number for t in unsettled()], exc)
         return finished
-    finished = []
-    for trial, outcome in zip(trials, outcomes, strict=True):
-        if isinstance(outcome, optuna.TrialPruned):
-            finished.append(_tell(study, trial, state=TrialState.PRUNED))
-        elif isinstance(outcome, Exception):
-            log.info("trial %d failed: %s", trial.number, outcome)
-            finished.append(_tell(study, trial, state=TrialState.FAIL))
-        else:
-            finished.append(_tell(study, trial, values=outcome))
-    return finished
+    for i, outcome in enumerate(outcomes):
+        if i not in told:  # an objective that settles its trials only at the end
+            tell(i, outcome)
+    return [told[i] for i in range(len(trials))]
+
+
+def _tell_outcome(
+    study: optuna.Study, trial: optuna.Trial, outcome: float | Sequence[float] | Exception
+) -> FrozenTrial:
+    if isinstance(outcome, optuna.TrialPruned):
+        return _tell(study, trial, state=TrialState.PRUNED)
+    if isinstance(outcome, Exception):
+        log.info("trial %d failed: %s", trial.number, outcome)
+        return _tell(study, trial, state=TrialState.FAIL)
+    return _tell(study, trial, values=outcome)
 
 
 def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, max_retries: int, what: str) -> FrozenTrial:
