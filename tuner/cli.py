@@ -423,7 +423,7 @@ def _say(text: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tuner.export import ALIAS, export_trial
+    from tuner.export import ALIAS, export_trial, figures_summary
 
     _quiet_mlflow_downloads()
     study, spec = _open_study(args)
@@ -442,13 +442,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     card = result.card
 
     def figures(entry: dict[str, Any]) -> str:
-        f, h = entry["figures"], entry["figures"]["holdout"]
-        ci_c, ci_x = h["completeness_95ci"], h["contamination_95ci"]
-        return (
-            f"validation objective {_fmt(f['val_objective'], 5)}, threshold {_fmt(f['threshold'], 5)}; holdout "
-            f"completeness {_fmt(h['completeness'])} [{_fmt(ci_c[0])}, {_fmt(ci_c[1])}], contamination "
-            f"{_fmt(h['contamination'])} [{_fmt(ci_x[0])}, {_fmt(ci_x[1])}]"
-        )
+        return figures_summary(entry["figures"], card["task"])
 
     _say(f"exported trial {result.trial_number} of study {result.study_name!r} to {result.path}")
     _say(f"  trial {result.trial_number}: {figures(card['trial'])}")
@@ -480,6 +474,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if result.selected is not None:
         selected = f"; {result.selected} selected as {result.positive_class} at threshold {result.threshold:.6g}"
     _say(f"scored {result.rows} rows of {args.data} into {result.out}{selected}")
+    if result.selected_per_label and result.thresholds:
+        for label, count in result.selected_per_label.items():
+            _say(f"  {label}: {count} selected at threshold {result.thresholds[label]:.6g}")
     _say(f"columns: {', '.join(result.columns)}")
     return 0
 

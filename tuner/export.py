@@ -2,9 +2,10 @@
 
 The exported directory holds no pickle. The best epoch's weights are a plain state dict (loadable with
 ``torch.load(..., weights_only=True)``); the feature derivation (``u-g`` from magnitudes ``u`` and ``g``), the
-scaling fitted on the training rows, the classes, the frozen threshold and the target contamination are
-numbers in a JSON file; the code is :class:`TunerModel` in this module, reached through a three-line MLflow
-"models from code" entry script. ``mlflow.pyfunc.load_model(uri).predict(frame)`` and ``tuner predict`` run the
+scaling fitted on the training rows, the classes, the frozen threshold and the target contamination (for a
+multilabel task each label's threshold; for a regression the target's standardisation) are numbers in a JSON
+file; the code is :class:`TunerModel` in this module, reached through a three-line MLflow "models from code"
+entry script. ``mlflow.pyfunc.load_model(uri).predict(frame)`` and ``tuner predict`` run the
 same code and give the same answer.
 
 Exporting never retrains unless the trial's weights artifact is missing; then it says so, replays the trial
@@ -33,8 +34,10 @@ from mlflow.pyfunc import PythonModel
 
 from tuner.data.preprocess import Preprocessor
 from tuner.errors import DataError, ExportError, TunerError
+from tuner.evaluation import MultilabelEvaluation, RegressionEvaluation, label_key
 from tuner.model import load_state_dict_file, mlp_from_record
 from tuner.space import TrialParams
+from tuner.tasks import REGRESSION, SINGLE_LABEL
 from tuner.train import mean_probabilities, predict_logits, probabilities
 
 if TYPE_CHECKING:
@@ -42,7 +45,7 @@ if TYPE_CHECKING:
 
     from tuner.config import StudySpec
     from tuner.data.dataset import Dataset
-    from tuner.study import Evaluation
+    from tuner.study import AnyEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,9 @@ __all__ = [
 FORMAT = 1
 #: ``tuner_model.json`` of a cross-validated trial: the mean of its fold models, each with its own scaling.
 ENSEMBLE_FORMAT = 2
+#: ``tuner_model.json`` of a multilabel or regression model. Its own number, so that a tuner that knows only
+#: class probabilities refuses the file instead of reading its outputs as classes.
+TASK_FORMAT = 3
 #: Files inside an exported model directory.
 CONFIG_FILE = "tuner_model.json"
 WEIGHTS_FILE = "state_dict.pt"
@@ -72,6 +78,7 @@ ENTRY_FILE = "tuner_model.py"
 CARD_MD = "model_card.md"
 CARD_JSON = "model_card.json"
 CURVE_HTML = "completeness_efficiency.html"
+PREDICTION_HTML = "predicted_vs_true.html"
 #: The registry alias that always names the latest export of a study.
 ALIAS = "champion"
 #: How closely re-measured (or retrained) figures must match the recorded ones. CPU training and evaluation
@@ -185,8 +192,25 @@ def raw_features(frame: pd.DataFrame, config: dict[str, Any]) -> np.ndarray:
     return np.column_stack(columns).astype(np.float32)
 
 
+def prediction_column(config: dict[str, Any]) -> str:
+    """A regression's output column: ``redshift_predicted`` for target ``redshift``."""
+    return f"{config['target_keys'][0]}_predicted"
+
+
 def output_columns(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """The model's output columns and their MLflow types, in order."""
+    """The model's output columns and their MLflow types, in order.
+
+    Binary: ``p_<positive>``, ``predicted_<positive>``; multiclass: ``p_<class>`` per class, ``predicted_class``
+    (and ``predicted_<positive>``); multilabel: ``p_<label>``, ``predicted_<label>`` per label, the label's name
+    made safe (``class==QSO`` -> ``class_eq_QSO``); regressions: ``<target>_predicted``, in the target's unit.
+    """
+    task = config["task"]
+    if task in REGRESSION:
+        return [(prediction_column(config), "double")]
+    if task == "multilabel":
+        return [
+            col for key in config["target_keys"] for col in ((f"p_{key}", "double"), (f"predicted_{key}", "boolean"))
+        ]
     positive = config["positive_class"]
     if config["task"] == "binary":
         return [(f"p_{positive}", "double"), (f"predicted_{positive}", "boolean")]
@@ -220,11 +244,11 @@ class Scorer:
             ExportError: An unknown format or weights that do not fit the described network.
         """
         config = json.loads(Path(config_path).read_text())
-        if config.get("format") != FORMAT:
+        if config.get("format") not in (FORMAT, TASK_FORMAT):
             raise ExportError(
                 f"{config_path}: tuner model format {config.get('format')!r} is not supported (expected {FORMAT}, "
-                f"or {ENSEMBLE_FORMAT} for a cross-validated ensemble); "
-                "export the study again with this version of tuner"
+                f"{TASK_FORMAT} for a multilabel or regression model, or {ENSEMBLE_FORMAT} for a cross-validated "
+                "ensemble); export the study again with this version of tuner"
             )
         net = mlp_from_record(config["params"], config["n_features"], config["n_outputs"])
         try:
@@ -248,7 +272,7 @@ class Scorer:
             logits = predict_logits(self.net, torch.from_numpy(x), int(cfg["eval_batch_size"]))
             probs = probabilities(logits, cfg["task"]).numpy().astype(np.float64)
         else:  # no rows: an empty answer with the right columns, not an error
-            probs = np.empty((0, len(cfg["class_names"])), dtype=np.float64)
+            probs = np.empty((0, _n_scores(cfg)), dtype=np.float64)
         return _decisions(probs, cfg, frame.index)
 
 
@@ -294,7 +318,7 @@ class EnsembleScorer:
             inputs = [torch.from_numpy(scaling.transform(raw)) for _, scaling in self.members]
             probs = mean_probabilities(nets, inputs, cfg["task"], int(cfg["eval_batch_size"]))
         else:
-            probs = np.empty((0, len(cfg["class_names"])), dtype=np.float64)
+            probs = np.empty((0, _n_scores(cfg)), dtype=np.float64)
         return _decisions(probs, cfg, frame.index)
 
 
@@ -310,8 +334,25 @@ def load_scorer(config_path: str | Path, weights_path: str | Path) -> Scorer | E
     return Scorer.load(config_path, weights_path)
 
 
+def _n_scores(cfg: dict[str, Any]) -> int:
+    """Columns of :func:`tuner.train.probabilities`: two for binary (rest, positive), else one per output."""
+    return len(cfg["class_names"]) if cfg["task"] in SINGLE_LABEL else int(cfg["n_outputs"])
+
+
 def _decisions(probs: np.ndarray, cfg: dict[str, Any], index: pd.Index) -> pd.DataFrame:
-    """The output frame: probabilities and decisions at the frozen threshold."""
+    """The output frame: probabilities and decisions at the frozen threshold(s), or a regression's predictions."""
+    if cfg["task"] in REGRESSION:
+        values = probs[:, 0]
+        scaling = cfg.get("target_scaling")
+        if scaling is not None:  # the network predicts (value - mean) / std of the training rows
+            values = values * float(scaling["std"]) + float(scaling["mean"])
+        return pd.DataFrame({prediction_column(cfg): values}, index=index)
+    if cfg["task"] == "multilabel":
+        labels: dict[str, Any] = {}
+        for j, (key, threshold) in enumerate(zip(cfg["target_keys"], cfg["thresholds"], strict=True)):
+            labels[f"p_{key}"] = probs[:, j]
+            labels[f"predicted_{key}"] = probs[:, j] >= float(threshold)
+        return pd.DataFrame(labels, index=index)
     threshold = float(cfg["threshold"])
     out: dict[str, Any] = {}
     positive, pos = cfg["positive_class"], int(cfg["positive_index"])
@@ -329,7 +370,8 @@ def _decisions(probs: np.ndarray, cfg: dict[str, Any], index: pd.Index) -> pd.Da
 
 
 class TunerModel(PythonModel):
-    """The pyfunc model of a tuner export: raw catalogue columns in, probabilities and decisions out.
+    """The pyfunc model of a tuner export: raw catalogue columns in; probabilities and decisions (each label's, for
+    a multilabel task), or a regression's predictions in the target's unit, out.
 
     Created empty by the models-from-code entry script when MLflow loads the model (never pickled); everything
     it knows is read from ``context.artifacts`` in :meth:`load_context`.
@@ -514,9 +556,11 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 def _load_data(study: optuna.Study, spec: StudySpec) -> tuple[pd.DataFrame, Dataset]:
     from tuner.data.dataset import build_dataset, raw_frame
-    from tuner.data.load import catalogue_from_frame
+    from tuner.data.load import catalogue_from_frame, keep_rows
 
     frame, source = raw_frame(spec)
+    # The rows data.where keeps, renumbered as the catalogue numbers them: the split's indices point into these.
+    frame = keep_rows(frame, spec.data.where)
     catalogue = catalogue_from_frame(frame, spec.data, task=spec.task, source=source)
     recorded = study.user_attrs.get("tuner.data", {}).get("data.hash")
     if recorded and recorded != catalogue.data_hash:
@@ -541,11 +585,15 @@ def _derivations(columns: Sequence[Any], features: Sequence[str]) -> list[dict[s
     return out
 
 
-def _measure(net: torch.nn.Module, dataset: Dataset, spec: StudySpec) -> Evaluation:
+def _measure(
+    net: torch.nn.Module, dataset: Dataset, spec: StudySpec, params: TrialParams | None = None
+) -> AnyEvaluation:
     """The threshold chosen on validation and its holdout figures, for a network as it stands.
 
     For a cross-validated trial ``net`` is its fold models (a ``ModuleList``): the threshold comes from their
-    out-of-fold scores and the holdout is scored by their mean.
+    out-of-fold scores and the holdout is scored by their mean. A multilabel network gets a threshold per label,
+    a regression its MAE, RMSE and R² (see :func:`tuner.study.evaluate`); ``params`` are the trial's, whose loss
+    (a regression's mse, mae or huber) the validation loss is computed with.
     """
     from tuner.study import evaluate, fit_config, measure_folds
     from tuner.train import FitResult, loss_function
@@ -557,8 +605,14 @@ def _measure(net: torch.nn.Module, dataset: Dataset, spec: StudySpec) -> Evaluat
 
     # val_loss computed as fit computes it, for studies whose objective is the validation loss.
     logits = predict_logits(net, dataset.validation.x, spec.train.eval_batch_size)
-    val_loss = float(loss_function(fit_config(spec, dataset), dataset.device)(logits, dataset.validation.y))
+    criterion = loss_function(fit_config(spec, dataset), dataset.device, params)
+    val_loss = float(criterion(logits, dataset.validation.y))
     return evaluate(net, dataset, spec, FitResult(best_metrics={"val_loss": val_loss}))
+
+
+def _as_params(record: dict[str, Any]) -> TrialParams:
+    """A stored parameter record (``model.json``'s ``params``) as the TrialParams it came from."""
+    return TrialParams(**{**record, "widths": tuple(record["widths"])})
 
 
 def _differs(a: Any, b: Any, tolerance: float) -> bool:
@@ -570,11 +624,34 @@ def _differs(a: Any, b: Any, tolerance: float) -> bool:
     return abs(a - b) > tolerance
 
 
-def _recorded(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
+def _recorded(trial: optuna.trial.FrozenTrial, checked: Sequence[str] = CHECKED) -> dict[str, float]:
     value = _value(trial)
     out = {"val_objective": float(value)} if value is not None else {}
-    out.update({k: float(trial.user_attrs[k]) for k in CHECKED if k in trial.user_attrs})
+    out.update({k: float(trial.user_attrs[k]) for k in checked if k in trial.user_attrs})
     return out
+
+
+def _checked(ev: AnyEvaluation) -> list[str]:
+    """The figures compared with the trial's record: for a multilabel or regression model every final metric
+    (each label's threshold and figures, the bootstrap intervals), which are all functions of its outputs."""
+    if isinstance(ev, MultilabelEvaluation | RegressionEvaluation):
+        return [k for k in ev.final_metrics() if not k.startswith("val_objective")]
+    return list(CHECKED)
+
+
+def _truth(dataset: Dataset) -> np.ndarray:
+    """What the holdout rows are: positive or not (binary, multiclass), 0/1 per label, or the target values."""
+    y = dataset.holdout.y_numpy
+    if dataset.task in REGRESSION:
+        return np.asarray(y, dtype=np.float64)
+    if dataset.task == "multilabel":
+        return np.asarray(y) > 0.5
+    return np.asarray(y == dataset.positive_index)
+
+
+def _held(ev: AnyEvaluation) -> np.ndarray:
+    """The holdout outputs the plots show: the positive class's or each label's scores, or predictions."""
+    return ev.holdout_predictions if isinstance(ev, RegressionEvaluation) else ev.holdout_scores
 
 
 def _curve_table(y: np.ndarray, scores: np.ndarray, target: float) -> list[dict[str, Any]]:
@@ -597,7 +674,18 @@ def _curve_table(y: np.ndarray, scores: np.ndarray, target: float) -> list[dict[
     return rows
 
 
-def _figures(ev: Evaluation, y_hold: np.ndarray, target: float) -> dict[str, Any]:
+def _ci_pair(interval: Any) -> list[float | None]:
+    return [None, None] if interval is None else [interval.low, interval.high]
+
+
+def _figures(ev: AnyEvaluation, y_hold: np.ndarray, target: float) -> dict[str, Any]:
+    """The card's figures of one trial. Every task's figures hold ``val_objective``, ``threshold`` and holdout
+    ``completeness`` / ``contamination`` with intervals (None where the task has no such figure), so a reader
+    of any card finds the same keys; the task's own figures come beside them."""
+    if isinstance(ev, RegressionEvaluation):
+        return _regression_figures(ev)
+    if isinstance(ev, MultilabelEvaluation):
+        return _multilabel_figures(ev, y_hold, target)
     h = ev.holdout
     c = h.counts
     return {
@@ -621,7 +709,91 @@ def _figures(ev: Evaluation, y_hold: np.ndarray, target: float) -> dict[str, Any
     }
 
 
-def _recorded_figures(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+_NO_RATES = {
+    "completeness": None,
+    "completeness_95ci": [None, None],
+    "contamination": None,
+    "contamination_95ci": [None, None],
+}
+
+
+def _regression_figures(ev: RegressionEvaluation) -> dict[str, Any]:
+    """MAE, RMSE and R² on validation and (with 95% bootstrap intervals) on the holdout, in the target's unit."""
+    v, h = ev.validation, ev.holdout
+    holdout: dict[str, Any] = {"rows": h.n}
+    for name in ("mae", "rmse", "r2"):
+        holdout[name] = getattr(h, name)
+        holdout[f"{name}_95ci"] = _ci_pair(getattr(h, f"{name}_ci"))
+    return {
+        "val_objective": ev.objective,
+        "threshold": None,
+        "val_loss": ev.val_loss,
+        "validation": {"mae": v.mae, "rmse": v.rmse, "r2": v.r2, "rows": v.n},
+        "holdout": {**holdout, **_NO_RATES},
+        "holdout_curve": None,
+    }
+
+
+def _multilabel_figures(ev: MultilabelEvaluation, y_hold: np.ndarray, target: float) -> dict[str, Any]:
+    """Each label's frozen threshold, its validation figures and its holdout figures with Wilson intervals; the
+    headline validation and holdout figures are the macro averages over labels (which have no interval)."""
+    labels = []
+    for f in ev.labels:
+        h, c = f.holdout, f.holdout.counts
+        labels.append(
+            {
+                "name": f.name,
+                "key": label_key(f.name),
+                "threshold": f.point.threshold,
+                "validation": {
+                    "completeness": f.point.completeness,
+                    "contamination": f.point.contamination,
+                    "auc": f.val_auc,
+                    "feasible": f.point.feasible,
+                },
+                "holdout": {
+                    "completeness": h.completeness,
+                    "completeness_95ci": [h.completeness_ci.low, h.completeness_ci.high],
+                    "contamination": h.contamination,
+                    "contamination_95ci": [h.contamination_ci.low, h.contamination_ci.high],
+                    "counts": {"tp": c.tp, "fp": c.fp, "fn": c.fn, "tn": c.tn},
+                    "auc": f.holdout_auc,
+                },
+            }
+        )
+    macro = ev.macro()
+    return {
+        "val_objective": ev.objective,
+        "threshold": None,  # one per label, below
+        "labels": labels,
+        "validation": {
+            "completeness": macro["val_completeness"],
+            "contamination": macro["val_contamination"],
+            "auc": macro["val_auc"],
+            "ap": macro["val_ap"],
+            "average": "macro over labels",
+        },
+        "holdout": {
+            **_NO_RATES,
+            "completeness": macro["holdout_completeness"],
+            "contamination": macro["holdout_contamination"],
+            "auc": macro["holdout_auc"],
+            "average": "macro over labels",
+        },
+        "holdout_curve": {
+            f.name: _curve_table(y_hold[:, j], ev.holdout_scores[:, j], target) for j, f in enumerate(ev.labels)
+        },
+    }
+
+
+def _recorded_figures(
+    trial: optuna.trial.FrozenTrial, task: str = "binary", labels: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A trial's figures as its run recorded them (for a runner-up whose weights are not stored)."""
+    if task in REGRESSION:
+        return _recorded_regression(trial)
+    if task == "multilabel":
+        return _recorded_multilabel(trial, labels)
     a = trial.user_attrs
     return {
         "val_objective": _value(trial),
@@ -638,6 +810,75 @@ def _recorded_figures(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
             "contamination_95ci": [a.get("holdout_contamination_low"), a.get("holdout_contamination_high")],
             "counts": None,
             "auc": a.get("holdout_auc"),
+        },
+        "holdout_curve": None,
+    }
+
+
+def _recorded_regression(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    a = trial.user_attrs
+    holdout: dict[str, Any] = {"rows": None}
+    for name in ("mae", "rmse", "r2"):
+        holdout[name] = a.get(f"holdout_{name}")
+        holdout[f"{name}_95ci"] = [a.get(f"holdout_{name}_low"), a.get(f"holdout_{name}_high")]
+    return {
+        "val_objective": _value(trial),
+        "threshold": None,
+        "val_loss": None,
+        "validation": {"mae": a.get("val_mae"), "rmse": a.get("val_rmse"), "r2": a.get("val_r2"), "rows": None},
+        "holdout": {**holdout, **_NO_RATES},
+        "holdout_curve": None,
+    }
+
+
+def _recorded_multilabel(trial: optuna.trial.FrozenTrial, names: Sequence[str]) -> dict[str, Any]:
+    a = trial.user_attrs
+    labels = []
+    for name in names:
+        key = label_key(name)
+        labels.append(
+            {
+                "name": name,
+                "key": key,
+                "threshold": a.get(f"threshold_{key}"),
+                "validation": {
+                    "completeness": a.get(f"val_completeness_{key}"),
+                    "contamination": a.get(f"val_contamination_{key}"),
+                    "auc": a.get(f"val_auc_{key}"),
+                },
+                "holdout": {
+                    "completeness": a.get(f"holdout_completeness_{key}"),
+                    "completeness_95ci": [
+                        a.get(f"holdout_completeness_{key}_low"),
+                        a.get(f"holdout_completeness_{key}_high"),
+                    ],
+                    "contamination": a.get(f"holdout_contamination_{key}"),
+                    "contamination_95ci": [
+                        a.get(f"holdout_contamination_{key}_low"),
+                        a.get(f"holdout_contamination_{key}_high"),
+                    ],
+                    "counts": None,
+                    "auc": a.get(f"holdout_auc_{key}"),
+                },
+            }
+        )
+    return {
+        "val_objective": _value(trial),
+        "threshold": None,
+        "labels": labels,
+        "validation": {
+            "completeness": a.get("val_completeness"),
+            "contamination": a.get("val_contamination"),
+            "auc": a.get("val_auc"),
+            "ap": a.get("val_ap"),
+            "average": "macro over labels",
+        },
+        "holdout": {
+            **_NO_RATES,
+            "completeness": a.get("holdout_completeness"),
+            "contamination": a.get("holdout_contamination"),
+            "auc": a.get("holdout_auc"),
+            "average": "macro over labels",
         },
         "holdout_curve": None,
     }
@@ -699,7 +940,7 @@ def _trained_model(
     trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset, tracking_uri: str, tmp: Path
 ) -> _Trained:
     """The trial's best-epoch network: its stored weights, or (only when they are missing) a checked replay."""
-    n_out = 1 if spec.task == "binary" else dataset.n_classes
+    n_out = dataset.n_out
     if dataset.folds:
         nets, record, reason = _stored_folds(trial, spec, dataset, tracking_uri, tmp)
         if nets is not None:
@@ -737,7 +978,7 @@ def _stored_folds(
     meta_file = download_run_artifact(tracking_uri, run_id, MODEL_META_ARTIFACT, tmp)
     if meta_file is not None:
         params = json.loads(meta_file.read_text())["params"]
-    n_out = 1 if spec.task == "binary" else dataset.n_classes
+    n_out = dataset.n_out
     nets = torch.nn.ModuleList(mlp_from_record(params, dataset.n_features, n_out) for _ in paths)
     for i, (net, file) in enumerate(zip(nets, files, strict=True)):
         assert file is not None
@@ -829,18 +1070,39 @@ def _signature(config: dict[str, Any]) -> Any:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def _comparison(chosen: dict[str, Any], other: dict[str, Any] | None, direction: str) -> dict[str, Any] | None:
-    """Whether the holdout separates the exported trial from the runner-up: do their 95% intervals overlap?"""
+def _overlap(first: Sequence[Any], second: Sequence[Any]) -> bool | None:
+    """Whether two intervals overlap; None when a bound is missing."""
+    lo1, hi1 = first
+    lo2, hi2 = second
+    known = None not in (lo1, hi1, lo2, hi2) and not any(math.isnan(float(v)) for v in (lo1, hi1, lo2, hi2))
+    return (max(lo1, lo2) <= min(hi1, hi2)) if known else None
+
+
+def _comparison(
+    chosen: dict[str, Any],
+    other: dict[str, Any] | None,
+    direction: str,
+    task: str = "binary",
+    metric: str | None = None,
+) -> dict[str, Any] | None:
+    """Whether the holdout separates the exported trial from the runner-up: do their 95% intervals overlap?
+
+    A regression compares the intervals of its objective's metric (RMSE for a val_loss objective); a multilabel
+    model those of each label's completeness.
+    """
     if other is None:
         return None
     a, b = chosen["val_objective"], other["val_objective"]
     lead = None if a is None or b is None else (a - b if direction == "maximize" else b - a)
     out: dict[str, Any] = {"validation_lead": lead}
+    if task in REGRESSION:
+        return {**out, **_regression_comparison(chosen, other, metric)}
+    if task == "multilabel":
+        return {**out, **_multilabel_comparison(chosen, other)}
     for key in ("completeness", "contamination"):
-        lo1, hi1 = chosen["holdout"][f"{key}_95ci"]
-        lo2, hi2 = other["holdout"][f"{key}_95ci"]
-        known = None not in (lo1, hi1, lo2, hi2) and not any(math.isnan(float(v)) for v in (lo1, hi1, lo2, hi2))
-        out[f"holdout_{key}_intervals_overlap"] = (max(lo1, lo2) <= min(hi1, hi2)) if known else None
+        out[f"holdout_{key}_intervals_overlap"] = _overlap(
+            chosen["holdout"][f"{key}_95ci"], other["holdout"][f"{key}_95ci"]
+        )
     if out["holdout_completeness_intervals_overlap"]:
         out["reading"] = (
             "The holdout completeness intervals overlap: on the holdout the two trials are not distinguishable at "
@@ -853,18 +1115,90 @@ def _comparison(chosen: dict[str, Any], other: dict[str, Any] | None, direction:
     return out
 
 
+_STATISTIC_NAMES = {"mae": "MAE", "rmse": "RMSE", "r2": "R²"}
+
+
+def _regression_comparison(chosen: dict[str, Any], other: dict[str, Any], metric: str | None) -> dict[str, Any]:
+    name = metric if metric in _STATISTIC_NAMES else "rmse"
+    overlap = _overlap(chosen["holdout"][f"{name}_95ci"], other["holdout"][f"{name}_95ci"])
+    shown = _STATISTIC_NAMES[name]
+    if overlap:
+        reading = (
+            f"The holdout {shown} intervals overlap: on the holdout the two trials are not distinguishable at 95%, so "
+            "the lead on validation may be noise."
+        )
+    elif overlap is False:
+        reading = f"The holdout {shown} intervals do not overlap: the holdout confirms a real difference."
+    else:
+        reading = "The holdout figures are missing; the lead cannot be judged."
+    return {"compared": f"holdout_{name}", f"holdout_{name}_intervals_overlap": overlap, "reading": reading}
+
+
+def _multilabel_comparison(chosen: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    theirs = {entry["name"]: entry for entry in other.get("labels") or []}
+    overlaps: dict[str, bool | None] = {}
+    for entry in chosen["labels"]:
+        match = theirs.get(entry["name"])
+        overlaps[entry["name"]] = (
+            _overlap(entry["holdout"]["completeness_95ci"], match["holdout"]["completeness_95ci"]) if match else None
+        )
+    apart = [name for name, o in overlaps.items() if o is False]
+    unknown = [name for name, o in overlaps.items() if o is None]
+    if unknown and len(unknown) == len(overlaps):
+        reading = "The holdout figures are missing; the lead cannot be judged."
+    elif apart:
+        reading = (
+            f"The holdout completeness intervals do not overlap for {', '.join(apart)}: the holdout confirms a real "
+            "difference there"
+            + (
+                f"; for {', '.join(n for n in overlaps if n not in apart and n not in unknown)} they overlap."
+                if len(apart) + len(unknown) < len(overlaps)
+                else "."
+            )
+        )
+    else:
+        reading = (
+            "For every label the holdout completeness intervals overlap: on the holdout the two trials are not "
+            "distinguishable at 95%, so the lead on validation may be noise."
+        )
+    return {"holdout_completeness_intervals_overlap": overlaps, "reading": reading}
+
+
+def _plot_file(task: str) -> str:
+    """The card's plot: completeness vs efficiency, or a regression's predicted vs true values."""
+    return PREDICTION_HTML if task in REGRESSION else CURVE_HTML
+
+
 def _curve_html(
     dataset: Dataset, spec: StudySpec, scored: dict[str, tuple[np.ndarray, dict[str, Any]]], title: str
 ) -> str:
-    from tuner.report import completeness_efficiency_figure
+    """The holdout plot of each scored trial: its completeness-vs-efficiency curve (each label's for a multilabel
+    model) with the frozen operating point, or a regression's predictions against the true values."""
+    from tuner.report import completeness_efficiency_figure, prediction_figure
 
+    include = "cdn" if spec.tracking.plotlyjs == "cdn" else True
+    if spec.task in REGRESSION:
+        values = _truth(dataset)
+        parts = {label: (values, predictions) for label, (predictions, _) in scored.items()}
+        target = dataset.catalogue.target_names[0]
+        return str(prediction_figure(parts, target, title).to_html(full_html=True, include_plotlyjs=include))
+    if spec.task == "multilabel":
+        labels = _truth(dataset)
+        curves, points = {}, {}
+        for label, (scores, fig) in scored.items():
+            for j, entry in enumerate(fig["labels"]):
+                name = f"{label}: {entry['name']}"
+                curves[name] = (labels[:, j], scores[:, j])
+                points[name] = (entry["holdout"]["completeness"], entry["holdout"]["contamination"])
+        figure = completeness_efficiency_figure(curves, points, spec.objective.target_contamination, title)
+        return str(figure.to_html(full_html=True, include_plotlyjs=include))
     y = dataset.holdout.y_numpy == dataset.positive_index
     curves = {label: (y, scores) for label, (scores, _) in scored.items()}
     points = {
         label: (fig["holdout"]["completeness"], fig["holdout"]["contamination"]) for label, (_, fig) in scored.items()
     }
     figure = completeness_efficiency_figure(curves, points, spec.objective.target_contamination, title)
-    return str(figure.to_html(full_html=True, include_plotlyjs="cdn" if spec.tracking.plotlyjs == "cdn" else True))
+    return str(figure.to_html(full_html=True, include_plotlyjs=include))
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -912,6 +1246,8 @@ def _validation_lines(v: dict[str, Any]) -> list[str]:
 
 def render_card(card: dict[str, Any]) -> str:
     """The model card as Markdown, from ``model_card.json``'s content."""
+    if card["task"] not in SINGLE_LABEL:
+        return _render_task_card(card)
     m, d, t, r = card["model"], card["data"], card["trial"], card.get("runner_up")
     lines = [
         f"# Model card: study `{m['study']}`, trial {t['number']}",
@@ -924,54 +1260,38 @@ def render_card(card: dict[str, Any]) -> str:
         "## Data",
         "",
         f"- source: `{d['source']}`",
+        *_where_lines(d),
         f"- hash: `{d['hash']}`; rows: {d['rows']}; classes: {d['class_counts']}",
         f"- split sizes: {', '.join(f'{k} {v}' for k, v in d['split_sizes'].items())} (stratified, fixed by "
         f"data.seed {d['seed']})",
-        f"- features: {', '.join(_describe_derivation(x) for x in d['derivations'])}",
-        f"- raw input columns: {', '.join(d['input_columns'])}; preprocessing: {d['preprocess']} "
-        "(fitted on the training rows only, stored as numbers)",
+        *_input_lines(d),
         "",
-        "## Search space and trial",
-        "",
-        *_space_lines(card["search_space"]),
-        "",
-        "| parameter | value |",
-        "|---|---|",
-    ]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in t["params"].items()]
-    lines += [
-        "",
-        f"Seed {t['seed']}; trained {t['epochs']} epochs, restored epoch {t['best_epoch']} ({t['stop_reason']})."
-        if (card.get("validation") or {}).get("kind") != "kfold"
-        else f"Seed {t['seed']} (fold i seeded with {t['seed']} + i); {t['stop_reason']}.",
-        "",
-        *_validation_lines(card.get("validation") or {}),
+        *_trial_lines(card),
         "## Figures at the frozen threshold",
         "",
         f"Objective: {card['objective']['metric']} ({card['objective']['direction']}), target contamination "
         f"{card['objective']['target_contamination']}. The threshold is chosen on validation and frozen; the holdout "
         "only measures it. Intervals are 95% Wilson intervals.",
         "",
-        "| | trial " + str(t["number"]) + (f" (exported) | trial {r['number']} (runner-up) |" if r else " |"),
-        "|---|---|" + ("---|" if r else ""),
-    ]
-    rows = [
-        ("validation objective", lambda f: _fmt(f["val_objective"], 6)),
-        ("threshold", lambda f: _fmt(f["threshold"], 6)),
-        ("validation completeness", lambda f: _fmt(f["validation"]["completeness"])),
-        ("validation contamination", lambda f: _fmt(f["validation"]["contamination"])),
-        (
-            "holdout completeness (95% CI)",
-            lambda f: f"{_fmt(f['holdout']['completeness'])} {_ci(f['holdout']['completeness_95ci'])}",
+        *_figure_table(
+            card,
+            [
+                ("validation objective", lambda f: _fmt(f["val_objective"], 6)),
+                ("threshold", lambda f: _fmt(f["threshold"], 6)),
+                ("validation completeness", lambda f: _fmt(f["validation"]["completeness"])),
+                ("validation contamination", lambda f: _fmt(f["validation"]["contamination"])),
+                (
+                    "holdout completeness (95% CI)",
+                    lambda f: f"{_fmt(f['holdout']['completeness'])} {_ci(f['holdout']['completeness_95ci'])}",
+                ),
+                (
+                    "holdout contamination (95% CI)",
+                    lambda f: f"{_fmt(f['holdout']['contamination'])} {_ci(f['holdout']['contamination_95ci'])}",
+                ),
+                ("holdout AUC", lambda f: _fmt(f["holdout"]["auc"])),
+            ],
         ),
-        (
-            "holdout contamination (95% CI)",
-            lambda f: f"{_fmt(f['holdout']['contamination'])} {_ci(f['holdout']['contamination_95ci'])}",
-        ),
-        ("holdout AUC", lambda f: _fmt(f["holdout"]["auc"])),
     ]
-    for label, get in rows:
-        lines.append(f"| {label} | {get(t['figures'])} |" + (f" {get(r['figures'])} |" if r else ""))
     if card.get("comparison"):
         lines += ["", f"**Is the lead real?** {card['comparison']['reading']}"]
     lines += [
@@ -985,29 +1305,100 @@ def render_card(card: dict[str, Any]) -> str:
     for label, entry in (("exported", t), ("runner-up", r)):
         if entry is None:
             continue
-        curve = entry["figures"].get("holdout_curve")
-        lines.append(f"Trial {entry['number']} ({label}):")
-        lines.append("")
-        if not curve:
-            lines += [f"_{entry.get('curve_note') or 'curve not available'}_", ""]
-            continue
-        lines += [
-            "| max contamination | completeness | contamination | threshold | selected |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {_fmt(p['max_contamination'])} | {_fmt(p['completeness'])} | {_fmt(p['contamination'])} | "
-            f"{_fmt(p['threshold'], 6)} | {p['selected']} |"
-            for p in curve
-        ]
-        lines.append("")
-    v = card["verification"]
+        lines += [f"Trial {entry['number']} ({label}):", ""]
+        lines += _curve_lines(entry["figures"].get("holdout_curve"), entry.get("curve_note"))
+    lines += _closing_lines(card, "scores")
+    return "\n".join(lines) + "\n"
+
+
+def _where_lines(d: dict[str, Any]) -> list[str]:
+    where = d.get("where")
+    if not where:
+        return []
+    return [
+        f"- rows kept (data.where): {'; '.join(_describe_where(c, a) for c, a in where.items())}; the model "
+        "learned from these rows only"
+    ]
+
+
+def _describe_where(column: str, allowed: Any) -> str:
+    if isinstance(allowed, dict):
+        low, high = allowed.get("min"), allowed.get("max")
+        return " ".join(
+            [*([f"{low} <="] if low is not None else []), column, *([f"<= {high}"] if high is not None else [])]
+        )
+    if isinstance(allowed, list | tuple):
+        return f"{column} in {', '.join(map(str, allowed))}"
+    return f"{column} = {allowed}"
+
+
+def _input_lines(d: dict[str, Any]) -> list[str]:
+    return [
+        f"- features: {', '.join(_describe_derivation(x) for x in d['derivations'])}",
+        f"- raw input columns: {', '.join(d['input_columns'])}; preprocessing: {d['preprocess']} "
+        "(fitted on the training rows only, stored as numbers)",
+    ]
+
+
+def _trial_lines(card: dict[str, Any]) -> list[str]:
+    """The search space, the trial's parameters, seed and epochs (and the cross-validation, if any)."""
+    t = card["trial"]
+    lines = [
+        "## Search space and trial",
+        "",
+        *_space_lines(card["search_space"]),
+        "",
+        "| parameter | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in t["params"].items()]
+    return [
+        *lines,
+        "",
+        f"Seed {t['seed']}; trained {t['epochs']} epochs, restored epoch {t['best_epoch']} ({t['stop_reason']})."
+        if (card.get("validation") or {}).get("kind") != "kfold"
+        else f"Seed {t['seed']} (fold i seeded with {t['seed']} + i); {t['stop_reason']}.",
+        "",
+        *_validation_lines(card.get("validation") or {}),
+    ]
+
+
+def _figure_table(card: dict[str, Any], rows: Sequence[tuple[str, Any]]) -> list[str]:
+    """One row per figure, one column for the exported trial and one for the runner-up."""
+    t, r = card["trial"], card.get("runner_up")
+    lines = [
+        "| | trial " + str(t["number"]) + (f" (exported) | trial {r['number']} (runner-up) |" if r else " |"),
+        "|---|---|" + ("---|" if r else ""),
+    ]
+    for label, get in rows:
+        lines.append(f"| {label} | {get(t['figures'])} |" + (f" {get(r['figures'])} |" if r else ""))
+    return lines
+
+
+def _curve_lines(curve: list[dict[str, Any]] | None, note: str | None) -> list[str]:
+    if not curve:
+        return [f"_{note or 'curve not available'}_", ""]
+    lines = [
+        "| max contamination | completeness | contamination | threshold | selected |",
+        "|---|---|---|---|---|",
+    ]
     lines += [
+        f"| {_fmt(p['max_contamination'])} | {_fmt(p['completeness'])} | {_fmt(p['contamination'])} | "
+        f"{_fmt(p['threshold'], 6)} | {p['selected']} |"
+        for p in curve
+    ]
+    return [*lines, ""]
+
+
+def _closing_lines(card: dict[str, Any], outputs: str, described: Sequence[str] = ()) -> list[str]:
+    """Verification, use (with ``described``: what the output columns mean) and notes."""
+    m, d, v = card["model"], card["data"], card["verification"]
+    lines = [
         "## Verification",
         "",
         f"Re-measured from the exported files on the study's validation and holdout rows: "
         f"{'matches' if v['passed'] else 'DOES NOT match'} the trial's recorded figures (tolerance {v['tolerance']:g}; "
-        f"largest difference {_fmt(v['max_abs_difference'], 3)}). The saved pyfunc model's scores equal the "
+        f"largest difference {_fmt(v['max_abs_difference'], 3)}). The saved pyfunc model's {outputs} equal the "
         f"network's within {_fmt(v['pyfunc_max_abs_score_difference'], 3)}.",
         "",
         "## Use",
@@ -1022,16 +1413,193 @@ def render_card(card: dict[str, Any]) -> str:
         f"{', '.join(card['usage']['requirements'])}; the model's code is the tuner package (install it from its "
         "repository where the model is loaded).",
     ]
+    if described:
+        lines += ["", *described]
     if m.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in m["notes"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def _verification(trial: optuna.trial.FrozenTrial, ev: Evaluation) -> dict[str, Any]:
+def _cell(text: Any) -> str:
+    """A table cell: a label such as ``a|b`` must not split the Markdown row."""
+    return str(text).replace("|", "\\|")
+
+
+def _render_task_card(card: dict[str, Any]) -> str:
+    """:func:`render_card` for a multilabel or regression model."""
+    m, d, t = card["model"], card["data"], card["trial"]
+    task, targets = card["task"], card["targets"]
+    if task == "multilabel":
+        about = (
+            f"labels: {', '.join(targets)} (one sigmoid each: a row may carry any number of them, each selected at "
+            "its own threshold)"
+        )
+        target_line = f"labels (positive rows): {d['label_counts']}"
+        strata = "stratified by label combination"
+    else:
+        about = f"target: {targets[0]}"
+        scaling = card.get("target_scaling")
+        if scaling:
+            about += (
+                f", predicted in its own unit (the network learns it standardised with the training rows' mean "
+                f"{_fmt(scaling['mean'], 6)} and standard deviation {_fmt(scaling['std'], 6)}; the scorer undoes it)"
+            )
+        else:
+            about += ", predicted in [0, 1] (a sigmoid output)"
+        target_line = f"target {d['target']}"
+        strata = "stratified by target quantile"
+    lines = [
+        f"# Model card: study `{m['study']}`, trial {t['number']}",
+        "",
+        f"Exported {m['exported_at']} by tuner {m['tuner_version']}. Task: {task}; {about}.",
+        "",
+        f"**Weights:** {m['weights']}",
+        "",
+        "## Data",
+        "",
+        f"- source: `{d['source']}`",
+        *_where_lines(d),
+        f"- hash: `{d['hash']}`; rows: {d['rows']}; {target_line}",
+        f"- split sizes: {', '.join(f'{k} {v}' for k, v in d['split_sizes'].items())} ({strata}, fixed by "
+        f"data.seed {d['seed']})",
+        *_input_lines(d),
+        "",
+        *_trial_lines(card),
+    ]
+    if task == "multilabel":
+        lines += _multilabel_sections(card)
+        described = [
+            "Output columns, per label: `p_<label>` is its probability and `predicted_<label>` is "
+            "`p_<label> >= threshold`, the label's threshold frozen on validation:",
+            "",
+            *(
+                f"- {entry['name']}: `p_{entry['key']}`, `predicted_{entry['key']}` (threshold "
+                f"{_fmt(entry['threshold'], 6)})"
+                for entry in t["figures"]["labels"]
+            ),
+        ]
+        return "\n".join([*lines, *_closing_lines(card, "scores", described)]) + "\n"
+    lines += _regression_sections(card)
+    column = card["usage"]["output_columns"][0]
+    unit = "in [0, 1]" if task == "unit_regression" else "in its own unit"
+    described = [f"Output column: `{column}`, the predicted {targets[0]} {unit}."]
+    return "\n".join([*lines, *_closing_lines(card, "predictions", described)]) + "\n"
+
+
+def _regression_sections(card: dict[str, Any]) -> list[str]:
+    from tuner.regression import N_RESAMPLES
+
+    o, target = card["objective"], card["targets"][0]
+    lines = [
+        "## Figures",
+        "",
+        f"Objective: {o['metric']} ({o['direction']}) on the validation rows; MAE, RMSE and R² are in the unit of "
+        f"{target}. The holdout only measures the model. Holdout intervals are 95% percentile bootstrap intervals "
+        f"({N_RESAMPLES} resamples of its rows, fixed random state).",
+        "",
+        *_figure_table(
+            card,
+            [
+                ("validation objective", lambda f: _fmt(f["val_objective"], 6)),
+                ("validation MAE", lambda f: _fmt(f["validation"]["mae"])),
+                ("validation RMSE", lambda f: _fmt(f["validation"]["rmse"])),
+                ("validation R²", lambda f: _fmt(f["validation"]["r2"])),
+                ("holdout MAE (95% CI)", lambda f: f"{_fmt(f['holdout']['mae'])} {_ci(f['holdout']['mae_95ci'])}"),
+                ("holdout RMSE (95% CI)", lambda f: f"{_fmt(f['holdout']['rmse'])} {_ci(f['holdout']['rmse_95ci'])}"),
+                ("holdout R² (95% CI)", lambda f: f"{_fmt(f['holdout']['r2'])} {_ci(f['holdout']['r2_95ci'])}"),
+            ],
+        ),
+    ]
+    if card.get("comparison"):
+        lines += ["", f"**Is the lead real?** {card['comparison']['reading']}"]
+    lines += [
+        "",
+        "## Holdout: predicted vs true",
+        "",
+        f"Each holdout row's prediction against its true {target}: `{PREDICTION_HTML}`.",
+        "",
+    ]
+    return lines
+
+
+def _label_table(figures: dict[str, Any]) -> list[str]:
+    """One row per label at its frozen threshold, then the macro averages."""
+    lines = [
+        "| label | threshold | validation completeness | validation contamination | holdout completeness (95% CI) | "
+        "holdout contamination (95% CI) | holdout AUC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in figures["labels"]:
+        v, h = entry["validation"], entry["holdout"]
+        lines.append(
+            f"| {_cell(entry['name'])} | {_fmt(entry['threshold'], 6)} | {_fmt(v['completeness'])} | "
+            f"{_fmt(v['contamination'])} | {_fmt(h['completeness'])} {_ci(h['completeness_95ci'])} | "
+            f"{_fmt(h['contamination'])} {_ci(h['contamination_95ci'])} | {_fmt(h['auc'])} |"
+        )
+    v, h = figures["validation"], figures["holdout"]
+    lines.append(
+        f"| macro average | | {_fmt(v['completeness'])} | {_fmt(v['contamination'])} | {_fmt(h['completeness'])} | "
+        f"{_fmt(h['contamination'])} | {_fmt(h['auc'])} |"
+    )
+    infeasible = [e["name"] for e in figures["labels"] if e["validation"].get("feasible") is False]
+    if infeasible:
+        lines += [
+            "",
+            f"No threshold met the target contamination on validation for {', '.join(infeasible)}: its threshold "
+            "lies above every validation score, so it selects (almost) nothing.",
+        ]
+    return lines
+
+
+def _multilabel_sections(card: dict[str, Any]) -> list[str]:
+    o, t, r = card["objective"], card["trial"], card.get("runner_up")
+    lines = [
+        "## Figures at the frozen thresholds",
+        "",
+        f"Objective: {o['metric']} ({o['direction']}), the macro average over the labels; target contamination "
+        f"{o['target_contamination']}. Each label's threshold is chosen on validation for the target contamination "
+        "and frozen; the holdout only measures it. Intervals are 95% Wilson intervals; the macro averages (means "
+        "over the labels) have none.",
+        "",
+    ]
+    for label, entry in (("exported", t), ("runner-up", r)):
+        if entry is None:
+            continue
+        lines += [
+            f"Trial {entry['number']} ({label}): validation objective {_fmt(entry['figures']['val_objective'], 6)}.",
+            "",
+            *_label_table(entry["figures"]),
+            "",
+        ]
+    if card.get("comparison"):
+        lines += [f"**Is the lead real?** {card['comparison']['reading']}", ""]
+    lines += [
+        "## Holdout completeness vs efficiency",
+        "",
+        "Per label, the most complete cut of the holdout under each contamination ceiling (descriptive: these "
+        f"thresholds are read off the holdout, not chosen for use). Plot: `{CURVE_HTML}`.",
+        "",
+    ]
+    for label, entry in (("exported", t), ("runner-up", r)):
+        if entry is None:
+            continue
+        curves = entry["figures"].get("holdout_curve")
+        if not curves:
+            lines += [f"Trial {entry['number']} ({label}):", ""]
+            lines += _curve_lines(None, entry.get("curve_note"))
+            continue
+        for name, curve in curves.items():
+            lines += [f"Trial {entry['number']} ({label}), label {name}:", ""]
+            lines += _curve_lines(curve, None)
+    return lines
+
+
+def _verification(trial: optuna.trial.FrozenTrial, ev: AnyEvaluation) -> dict[str, Any]:
     """The trial's recorded figures against those of the network being exported."""
-    recorded = _recorded(trial)
+    checked = _checked(ev)
+    recorded = _recorded(trial, checked)
     final = ev.final_metrics()
-    measured = {"val_objective": ev.objective, **{k: final[k] for k in CHECKED}}
+    measured = {"val_objective": ev.objective, **{k: final[k] for k in checked}}
     common = [k for k in recorded if k in measured]
     diffs = [abs(float(measured[k]) - recorded[k]) for k in common if not math.isnan(recorded[k] - measured[k])]
     mismatched = [k for k in common if _differs(measured[k], recorded[k], TOLERANCE)]
@@ -1052,39 +1620,76 @@ def _model_config(
     dataset: Dataset,
     frame: pd.DataFrame,
     params: Any,
-    ev: Evaluation,
+    ev: AnyEvaluation,
 ) -> dict[str, Any]:
     """``tuner_model.json``: everything the scorer needs besides the weights, as plain numbers and names."""
     from tuner import __version__
 
     derivations = _derivations(frame.columns, dataset.catalogue.feature_names)
     columns = (c for d in derivations for c in ([d["column"]] if "column" in d else d["colour"]))
-    config = {
+    config: dict[str, Any] = {
         "format": FORMAT,
         "study": name,
         "trial_number": trial.number,
         "task": spec.task,
         "params": params,
         "n_features": dataset.n_features,
-        "n_outputs": 1 if spec.task == "binary" else dataset.n_classes,
+        "n_outputs": dataset.n_out,
         "feature_names": list(dataset.catalogue.feature_names),
         "derivations": derivations,
         "input_columns": list(dict.fromkeys(columns)),
         "id_columns": list(spec.data.id_columns),
         "preprocessor": dataset.preprocessor.to_dict(),
-        "class_names": list(dataset.catalogue.class_names),
-        "positive_class": spec.data.positive,
-        "positive_index": dataset.positive_index,
-        # Chosen on validation with these very weights (equal to the recorded one when verification passed).
-        "threshold": ev.val_point.threshold,
-        "target_contamination": spec.objective.target_contamination,
-        "eval_batch_size": spec.train.eval_batch_size,
-        "tuner_version": __version__,
     }
+    if isinstance(ev, MultilabelEvaluation | RegressionEvaluation):
+        config.update(_task_config(spec, dataset, ev))
+    else:
+        config.update(
+            {
+                "class_names": list(dataset.catalogue.class_names),
+                "positive_class": spec.data.positive,
+                "positive_index": dataset.positive_index,
+                # Chosen on validation with these very weights (equal to the recorded one when verification passed).
+                "threshold": ev.val_point.threshold,
+                "target_contamination": spec.objective.target_contamination,
+            }
+        )
+    config.update({"eval_batch_size": spec.train.eval_batch_size, "tuner_version": __version__})
     if dataset.folds:
         # Each fold model has its own scaling: no single preprocessor describes the model.
         del config["preprocessor"]
         config.update(_ensemble_config(dataset))
+    return config
+
+
+def _task_config(spec: StudySpec, dataset: Dataset, ev: MultilabelEvaluation | RegressionEvaluation) -> dict[str, Any]:
+    """What a multilabel or regression scorer needs: the targets, each label's frozen threshold, or the target's
+    standardisation to undo. Their output columns are named after the targets (made safe by label_key)."""
+    names = list(dataset.catalogue.target_names)
+    keys = [label_key(n) for n in names]
+    seen: dict[str, str] = {}
+    for name, key in zip(names, keys, strict=True):
+        if key in seen:
+            raise ExportError(
+                f"data.target: labels {seen[key]!r} and {name!r} would both be output as p_{key} / predicted_{key}; "
+                "rename one of the label columns so that their names differ in letters or digits"
+            )
+        seen[key] = name
+    config: dict[str, Any] = {
+        "format": TASK_FORMAT,
+        "positive_class": None,
+        "target_names": names,
+        "target_keys": keys,
+    }
+    if isinstance(ev, MultilabelEvaluation):
+        # Chosen on validation with these very weights, one per label in target_names' order.
+        config["thresholds"] = ev.thresholds
+        config["target_contamination"] = spec.objective.target_contamination
+    elif dataset.target_scaling is not None:
+        mean, std = dataset.target_scaling
+        config["target_scaling"] = {"mean": mean, "std": std}
+    else:
+        config["target_scaling"] = None
     return config
 
 
@@ -1125,28 +1730,51 @@ def _save_pyfunc(stage: Path, src: Path, trained: _Trained, config: dict[str, An
     )
 
 
-def _check_saved(stage: Path, frame: pd.DataFrame, dataset: Dataset, ev: Evaluation, config: dict[str, Any]) -> float:
+def _check_saved(
+    stage: Path, frame: pd.DataFrame, dataset: Dataset, ev: AnyEvaluation, config: dict[str, Any]
+) -> float:
     """Load the saved directory as a user would and score the validation and holdout rows from raw columns.
 
     Returns:
-        The largest difference from the scores the network gave during measurement (zero when all is well).
+        The largest difference from the scores the network gave during measurement (zero when all is well): the
+        positive class's probability, each label's, or a regression's prediction in the target's unit.
 
     Raises:
-        ExportError: The saved model scores differently: derivation, scaling or weights did not survive.
+        ExportError: The saved model scores differently: derivation, scaling, weights, a label's threshold or a
+            regression's target scaling did not survive.
     """
     rows = np.concatenate([dataset.split.validation, dataset.split.holdout])
-    expected = np.concatenate([ev.val_scores, ev.holdout_scores])
-    if dataset.folds:
-        # The validation scores of a cross-validated trial are out-of-fold (one fold model each), not the mean.
-        rows, expected = dataset.split.holdout, ev.holdout_scores
-    score_col = f"p_{config['class_names'][config['positive_index']]}"
-    saved = predict_frame(stage, frame.iloc[rows])[score_col].to_numpy()
+    if isinstance(ev, RegressionEvaluation):
+        expected = np.concatenate([ev.val_predictions, ev.holdout_predictions])[:, None]
+        columns = [prediction_column(config)]
+    elif isinstance(ev, MultilabelEvaluation):
+        expected = np.concatenate([ev.val_scores, ev.holdout_scores])
+        columns = [f"p_{key}" for key in config["target_keys"]]
+    else:
+        expected = np.concatenate([ev.val_scores, ev.holdout_scores])
+        if dataset.folds:
+            # The validation scores of a cross-validated trial are out-of-fold (one fold model each), not the mean.
+            rows, expected = dataset.split.holdout, ev.holdout_scores
+        columns = [f"p_{config['class_names'][config['positive_index']]}"]
+        expected = expected[:, None]
+    scored = predict_frame(stage, frame.iloc[rows])
+    saved = scored[columns].to_numpy(dtype=np.float64)
     diff = float(np.max(np.abs(saved - expected))) if len(rows) else 0.0
     if diff > TOLERANCE:
         raise ExportError(
             f"the saved model scores the study's rows differently from the trained network (largest difference "
             f"{diff:.3g} > {TOLERANCE:g}); not exported"
         )
+    if isinstance(ev, MultilabelEvaluation):
+        # The holdout selections at the saved thresholds must be those the holdout figures count.
+        held = scored.iloc[len(dataset.split.validation) :]
+        for key, figures in zip(config["target_keys"], ev.labels, strict=True):
+            selected = int(held[f"predicted_{key}"].sum())
+            if selected != figures.holdout.counts.n_pred_pos:
+                raise ExportError(
+                    f"the saved model selects {selected} holdout rows as {figures.name!r}, the measured threshold "
+                    f"{figures.point.threshold:.6g} selects {figures.holdout.counts.n_pred_pos}; not exported"
+                )
     return diff
 
 
@@ -1205,13 +1833,15 @@ def _card(
             "notes": list(notes),
         },
         "task": spec.task,
-        "classes": config["class_names"],
-        "positive_class": config["positive_class"],
+        **_card_targets(config),
         "data": {
             "source": facts.get("data.source"),
+            **({"where": dict(spec.data.where)} if spec.data.where else {}),
             "hash": facts.get("data.hash"),
             "rows": facts.get("data.rows"),
             "class_counts": facts.get("data.class_counts"),
+            # A regression's target (mean, std, range) or a multilabel task's positive rows per label.
+            **{k: facts.get(f"data.{k}") for k in ("target", "label_counts") if spec.task not in SINGLE_LABEL},
             "split_sizes": dataset.split.sizes(),
             "seed": spec.data.seed,
             "features": config["feature_names"],
@@ -1234,7 +1864,13 @@ def _card(
         "trial": {**_trial_info(trial, trained.params), "figures": chosen},
         "validation": _validation_card(trial, spec),
         "runner_up": runner,
-        "comparison": _comparison(chosen, runner["figures"] if runner else None, spec.objective.direction),
+        "comparison": _comparison(
+            chosen,
+            runner["figures"] if runner else None,
+            spec.objective.direction,
+            spec.task,
+            spec.objective.metrics[0],
+        ),
         "verification": verification,
         "usage": {
             "uri": usage_uri,
@@ -1245,6 +1881,62 @@ def _card(
     }
     safe: dict[str, Any] = _json_safe(card)
     return safe
+
+
+def _card_targets(config: dict[str, Any]) -> dict[str, Any]:
+    """What the model predicts: classes and the positive class, or the labels, or the regression's target."""
+    if config["task"] in SINGLE_LABEL:
+        return {"classes": config["class_names"], "positive_class": config["positive_class"]}
+    out = {"classes": None, "positive_class": None, "targets": config["target_names"]}
+    if config["task"] in REGRESSION:
+        out["target_scaling"] = config["target_scaling"]
+    return out
+
+
+def figures_summary(figures: dict[str, Any], task: str) -> str:
+    """One line of a trial's card figures, for the export's console summary.
+
+    Binary and multiclass: the validation objective, the threshold and the holdout completeness and
+    contamination with their Wilson intervals; multilabel: the same per label at each label's threshold, after
+    the macro averages; regressions: the holdout MAE, RMSE and R² with their bootstrap intervals.
+    """
+    f, h = figures, figures["holdout"]
+    head = f"validation objective {_fmt(f['val_objective'], 5)}"
+    if task in REGRESSION:
+        shown = ", ".join(f"{_STATISTIC_NAMES[k]} {_fmt(h[k])} {_ci(h[f'{k}_95ci'])}" for k in ("mae", "rmse", "r2"))
+        return f"{head}; holdout {shown} (95% bootstrap intervals)"
+    if task == "multilabel":
+        labels = "; ".join(
+            f"{e['name']}: threshold {_fmt(e['threshold'], 5)}, completeness {_fmt(e['holdout']['completeness'])} "
+            f"{_ci(e['holdout']['completeness_95ci'])}, contamination {_fmt(e['holdout']['contamination'])} "
+            f"{_ci(e['holdout']['contamination_95ci'])}"
+            for e in f["labels"]
+        )
+        return (
+            f"{head}; holdout macro completeness {_fmt(h['completeness'])}, macro contamination "
+            f"{_fmt(h['contamination'])}; {labels}"
+        )
+    return (
+        f"{head}, threshold {_fmt(f['threshold'], 5)}; holdout completeness {_fmt(h['completeness'])} "
+        f"{_ci(h['completeness_95ci'])}, contamination {_fmt(h['contamination'])} {_ci(h['contamination_95ci'])}"
+    )
+
+
+def _registry_tags(card: dict[str, Any]) -> dict[str, str]:
+    """The holdout headline figures as registry tags: completeness and contamination (macro for a multilabel
+    model), or a regression's MAE, RMSE and R²."""
+    h = card["trial"]["figures"]["holdout"]
+    if card["task"] in REGRESSION:
+        return {f"tuner.holdout_{k}": str(h[k]) for k in ("mae", "rmse", "r2")}
+    if card["task"] == "multilabel":
+        return {
+            "tuner.holdout_macro_completeness": str(h["completeness"]),
+            "tuner.holdout_macro_contamination": str(h["contamination"]),
+        }
+    return {
+        "tuner.holdout_completeness": str(h["completeness"]),
+        "tuner.holdout_contamination": str(h["contamination"]),
+    }
 
 
 def _log_and_register(
@@ -1277,17 +1969,33 @@ def _log_and_register(
             "tuner.study": name,
             "tuner.trial_number": str(trial.number),
             "tuner.val_objective": str(_value(trial)),
-            "tuner.holdout_completeness": str(h["completeness"]),
-            "tuner.holdout_contamination": str(h["contamination"]),
+            **_registry_tags(card),
             "tuner.retrained": str(card["model"]["retrained"]).lower(),
         },
-        description=(
-            f"Trial {trial.number} of study {name}: validation {metric} {_fmt(_value(trial))}; holdout completeness "
-            f"{_fmt(h['completeness'])} {_ci(h['completeness_95ci'])}, contamination {_fmt(h['contamination'])} "
-            f"{_ci(h['contamination_95ci'])} at the frozen threshold."
-        ),
+        description=_registry_description(card, name, trial, metric, h),
     )
     return f"runs:/{run_id}/{artifact_path}", version
+
+
+def _registry_description(
+    card: dict[str, Any], name: str, trial: optuna.trial.FrozenTrial, metric: str, h: dict[str, Any]
+) -> str:
+    head = f"Trial {trial.number} of study {name}: validation {metric} {_fmt(_value(trial))}"
+    if card["task"] in REGRESSION:
+        shown = ", ".join(f"{_STATISTIC_NAMES[k]} {_fmt(h[k])} {_ci(h[f'{k}_95ci'])}" for k in ("mae", "rmse", "r2"))
+        return f"{head}; holdout {shown} (95% bootstrap intervals), in the unit of {card['targets'][0]}."
+    if card["task"] == "multilabel":
+        labels = "; ".join(
+            f"{e['name']} completeness {_fmt(e['holdout']['completeness'])} {_ci(e['holdout']['completeness_95ci'])}, "
+            f"contamination {_fmt(e['holdout']['contamination'])} {_ci(e['holdout']['contamination_95ci'])}"
+            for e in card["trial"]["figures"]["labels"]
+        )
+        return f"{head}; holdout, each label at its frozen threshold: {labels}."
+    return (
+        f"{head}; holdout completeness "
+        f"{_fmt(h['completeness'])} {_ci(h['completeness_95ci'])}, contamination {_fmt(h['contamination'])} "
+        f"{_ci(h['contamination_95ci'])} at the frozen threshold."
+    )
 
 
 def export_trial(
@@ -1338,14 +2046,14 @@ def export_trial(
             "--register"
         )
     frame, dataset = _load_data(study, spec)
-    y_hold = dataset.holdout.y_numpy == dataset.positive_index
+    y_hold = _truth(dataset)
     target_contamination = spec.objective.target_contamination
 
     with tempfile.TemporaryDirectory(prefix="tuner-export-") as tmp_name:
         tmp = Path(tmp_name)
         trained = _trained_model(trial, spec, dataset, uri, tmp / "trial")
         notes += trained.notes
-        ev = _measure(trained.net, dataset, spec)
+        ev = _measure(trained.net, dataset, spec, _as_params(trained.params))
         verification = _verification(trial, ev)
         if verification["mismatched"]:
             # Stored weights are the trial's own, so a mismatch means other numerics (a study trained on a GPU,
@@ -1364,7 +2072,7 @@ def export_trial(
 
         # The runner-up (best other COMPLETE trial) so a reader can judge whether the lead is real.
         chosen = _figures(ev, y_hold, target_contamination)
-        scored = {f"trial {trial.number} (exported)": (ev.holdout_scores, chosen)}
+        scored = {f"trial {trial.number} (exported)": (_held(ev), chosen)}
         runner_card = None
         if runner is not None:
             runner_card = _runner_up(runner, spec, dataset, uri, tmp / "runner", y_hold, scored)
@@ -1372,8 +2080,9 @@ def export_trial(
         card = _card(study, spec, dataset, config, trial, trained, chosen, runner_card, verification, usage_uri, notes)
         (stage / CARD_JSON).write_text(json.dumps(card, indent=1))
         (stage / CARD_MD).write_text(render_card(card))
-        title = f"study {name}: holdout completeness vs efficiency"
-        (stage / CURVE_HTML).write_text(_curve_html(dataset, spec, scored, title))
+        what = "predicted vs true" if spec.task in REGRESSION else "completeness vs efficiency"
+        title = f"study {name}: holdout {what}"
+        (stage / _plot_file(spec.task)).write_text(_curve_html(dataset, spec, scored, title))
         if target.exists():
             shutil.rmtree(target)  # _prepare_out allowed it: empty, or a previous export with --force
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -1416,17 +2125,18 @@ def _runner_up(
         weights, meta, why = _fetch_trial(runner, tracking_uri, tmp)
     except TunerError as exc:
         weights, meta, why = None, None, str(exc)
+    recorded = _recorded_figures(runner, spec.task, dataset.catalogue.target_names)
     if weights is None:
-        return {**info, "figures": _recorded_figures(runner), "curve_note": f"curve not available: {why}"}
+        return {**info, "figures": recorded, "curve_note": f"curve not available: {why}"}
     params = meta["params"] if meta else info["params"]
-    net = mlp_from_record(params, dataset.n_features, 1 if spec.task == "binary" else dataset.n_classes)
+    net = mlp_from_record(params, dataset.n_features, dataset.n_out)
     try:
         net.load_state_dict(_load_state(weights))
     except (RuntimeError, ExportError) as exc:
-        return {**info, "figures": _recorded_figures(runner), "curve_note": f"curve not available: {exc}"}
-    ev = _measure(net.eval(), dataset, spec)
+        return {**info, "figures": recorded, "curve_note": f"curve not available: {exc}"}
+    ev = _measure(net.eval(), dataset, spec, _as_params(params))
     figures = _figures(ev, y_hold, spec.objective.target_contamination)
-    scored[f"trial {runner.number} (runner-up)"] = (ev.holdout_scores, figures)
+    scored[f"trial {runner.number} (runner-up)"] = (_held(ev), figures)
     return {**info, "figures": figures, "curve_note": None}
 
 
@@ -1449,7 +2159,7 @@ def _runner_up_folds(
         return {**info, "figures": _recorded_figures(runner), "curve_note": f"curve not available: {why}"}
     ev = _measure(nets, dataset, spec)
     figures = _figures(ev, y_hold, spec.objective.target_contamination)
-    scored[f"trial {runner.number} (runner-up)"] = (ev.holdout_scores, figures)
+    scored[f"trial {runner.number} (runner-up)"] = (_held(ev), figures)
     return {**info, "figures": figures, "curve_note": None}
 
 
@@ -1463,10 +2173,14 @@ class PredictResult:
 
     out: Path
     rows: int
-    selected: int | None
+    selected: int | None  # rows predicted as the positive class (binary, multiclass with one); else None
     positive_class: str | None
-    threshold: float
+    threshold: float  # the positive class's frozen threshold; NaN for a multilabel or regression model
     columns: tuple[str, ...]
+    task: str = "binary"
+    # Multilabel: per label, the rows selected at its frozen threshold, and that threshold.
+    selected_per_label: dict[str, int] | None = None
+    thresholds: dict[str, float] | None = None
 
 
 def load_model_dir(model: str, tracking_uri: str | None, tmp: str | Path) -> Path:
@@ -1583,11 +2297,19 @@ def predict_file(
         result.to_csv(out_path, index=False, sep="\t" if kind == "tsv" else ",")
     positive = config["positive_class"]
     decision = f"predicted_{positive}" if positive is not None else None
+    per_label = thresholds = None
+    if config["task"] == "multilabel":
+        names, keys = config["target_names"], config["target_keys"]
+        per_label = {n: int(result[f"predicted_{k}"].sum()) for n, k in zip(names, keys, strict=True)}
+        thresholds = {n: float(t) for n, t in zip(names, config["thresholds"], strict=True)}
     return PredictResult(
         out=out_path,
         rows=len(result),
         selected=int(result[decision].sum()) if decision in result.columns else None,
         positive_class=positive,
-        threshold=float(config["threshold"]),
+        threshold=float(config.get("threshold", math.nan)),
         columns=tuple(result.columns),
+        task=config["task"],
+        selected_per_label=per_label,
+        thresholds=thresholds,
     )

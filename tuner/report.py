@@ -1,9 +1,10 @@
 """Seeing a study: plotly figures for a trial, the self-contained HTML study report, the table of trials.
 
-A trial's figures (learning curves, ROC, completeness vs efficiency with the operating point) are logged with
-its MLflow run. The study report gathers Optuna's study plots (``optuna.visualization``), the best trial and the
-runner-up side by side, and a table of the top trials into one HTML file that embeds plotly.js once and so opens
-offline. :func:`trials_frame` is every trial as one row, for ``tuner trials``.
+A trial's figures (learning curves; ROC and completeness vs efficiency with the operating point, per label for a
+multilabel task; predicted against true values for a regression) are logged with its MLflow run. The study report
+gathers Optuna's study plots (``optuna.visualization``), the best trial and the runner-up side by side, and a
+table of the top trials into one HTML file that embeds plotly.js once and so opens offline. :func:`trials_frame`
+is every trial as one row, for ``tuner trials``.
 """
 
 from __future__ import annotations
@@ -139,6 +140,77 @@ def completeness_efficiency_figure(
             marker={"size": 12, "symbol": "x"},
             name=f"{part} at frozen threshold",
         )
+    fig.add_vline(x=1 - target_contamination, line_dash="dash", annotation_text="target efficiency")
+    fig.update_layout(
+        title=title, xaxis_title="efficiency (1 - contamination)", yaxis_title="completeness", template="plotly_white"
+    )
+    return fig
+
+
+#: How a data part's curve is drawn when each label has a colour of its own.
+_PART_DASH = {"validation": "dot", "holdout": "solid"}
+
+
+def label_roc_figure(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], title: str) -> go.Figure:
+    """ROC curves of a multilabel model, from ``{label: {part: (has_label, score)}}``: a colour per label, a dash
+    per part."""
+    fig = go.Figure()
+    colours = plotly.colors.qualitative.Plotly
+    for i, (label, parts) in enumerate(curves.items()):
+        for part, (y, score) in parts.items():
+            fpr, tpr, _ = metrics.roc_points(y, score)
+            auc = metrics.roc_auc(y, score)
+            fig.add_scatter(
+                x=fpr,
+                y=tpr,
+                mode="lines",
+                name=f"{label}, {part} (AUC {auc:.4f})",
+                legendgroup=label,
+                line={"color": colours[i % len(colours)], "dash": _PART_DASH.get(part, "solid")},
+            )
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"}, name="chance")
+    fig.update_layout(
+        title=title,
+        xaxis_title="false positive rate",
+        yaxis_title="true positive rate (completeness)",
+        template="plotly_white",
+    )
+    return fig
+
+
+def label_completeness_efficiency_figure(
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+    points: dict[str, dict[str, tuple[float, float]]],
+    target_contamination: float,
+    title: str,
+) -> go.Figure:
+    """Completeness against efficiency of each label, its frozen operating point marked on each part.
+
+    ``points`` is ``{label: {part: (completeness, contamination)}}`` at the label's threshold.
+    """
+    fig = go.Figure()
+    colours = plotly.colors.qualitative.Plotly
+    for i, (label, parts) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        for part, (y, score) in parts.items():
+            _, comp, eff = metrics.completeness_efficiency_curve(y, score)
+            fig.add_scatter(
+                x=eff,
+                y=comp,
+                mode="lines",
+                name=f"{label}, {part}",
+                legendgroup=label,
+                line={"color": colour, "dash": _PART_DASH.get(part, "solid")},
+            )
+        for part, (comp_at, cont_at) in points.get(label, {}).items():
+            fig.add_scatter(
+                x=[1 - cont_at],
+                y=[comp_at],
+                mode="markers",
+                marker={"size": 12, "symbol": "x" if part == "holdout" else "circle-open", "color": colour},
+                name=f"{label}, {part} at frozen threshold",
+                legendgroup=label,
+            )
     fig.add_vline(x=1 - target_contamination, line_dash="dash", annotation_text="target efficiency")
     fig.update_layout(
         title=title, xaxis_title="efficiency (1 - contamination)", yaxis_title="completeness", template="plotly_white"
@@ -429,11 +501,97 @@ def _params_text(trial: FrozenTrial, spec: StudySpec) -> str:
     if params is None:
         return ", ".join(f"{k}={_num(v, 3)}" for k, v in trial.params.items())
     widths = "×".join(str(w) for w in params.widths)
-    return (
+    text = (
         f"{widths} {params.activation} {params.optimizer}, lr {_num(params.lr, 3)}, momentum "
         f"{_num(params.momentum, 3)}, dropout {_num(params.dropout, 3)}, weight decay {_num(params.weight_decay, 3)}, "
         f"batch {params.batch_size}, init {params.init}, batch norm {'on' if params.batch_norm else 'off'}"
     )
+    # A regression's loss and the L1 penalty, only where the search space sets them.
+    if params.loss is not None:
+        text += f", loss {params.loss}"
+        if params.huber_delta is not None:
+            text += f" (delta {_num(params.huber_delta, 3)})"
+    if params.l1 is not None:
+        text += f", L1 {_num(params.l1, 3)}"
+    return text
+
+
+def _class_names(study: optuna.Study) -> list[str]:
+    """The classes in model order, read back from the study's recorded class counts (``name=count, ...``)."""
+    counts = str(study.user_attrs.get("tuner.data", {}).get("data.class_counts", ""))
+    return re.findall(r"(?:^|, )(.+?)=\d+(?=, |$)", counts)
+
+
+def _per_class(study: optuna.Study, spec: StudySpec) -> list[tuple[str, str]]:
+    """(class, metric key) of each class whose holdout figures a multiclass study's trials carry, in class order.
+
+    Empty for the other tasks, and for a multiclass study whose trials carry no per-class figures.
+    """
+    from tuner.evaluation import label_key
+
+    if spec.task != "multiclass":
+        return []
+    attrs = [t.user_attrs for t in study.get_trials(deepcopy=False)]
+    if not any("holdout_macro_completeness" in a for a in attrs):
+        return []
+    names = _class_names(study)
+    if names:
+        return [(name, label_key(name)) for name in names]
+    # No recorded class counts: the classes the trials were measured on, by their keys.
+    found = {
+        m.group(1)
+        for a in attrs
+        for k in a
+        if (m := re.fullmatch(r"holdout_completeness_(.+)_low", k)) and m.group(1) != "at_threshold"
+    }
+    return [(key, key) for key in sorted(found)]
+
+
+def _labels(spec: StudySpec) -> list[tuple[str, str]]:
+    """(label, metric key) of each label of a multilabel study, in output order; empty for the other tasks."""
+    from tuner.evaluation import label_key
+
+    return [(name, label_key(name)) for name in spec.data.targets] if spec.task == "multilabel" else []
+
+
+#: tuner.tasks.REGRESSION, spelled out: that module imports torch, which ``tuner trials`` has no use for.
+_REGRESSION_TASKS = ("regression", "unit_regression")
+
+
+def _is_regression(spec: StudySpec) -> bool:
+    return spec.task in _REGRESSION_TASKS
+
+
+def _model_figures(spec: StudySpec) -> str:
+    """What the report draws from a trial's model, for notes about leaving it out."""
+    if _is_regression(spec):
+        return "predicted-vs-true plots"
+    if spec.task == "multilabel":
+        return "per-label ROC and completeness curves"
+    return "ROC and completeness curves"
+
+
+def _task_text(study: optuna.Study, spec: StudySpec) -> str:
+    """The study's task and what it predicts, for the facts."""
+    task, data = spec.task, spec.data
+    if task == "binary":
+        return f"binary, positive class {data.positive}"
+    if task == "multiclass":
+        classes = _class_names(study)
+        listed = f" ({len(classes)} classes: {', '.join(classes)})" if classes else ""
+        if data.positive:
+            return f"multiclass{listed}, positive class {data.positive}"
+        first = classes[0] if classes else "the first class"
+        return f"multiclass{listed}, no positive class: threshold and curves are those of {first}"
+    if task == "multilabel":
+        return f"multilabel, {len(data.targets)} labels: {', '.join(data.targets)} (a sigmoid and a threshold each)"
+    target = data.targets[0]
+    if task == "regression":
+        return (
+            f"regression of {target} (linear output, trained on {target} standardised with the training rows' "
+            f"mean and standard deviation; every figure in {target}'s own unit)"
+        )
+    return f"unit_regression of {target} (sigmoid output in [0, 1])"
 
 
 def study_facts(study: optuna.Study, spec: StudySpec) -> list[tuple[str, str]]:
@@ -463,14 +621,21 @@ def study_facts(study: optuna.Study, spec: StudySpec) -> list[tuple[str, str]]:
     def options(values: dict[str, Any]) -> str:
         return f" {values}" if values else ""
 
+    objective = ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(names, study.directions, strict=True))
+    if spec.task == "multilabel":
+        objective += f"; target contamination {spec.objective.target_contamination:g} per label"
+    elif not _is_regression(spec):
+        objective += f"; target contamination {spec.objective.target_contamination:g}"
+    if _is_regression(spec):
+        target_row = ("target", data.get("data.target", "not recorded"))
+    elif spec.task == "multilabel":
+        target_row = ("label counts", data.get("data.label_counts", "not recorded"))
+    else:
+        target_row = ("class counts", data.get("data.class_counts", "not recorded"))
     rows = [
         ("study", study.study_name),
-        ("task", f"{spec.task}, positive class {spec.data.positive}"),
-        (
-            "objective",
-            ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(names, study.directions, strict=True))
-            + f"; target contamination {spec.objective.target_contamination:g}",
-        ),
+        ("task", _task_text(study, spec)),
+        ("objective", objective),
         ("trials by state", ", ".join(f"{s} {n}" for s, n in sorted(by_state.items())) or "none"),
         ("best trial", f"#{ranked[0].number}: {_num(ranked[0].values[0], 5)}" if ranked else "none completed"),
         ("sampler", f"{spec.study.sampler}{options(spec.study.sampler_options)}, seed {spec.study.seed}"),
@@ -479,7 +644,7 @@ def study_facts(study: optuna.Study, spec: StudySpec) -> list[tuple[str, str]]:
         ("data source", data.get("data.source", spec.data.source)),
         ("data hash", data.get("data.hash", "not recorded")),
         ("rows", data.get("data.rows", "not recorded")),
-        ("class counts", data.get("data.class_counts", "not recorded")),
+        target_row,
         ("split sizes", data.get("data.split_sizes", "not recorded")),
         ("features", data.get("data.features", ", ".join(spec.data.features))),
         ("preprocessing", spec.data.preprocess),
@@ -611,6 +776,59 @@ def param_importances(
     return dict(sorted(values.items(), key=lambda kv: -kv[1])), notes
 
 
+def _ci(attrs: dict[str, Any], key: str) -> str:
+    """A recorded figure with its 95% interval (``key``, ``key_low``, ``key_high``); a dash when not recorded."""
+    if key not in attrs:
+        return "–"
+    return f"{_num(attrs[key])} [{_num(attrs.get(key + '_low'))}, {_num(attrs.get(key + '_high'))}]"
+
+
+Cell = Callable[[dict[str, Any]], str]
+
+
+def _top_columns(study: optuna.Study, spec: StudySpec) -> list[tuple[str, Cell]]:
+    """The holdout columns of the top-trials table for the study's task: (heading, cell from user attributes)."""
+
+    def value(key: str) -> Cell:
+        return lambda a: _num(a.get(key))
+
+    def interval(key: str) -> Cell:
+        return lambda a: _ci(a, key)
+
+    def label_cell(key: str) -> Cell:
+        return lambda a: f"{_ci(a, f'holdout_completeness_{key}')}; {_ci(a, f'holdout_contamination_{key}')}"
+
+    if _is_regression(spec):
+        return [
+            ("holdout MAE [95% CI]", interval("holdout_mae")),
+            ("holdout RMSE [95% CI]", interval("holdout_rmse")),
+            ("holdout R² [95% CI]", interval("holdout_r2")),
+            ("validation MAE, RMSE, R²", lambda a: ", ".join(_num(a.get(f"val_{m}")) for m in ("mae", "rmse", "r2"))),
+        ]
+    if spec.task == "multilabel":
+        columns: list[tuple[str, Cell]] = [
+            ("holdout completeness, macro", value("holdout_completeness")),
+            ("holdout contamination, macro", value("holdout_contamination")),
+            ("holdout AUC, macro", value("holdout_auc")),
+        ]
+        for name, key in _labels(spec):
+            columns.append((f"{name}: holdout completeness; contamination [95% CI]", label_cell(key)))
+        return columns
+    columns = [
+        ("holdout completeness [95% CI]", interval("holdout_completeness")),
+        ("holdout contamination [95% CI]", interval("holdout_contamination")),
+        ("holdout AUC", value("holdout_auc")),
+        ("threshold", value("threshold")),
+    ]
+    if _per_class(study, spec):
+        columns += [
+            ("holdout accuracy", value("holdout_accuracy")),
+            ("holdout completeness, macro over classes", value("holdout_macro_completeness")),
+            ("holdout contamination, macro over classes", value("holdout_macro_contamination")),
+        ]
+    return columns
+
+
 def study_sections(study: optuna.Study, spec: StudySpec, *, top: int = 10) -> list[Section]:
     """Every section of the report except the best-trial comparison (which needs the models).
 
@@ -682,24 +900,16 @@ def study_sections(study: optuna.Study, spec: StudySpec, *, top: int = 10) -> li
         sections.append(pareto)
 
     table = Section("top")
+    columns = _top_columns(study, spec)
     rows = []
     for rank, trial in enumerate(ranked[:top], start=1):
         a = trial.user_attrs
-
-        def ci(key: str, attrs: dict[str, Any] = a) -> str:
-            if key not in attrs:
-                return "–"
-            return f"{_num(attrs[key])} [{_num(attrs.get(key + '_low'))}, {_num(attrs.get(key + '_high'))}]"
-
         rows.append(
             (
                 rank,
                 trial.number,
                 ", ".join(_num(v, 5) for v in trial.values),
-                ci("holdout_completeness"),
-                ci("holdout_contamination"),
-                _num(a.get("holdout_auc")),
-                _num(a.get("threshold")),
+                *(cell(a) for _, cell in columns),
                 f"{a.get('epochs', '–')} ({a.get('best_epoch', '–')})",
                 _params_text(trial, spec),
                 a.get("mlflow_run_id", "–"),
@@ -709,16 +919,13 @@ def study_sections(study: optuna.Study, spec: StudySpec, *, top: int = 10) -> li
         "rank",
         "trial",
         "objective" if len(names) == 1 else "objectives",
-        "holdout completeness [95% CI]",
-        "holdout contamination [95% CI]",
-        "holdout AUC",
-        "threshold",
+        *(title for title, _ in columns),
         "epochs (best)",
         "parameters",
         "MLflow run",
     )
     if rows:
-        table.parts.append(_table(header, rows, ("num",) * 8 + ("params", "mono")))
+        table.parts.append(_table(header, rows, ("num",) * (len(columns) + 4) + ("params", "mono")))
         n_complete = len(ranked)
         if n_complete > top:
             table.parts.append(f"<p>{top} of {n_complete} completed trials; <code>tuner trials</code> lists all.</p>")
@@ -737,6 +944,10 @@ class TrialEvidence:
         history: Per-epoch ``train_loss`` / ``val_loss`` (empty when unknown).
         curves: ``{"validation"|"holdout": (is_positive, score)}``; empty when the model could not be had.
         counts: Confusion counts at the frozen threshold, per part.
+        labels: Multilabel: ``{label: {part: (has_label, score)}}``.
+        label_counts: Multilabel: confusion counts at each label's frozen threshold, ``{label: {part: counts}}``.
+        predictions: Regression: ``{part: (true, predicted)}`` in the target's own unit.
+        positive: The class whose scores ``curves`` holds (the first class of a multiclass task without one).
         source: Where the model came from.
         notes: What is missing or approximate, and why.
     """
@@ -745,6 +956,10 @@ class TrialEvidence:
     history: list[dict[str, float]] = field(default_factory=list)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     counts: dict[str, metrics.ConfusionCounts] = field(default_factory=dict)
+    labels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    label_counts: dict[str, dict[str, metrics.ConfusionCounts]] = field(default_factory=dict)
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    positive: str = ""
     source: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -768,27 +983,80 @@ def study_dataset(study: optuna.Study, spec: StudySpec) -> Dataset:
     return dataset
 
 
-def _model_from_mlflow(runs: MlflowRuns, run_id: str, dataset: Dataset, workdir: Path) -> Any:
+def _model_meta(runs: MlflowRuns, run_id: str, dataset: Dataset, workdir: Path) -> dict[str, Any]:
+    """A run's ``model.json``, checked against the study's data: same features, task and labels.
+
+    Raises:
+        DataError: The run's model was trained on other features or labels.
+        TrackingError: The run holds a model of another task, or no readable description.
+    """
     import json
 
     from tuner.errors import DataError, TrackingError
-    from tuner.model import load_state_dict_file, mlp_from_record
-    from tuner.study import MODEL_META_ARTIFACT, WEIGHTS_ARTIFACT
+    from tuner.study import MODEL_META_ARTIFACT
 
-    meta = json.loads(runs.download(run_id, MODEL_META_ARTIFACT, workdir).read_text())
+    try:
+        meta = json.loads(runs.download(run_id, MODEL_META_ARTIFACT, workdir).read_text())
+    except (OSError, ValueError) as exc:
+        raise TrackingError(f"{MODEL_META_ARTIFACT} of run {run_id} cannot be read: {exc}") from None
     if list(meta["feature_names"]) != list(dataset.catalogue.feature_names):
         raise DataError(
             f"data.features: run {run_id} was trained on {meta['feature_names']}, the study's data has "
             f"{list(dataset.catalogue.feature_names)}"
         )
-    n_out = 1 if meta["task"] == "binary" else len(meta["class_names"])
-    net = mlp_from_record(meta["params"], dataset.n_features, n_out)
+    task = meta.get("task", "binary")
+    if task != dataset.task:
+        raise TrackingError(f"run {run_id} holds a {task} model, but the study's task is {dataset.task}")
+    targets = list(dataset.catalogue.target_names)
+    if "target_names" in meta and list(meta["target_names"]) != targets:
+        # The outputs follow the labels' order: another order would mislabel every curve.
+        raise DataError(
+            f"data.target: run {run_id} was trained on {meta['target_names']}, the study's data has {targets}"
+        )
+    return meta
+
+
+def _n_outputs(meta: dict[str, Any]) -> int:
+    """Units of the stored model's last layer; written to model.json for every task but binary and multiclass."""
+    if "n_outputs" in meta:
+        return int(meta["n_outputs"])
+    return 1 if meta.get("task", "binary") == "binary" else len(meta["class_names"])
+
+
+def _model_from_mlflow(runs: MlflowRuns, run_id: str, dataset: Dataset, workdir: Path) -> tuple[Any, dict[str, Any]]:
+    """A trial's network with its restored weights, and its ``model.json``."""
+    from tuner.errors import TrackingError
+    from tuner.model import load_state_dict_file, mlp_from_record
+    from tuner.study import WEIGHTS_ARTIFACT
+
+    meta = _model_meta(runs, run_id, dataset, workdir)
+    net = mlp_from_record(meta["params"], dataset.n_features, _n_outputs(meta))
     weights = runs.download(run_id, WEIGHTS_ARTIFACT, workdir)
     try:
         net.load_state_dict(load_state_dict_file(weights))
     except (RuntimeError, ValueError) as exc:
         raise TrackingError(f"{WEIGHTS_ARTIFACT} of run {run_id} cannot be loaded: {exc}") from None
-    return net
+    return net, meta
+
+
+def _unscale(dataset: Dataset, meta: dict[str, Any] | None) -> Callable[[np.ndarray], np.ndarray]:
+    """Back to the target's unit with the scaling the model was trained with (model.json's, when it has one)."""
+    scaling = (meta or {}).get("target_scaling")
+    if scaling is None:
+        return dataset.unscale
+    mean, std = float(scaling["mean"]), float(scaling["std"])
+    return lambda values: np.asarray(values, dtype=np.float64) * std + mean
+
+
+def _label_thresholds(trial: FrozenTrial, spec: StudySpec, meta: dict[str, Any] | None) -> list[float] | None:
+    """Each label's threshold as the trial recorded it (``threshold_{label}``), else model.json's; None if neither."""
+    recorded = [trial.user_attrs.get(f"threshold_{key}") for _, key in _labels(spec)]
+    if all(t is not None for t in recorded):
+        return [float(t) for t in recorded if t is not None]
+    stored = (meta or {}).get("thresholds")
+    if stored is not None and len(stored) == len(recorded):
+        return [float(t) for t in stored]
+    return None
 
 
 def trial_evidence(
@@ -802,6 +1070,9 @@ def trial_evidence(
     say: Callable[[str], None] | None = None,
 ) -> TrialEvidence:
     """Gather one trial's curves: the model from its MLflow run, else replayed from its seed.
+
+    What is gathered follows the task: a positive class's scores (binary, multiclass), each label's scores
+    (multilabel), or predictions in the target's unit (regression, unit_regression).
 
     Args:
         trial: A completed trial.
@@ -820,11 +1091,12 @@ def trial_evidence(
     ev = TrialEvidence(trial=trial)
     run_id = trial.user_attrs.get("mlflow_run_id")
     model = None
+    meta: dict[str, Any] | None = None
     if runs is not None and run_id:
         try:
             ev.history = runs.epoch_history(run_id, ("train_loss", "val_loss"))
             if dataset is not None:
-                model = _model_from_mlflow(runs, run_id, dataset, workdir / run_id)
+                model, meta = _model_from_mlflow(runs, run_id, dataset, workdir / run_id)
                 ev.source = f"model from MLflow run {run_id}"
         except TunerError as exc:
             ev.notes.append(f"MLflow run {run_id}: {exc}")
@@ -844,18 +1116,44 @@ def trial_evidence(
         ev.notes.append(f"model {ev.source}; figures may differ slightly from the recorded trial")
     if model is None or dataset is None:
         if dataset is not None:
-            ev.notes.append("no model: ROC and completeness curves are not shown")
+            ev.notes.append(f"no model: {_model_figures(spec)} are not shown")
         return ev
     from tuner.train import predict_logits, probabilities
 
+    parts = {"validation": dataset.validation, "holdout": dataset.holdout}
+    outputs = {
+        name: probabilities(predict_logits(model, part.x, spec.train.eval_batch_size), spec.task)
+        .cpu()
+        .numpy()
+        .astype(np.float64)
+        for name, part in parts.items()
+    }
+    if _is_regression(spec):
+        unscale = _unscale(dataset, meta)
+        ev.predictions = {
+            name: (np.asarray(part.y_numpy, dtype=np.float64), unscale(outputs[name][:, 0]))
+            for name, part in parts.items()
+        }
+        return ev
+    if spec.task == "multilabel":
+        thresholds = _label_thresholds(trial, spec, meta)
+        if thresholds is None:
+            ev.notes.append(f"trial {trial.number} has no recorded label thresholds (user attributes 'threshold_*')")
+            return ev
+        for j, ((name, _), cut) in enumerate(zip(_labels(spec), thresholds, strict=True)):
+            ev.labels[name] = {part: (parts[part].y_numpy[:, j] > 0.5, outputs[part][:, j]) for part in parts}
+            ev.label_counts[name] = {
+                part: metrics.confusion_counts(y, score, cut) for part, (y, score) in ev.labels[name].items()
+            }
+        return ev
     threshold = trial.user_attrs.get("threshold")
     if threshold is None:
         ev.notes.append(f"trial {trial.number} has no recorded threshold (user attribute 'threshold')")
         return ev
     pos = dataset.positive_index
-    for part_name, part in (("validation", dataset.validation), ("holdout", dataset.holdout)):
-        probs = probabilities(predict_logits(model, part.x, spec.train.eval_batch_size), spec.task)
-        score = probs[:, pos].numpy().astype(np.float64)
+    ev.positive = dataset.catalogue.class_names[pos]
+    for part_name, part in parts.items():
+        score = outputs[part_name][:, pos]
         y = part.y_numpy == pos
         ev.curves[part_name] = (y, score)
         ev.counts[part_name] = metrics.confusion_counts(y, score, float(threshold))
@@ -863,19 +1161,12 @@ def trial_evidence(
 
 
 def _folds_from_mlflow(runs: MlflowRuns, run_id: str, dataset: Dataset, workdir: Path) -> list[Any]:
-    import json
-
-    from tuner.errors import DataError, TrackingError
+    from tuner.errors import TrackingError
     from tuner.model import load_state_dict_file, mlp_from_record
-    from tuner.study import FOLD_WEIGHTS_ARTIFACT, MODEL_META_ARTIFACT
+    from tuner.study import FOLD_WEIGHTS_ARTIFACT
 
-    meta = json.loads(runs.download(run_id, MODEL_META_ARTIFACT, workdir).read_text())
-    if list(meta["feature_names"]) != list(dataset.catalogue.feature_names):
-        raise DataError(
-            f"data.features: run {run_id} was trained on {meta['feature_names']}, the study's data has "
-            f"{list(dataset.catalogue.feature_names)}"
-        )
-    n_out = 1 if meta["task"] == "binary" else len(meta["class_names"])
+    meta = _model_meta(runs, run_id, dataset, workdir)
+    n_out = _n_outputs(meta)
     models = []
     for i in range(len(dataset.folds)):
         path = FOLD_WEIGHTS_ARTIFACT.format(fold=i)
@@ -933,7 +1224,7 @@ def _fold_evidence(
             ev.source = f"its {k} fold models replayed from seed {seed} on the CPU"
             ev.notes.append(f"models {ev.source}; figures may differ slightly from the recorded trial")
     if cv is None:
-        ev.notes.append("no model: ROC and completeness curves are not shown")
+        ev.notes.append(f"no model: {_model_figures(spec)} are not shown")
         return ev
     ev.notes.append(
         f"a {k}-fold trial: its learning curves are fold 0's; out-of-fold scores stand for validation, and the "
@@ -944,6 +1235,7 @@ def _fold_evidence(
         ev.notes.append(f"trial {trial.number} has no recorded threshold (user attribute 'threshold')")
         return ev
     y_hold = dataset.holdout.y_numpy == dataset.positive_index
+    ev.positive = dataset.catalogue.class_names[dataset.positive_index]
     ev.curves = {
         "out-of-fold": (cv.oof_labels, cv.evaluation.val_scores),
         "holdout": (y_hold, cv.evaluation.holdout_scores),
@@ -952,7 +1244,122 @@ def _fold_evidence(
     return ev
 
 
-def _trial_column(ev: TrialEvidence, role: str, spec: StudySpec, names: list[str]) -> str:
+def _holdout_facts(a: dict[str, Any], spec: StudySpec, classes: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The trial's recorded validation and holdout figures for the facts table of its column."""
+    if _is_regression(spec):
+        return [
+            ("validation MAE, RMSE, R²", ", ".join(_num(a.get(f"val_{m}")) for m in ("mae", "rmse", "r2"))),
+            ("holdout MAE [95% bootstrap CI]", _ci(a, "holdout_mae")),
+            ("holdout RMSE [95% bootstrap CI]", _ci(a, "holdout_rmse")),
+            ("holdout R² [95% bootstrap CI]", _ci(a, "holdout_r2")),
+        ]
+    if spec.task == "multilabel":
+        return [
+            ("holdout completeness, macro over labels", _num(a.get("holdout_completeness"))),
+            ("holdout contamination, macro over labels", _num(a.get("holdout_contamination"))),
+            ("holdout AUC, macro over labels", _num(a.get("holdout_auc"))),
+        ]
+    facts = [
+        ("threshold (frozen on validation)", _num(a.get("threshold"))),
+        ("holdout completeness", _ci(a, "holdout_completeness")),
+        ("holdout contamination", _ci(a, "holdout_contamination")),
+    ]
+    if classes and "holdout_macro_completeness" in a:
+        facts += [
+            ("holdout accuracy", _num(a.get("holdout_accuracy"))),
+            (
+                "holdout completeness, contamination, macro over classes",
+                f"{_num(a.get('holdout_macro_completeness'))}, {_num(a.get('holdout_macro_contamination'))}",
+            ),
+        ]
+    return facts
+
+
+def _per_name_table(a: dict[str, Any], names: Sequence[tuple[str, str]], kind: str) -> str:
+    """The recorded figures of each label (``kind`` "label", with its threshold and AUC) or class (``kind`` "class"):
+    validation, and holdout with 95% Wilson intervals."""
+    rows = []
+    for name, key in names:
+        row: list[Any] = [name]
+        if kind == "label":
+            row.append(_num(a.get(f"threshold_{key}")))
+        row += [
+            _num(a.get(f"val_completeness_{key}")),
+            _num(a.get(f"val_contamination_{key}")),
+            _ci(a, f"holdout_completeness_{key}"),
+            _ci(a, f"holdout_contamination_{key}"),
+        ]
+        if kind == "label":
+            row.append(_num(a.get(f"holdout_auc_{key}")))
+        rows.append(row)
+    header = [kind]
+    if kind == "label":
+        header.append("threshold")
+    header += [
+        "validation completeness",
+        "validation contamination",
+        "holdout completeness [95% CI]",
+        "holdout contamination [95% CI]",
+    ]
+    if kind == "label":
+        header.append("holdout AUC")
+    return _table(header, rows, ("",) + ("num",) * (len(header) - 1))
+
+
+def _counts_rows(counts: dict[str, metrics.ConfusionCounts]) -> list[tuple[Any, ...]]:
+    return [
+        (part, c.tp, c.fp, c.tn, c.fn, _num(metrics.completeness(c)), _num(metrics.contamination(c)))
+        for part, c in counts.items()
+    ]
+
+
+_COUNTS_HEADER = ("part", "TP", "FP", "TN", "FN", "completeness", "contamination")
+
+
+def _model_figures_html(ev: TrialEvidence, spec: StudySpec, key: str, label: str) -> list[str]:
+    """The figures and tables drawn from the trial's model, for its column."""
+    out = []
+    if ev.predictions:
+        from tuner import regression
+
+        target = spec.data.targets[0]
+        fig = prediction_figure(ev.predictions, target, f"{label}: predicted vs true {target}")
+        out.append(figure_div(fig, f"fig-{key}-predicted", 420))
+        rows = [
+            (part, len(y), _num(regression.mae(y, p)), _num(regression.rmse(y, p)), _num(regression.r2(y, p)))
+            for part, (y, p) in ev.predictions.items()
+        ]
+        out.append(f"<p>The model's figures, in {_esc(target)}'s unit:</p>")
+        out.append(_table(("part", "rows", "MAE", "RMSE", "R²"), rows, ("", "num", "num", "num", "num")))
+    if ev.labels:
+        points = {
+            name: {part: (metrics.completeness(c), metrics.contamination(c)) for part, c in counts.items()}
+            for name, counts in ev.label_counts.items()
+        }
+        out.append(figure_div(label_roc_figure(ev.labels, f"{label}: ROC per label"), f"fig-{key}-roc", 420))
+        ce = label_completeness_efficiency_figure(
+            ev.labels, points, spec.objective.target_contamination, f"{label}: completeness vs efficiency per label"
+        )
+        out.append(figure_div(ce, f"fig-{key}-ce", 420))
+        rows = [(name, *row) for name, counts in ev.label_counts.items() for row in _counts_rows(counts)]
+        out.append("<p>Confusion counts at each label's frozen threshold:</p>")
+        out.append(_table(("label", *_COUNTS_HEADER), rows, ("", "", "num", "num", "num", "num", "num", "num")))
+    if ev.curves:
+        points_at = {part: (metrics.completeness(c), metrics.contamination(c)) for part, c in ev.counts.items()}
+        out.append(figure_div(roc_figure(ev.curves, f"{label}: ROC"), f"fig-{key}-roc", 380))
+        ce = completeness_efficiency_figure(
+            ev.curves, points_at, spec.objective.target_contamination, f"{label}: completeness vs efficiency"
+        )
+        out.append(figure_div(ce, f"fig-{key}-ce", 380))
+        positive = ev.positive or spec.data.positive
+        out.append(f"<p>Confusion counts at the frozen threshold (positive = {_esc(positive)}):</p>")
+        out.append(_table(_COUNTS_HEADER, _counts_rows(ev.counts), ("", "num", "num", "num", "num", "num", "num")))
+    return out
+
+
+def _trial_column(
+    ev: TrialEvidence, role: str, spec: StudySpec, names: list[str], classes: Sequence[tuple[str, str]] = ()
+) -> str:
     t = ev.trial
     a = t.user_attrs
     key = f"{role}-{t.number}"
@@ -960,23 +1367,16 @@ def _trial_column(ev: TrialEvidence, role: str, spec: StudySpec, names: list[str
     facts = [
         (", ".join(names), ", ".join(_num(v, 5) for v in t.values)),
         ("parameters", _params_text(t, spec)),
-        ("threshold (frozen on validation)", _num(a.get("threshold"))),
-        (
-            "holdout completeness",
-            f"{_num(a.get('holdout_completeness'))} "
-            f"[{_num(a.get('holdout_completeness_low'))}, {_num(a.get('holdout_completeness_high'))}]",
-        ),
-        (
-            "holdout contamination",
-            f"{_num(a.get('holdout_contamination'))} "
-            f"[{_num(a.get('holdout_contamination_low'))}, {_num(a.get('holdout_contamination_high'))}]",
-        ),
+        *_holdout_facts(a, spec, classes),
         ("epochs (best)", f"{a.get('epochs', '–')} ({a.get('best_epoch', '–')}); {a.get('stop_reason', '')}"),
         ("MLflow run", a.get("mlflow_run_id", "–")),
     ]
     if ev.source:
         facts.append(("curves from", ev.source))
     out.append(_table(None, facts, ("key", "", "")))
+    if spec.task == "multilabel":
+        out.append("<p>Each label's threshold is chosen on validation for the target contamination:</p>")
+        out.append(_per_name_table(a, _labels(spec), "label"))
     out += [f'<p class="note">{_esc(n)}</p>' for n in ev.notes]
     label = f"trial {t.number}"
     out.append(
@@ -992,33 +1392,10 @@ def _trial_column(ev: TrialEvidence, role: str, spec: StudySpec, names: list[str
             380,
         )
     )
-    if ev.curves:
-        points = {part: (metrics.completeness(c), metrics.contamination(c)) for part, c in ev.counts.items()}
-        out.append(figure_div(roc_figure(ev.curves, f"{label}: ROC"), f"fig-{key}-roc", 380))
-        ce = completeness_efficiency_figure(
-            ev.curves, points, spec.objective.target_contamination, f"{label}: completeness vs efficiency"
-        )
-        out.append(figure_div(ce, f"fig-{key}-ce", 380))
-        rows = [
-            (
-                part,
-                c.tp,
-                c.fp,
-                c.tn,
-                c.fn,
-                _num(metrics.completeness(c)),
-                _num(metrics.contamination(c)),
-            )
-            for part, c in ev.counts.items()
-        ]
-        out.append("<p>Confusion counts at the frozen threshold (positive = " + _esc(spec.data.positive) + "):</p>")
-        out.append(
-            _table(
-                ("part", "TP", "FP", "TN", "FN", "completeness", "contamination"),
-                rows,
-                ("", "num", "num", "num", "num", "num", "num"),
-            )
-        )
+    out += _model_figures_html(ev, spec, key, label)
+    if classes and "holdout_macro_completeness" in a:
+        out.append("<p>Each class, every row given to its most probable class (no threshold):</p>")
+        out.append(_per_name_table(a, classes, "class"))
     out.append("</div>")
     return "\n".join(out)
 
@@ -1032,7 +1409,9 @@ def comparison_section(
     dataset: Dataset | None = None,
     say: Callable[[str], None] | None = None,
 ) -> tuple[Section, list[str]]:
-    """The best trial and the runner-up side by side: learning curves, ROC, completeness vs efficiency.
+    """The best trial and the runner-up side by side: learning curves and what their models do on validation and
+    the holdout (ROC and completeness vs efficiency, per label for a multilabel task; predicted against true values
+    for a regression), beside their recorded holdout figures.
 
     Arguments are :func:`build_report`'s.
 
@@ -1058,7 +1437,7 @@ def comparison_section(
             hint = ""
             if spec.data_path() is not None and not Path(spec.data.source).is_absolute():
                 hint = f" ({spec.data.source} is relative: give the study file rather than the study's name)"
-            found.append(f"ROC and completeness curves left out: {exc}{hint}")
+            found.append(f"{_model_figures(spec)} left out: {exc}{hint}")
     runs = None
     if spec.tracking.enabled or tracking_uri:
         try:
@@ -1066,15 +1445,28 @@ def comparison_section(
         except TunerError as exc:
             found.append(f"MLflow not read: {exc}")
     names = objective_names(study, spec)
+    classes = _per_class(study, spec)
     columns = []
     with tempfile.TemporaryDirectory(prefix="tuner-report-") as tmp:
         for role, trial in zip(("best", "runner-up"), leaders, strict=False):
             ev = trial_evidence(trial, spec, dataset, runs, replay=replay, workdir=Path(tmp), say=say)
-            columns.append(_trial_column(ev, role, spec, names))
+            columns.append(_trial_column(ev, role, spec, names, classes))
     for text in found:
         section.note(text)
     section.parts.append('<div class="pair">' + "\n".join(columns) + "</div>")
     return section, found
+
+
+def _footer(spec: StudySpec) -> str:
+    """How the report's holdout figures came about, for the page's foot."""
+    if _is_regression(spec):
+        return (
+            "Validation ranks the trials; the holdout only measures them (MAE, RMSE and R² with 95% bootstrap "
+            "intervals)."
+        )
+    if spec.task == "multilabel":
+        return "Validation picks each label's threshold; the holdout only measures it (95% Wilson intervals)."
+    return "Validation picks each trial's threshold; the holdout only measures it (95% Wilson intervals)."
 
 
 def build_report(
@@ -1127,7 +1519,7 @@ def build_report(
 <p class="sub">tuner {__version__} report, generated {_esc(when)}</p>
 <nav>{nav}</nav>
 {"".join(s.html() for s in sections)}
-<footer>Validation picks each trial's threshold; the holdout only measures it (95% Wilson intervals).</footer>
+<footer>{_esc(_footer(spec))}</footer>
 </body></html>
 """
     return Report(html=page, warnings=found)
@@ -1193,11 +1585,85 @@ TRIAL_METRICS = (
 )
 
 
+#: A regression's figures in ``tuner trials``: validation, then the holdout with 95% bootstrap intervals.
+REGRESSION_METRICS = (
+    "val_mae",
+    "val_rmse",
+    "val_r2",
+    *(f"holdout_{m}{end}" for m in ("mae", "rmse", "r2") for end in ("", "_low", "_high")),
+)
+#: A multilabel task's macro figures (means over labels) in ``tuner trials``; each label's follow.
+MULTILABEL_METRICS = (
+    "holdout_completeness",
+    "holdout_contamination",
+    "holdout_auc",
+    "val_completeness",
+    "val_contamination",
+    "val_auc",
+    "val_ap",
+)
+#: A multiclass task's figures over all classes, after :data:`TRIAL_METRICS`; each class's follow.
+MULTICLASS_METRICS = (
+    "holdout_accuracy",
+    "holdout_macro_completeness",
+    "holdout_macro_contamination",
+    "val_accuracy",
+    "val_macro_completeness",
+    "val_macro_contamination",
+)
+#: Search-space parameters that only studies setting them get a column for (they are None otherwise).
+_TASK_PARAMS = ("loss", "huber_delta", "l1")
+
+
+def trial_metric_columns(study: optuna.Study, spec: StudySpec) -> list[str]:
+    """The figures ``tuner trials`` reports for the study's task, in order (see :func:`trials_frame`)."""
+    if _is_regression(spec):
+        return list(REGRESSION_METRICS)
+    columns: list[str] = []
+    if spec.task == "multilabel":
+        columns += MULTILABEL_METRICS
+        for _, key in _labels(spec):
+            columns += [
+                f"threshold_{key}",
+                *(
+                    f"holdout_{w}_{key}{end}"
+                    for w in ("completeness", "contamination")
+                    for end in ("", "_low", "_high")
+                ),
+                f"holdout_auc_{key}",
+                f"val_completeness_{key}",
+                f"val_contamination_{key}",
+                f"val_auc_{key}",
+            ]
+        return columns
+    columns += TRIAL_METRICS
+    classes = _per_class(study, spec)
+    if classes:
+        columns += MULTICLASS_METRICS
+        for _, key in classes:
+            columns += [
+                *(
+                    f"holdout_{w}_{key}{end}"
+                    for w in ("completeness", "contamination")
+                    for end in ("", "_low", "_high")
+                ),
+                f"val_completeness_{key}",
+                f"val_contamination_{key}",
+            ]
+    return columns
+
+
 def trials_frame(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
     """Every trial as one row: number, state, objective(s), parameters, holdout figures, epochs, stop reason, run.
 
     Parameters use the names read in MLflow (``batch_size``, not ``log2_batch_size``; ``widths`` as ``64-32``
-    and one ``n_units_lN`` per possible layer, 0 where absent), so every row has the same columns.
+    and one ``n_units_lN`` per possible layer, 0 where absent), so every row has the same columns; a regression's
+    ``loss``, Huber's ``huber_delta`` and ``l1`` only when the search space sets them.
+
+    The figures follow the task: :data:`TRIAL_METRICS` for a positive class (binary, multiclass; a multiclass study
+    adds accuracy and each class's completeness and contamination), :data:`REGRESSION_METRICS` for the regressions,
+    macro figures and each label's threshold and figures for a multilabel task (keys from
+    :func:`tuner.evaluation.label_key`).
 
     Args:
         study: The study.
@@ -1215,14 +1681,19 @@ def trials_frame(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
     n_max = max_layers(spec.search_space)
     names = objective_names(study, spec)
     objective_cols = ["objective"] if len(names) == 1 else [f"objective_{n}" for n in names]
-    param_cols = [f.name for f in dataclasses.fields(TrialParams)] + [f"n_units_l{i}" for i in range(n_max)]
+    space = spec.search_space
+    set_here = {"loss": space.loss is not None, "huber_delta": not space.huber_delta.off, "l1": not space.l1.off}
+    fields = [f.name for f in dataclasses.fields(TrialParams) if f.name not in _TASK_PARAMS or set_here[f.name]]
+    unit_cols = [f"n_units_l{i}" for i in range(n_max)]
+    param_cols = fields + unit_cols
+    metric_cols = trial_metric_columns(study, spec)
     columns = [
         "number",
         "state",
         *objective_cols,
         "last_reported",
         *param_cols,
-        *TRIAL_METRICS,
+        *metric_cols,
         "epochs",
         "best_epoch",
         "gradient_health",
@@ -1243,8 +1714,8 @@ def trials_frame(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
             row[col] = values[i] if i < len(values) else None
         params = trial_params(t, spec)
         if params is not None:
-            row.update(params.as_record(n_max))
-        for key in (*TRIAL_METRICS, "epochs", "best_epoch", "gradient_health", "mlflow_run_id"):
+            row.update({k: v for k, v in params.as_record(n_max).items() if k in param_cols})
+        for key in (*metric_cols, "epochs", "best_epoch", "gradient_health", "mlflow_run_id"):
             row[key] = a.get(key)
         # A failed trial's own reason first: its stop_reason may be the (normal) end of training before it.
         row["stop_reason"] = a.get("fail_reason") or a.get("stop_reason") or ""
@@ -1255,15 +1726,16 @@ def trials_frame(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
     for col in (
         *objective_cols,
         "last_reported",
-        *TRIAL_METRICS,
+        *metric_cols,
         "lr",
         "momentum",
         "dropout",
         "weight_decay",
+        *(c for c in ("huber_delta", "l1") if c in fields),
         "duration_s",
     ):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
-    for col in ("epochs", "best_epoch", "n_layers", "batch_size", *param_cols[len(dataclasses.fields(TrialParams)) :]):
+    for col in ("epochs", "best_epoch", "n_layers", "batch_size", *unit_cols):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
     frame["batch_norm"] = frame["batch_norm"].astype("boolean")
     return frame
@@ -1301,13 +1773,23 @@ def trials_table(frame: pd.DataFrame, title: str) -> Any:
     from rich.text import Text
 
     objective_cols = [c for c in frame.columns if c == "objective" or c.startswith("objective_")]
+    # The holdout figures the frame has: a regression's errors, else completeness and contamination (a multilabel
+    # frame has no single threshold: its figures are macro averages over the labels).
+    if "holdout_rmse" in frame.columns:
+        shown = [("holdout MAE", "holdout_mae"), ("holdout RMSE", "holdout_rmse"), ("holdout R²", "holdout_r2")]
+    elif "threshold" not in frame.columns:
+        shown = [
+            ("holdout compl. (macro)", "holdout_completeness"),
+            ("holdout contam. (macro)", "holdout_contamination"),
+        ]
+    else:
+        shown = [("holdout compl.", "holdout_completeness"), ("holdout contam.", "holdout_contamination")]
     table = Table(title=title, title_justify="left")
     for name, justify in (
         ("#", "right"),
         ("state", "left"),
         *((c, "right") for c in objective_cols),
-        ("holdout compl.", "right"),
-        ("holdout contam.", "right"),
+        *((heading, "right") for heading, _ in shown),
         ("epochs", "right"),
         ("gradients", "left"),
         ("parameters", "left"),
@@ -1333,8 +1815,7 @@ def trials_table(frame: pd.DataFrame, title: str) -> Any:
             Text(str(r["number"])),
             Text(r["state"]),
             *(cell(r[c]) for c in objective_cols),
-            cell(r["holdout_completeness"]),
-            cell(r["holdout_contamination"]),
+            *(cell(r[col]) for _, col in shown),
             cell(r["epochs"]),
             Text(r["gradient_health"] if isinstance(r["gradient_health"], str) else "–"),
             Text(params),
