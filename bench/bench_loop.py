@@ -99,7 +99,7 @@ from tuner.config import StudySpec, spec_from_dict
 from tuner.data.dataset import Dataset, build_dataset
 from tuner.metrics import choose_operating_point
 from tuner.model import build_mlp
-from tuner.space import TrialParams, suggest
+from tuner.space import OPTIONAL_PARAMS, TrialParams, suggest
 from tuner.train import make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,8 +168,7 @@ def draw_trials(spec: StudySpec, batch_sizes: Sequence[int], seed: int) -> list[
 def enqueue_entry(params: TrialParams) -> dict[str, Any]:
     """A warm-start entry in the names users write (study.enqueue / run_study(enqueue=...))."""
     entry = {**params.__dict__, "widths": list(params.widths)}
-    entry.pop("max_grad_norm")
-    return entry
+    return {k: v for k, v in entry.items() if not (k in OPTIONAL_PARAMS and v is None)}
 
 
 def describe(params: TrialParams) -> str:

@@ -426,3 +426,13 @@ def test_validation_scoring_for_pruning_is_in_the_targets_unit(table):
     standardised = dataset.validation.y.numpy()[:, None]
     assert score(standardised)["val_objective"] < 1e-3  # a perfect prediction, once unscaled
     assert fit_config(spec, dataset).task == "regression"
+
+
+def test_a_warm_start_entry_may_say_null_for_parameters_the_space_leaves_out():
+    from tuner.config import SearchSpace
+    from tuner.space import enqueue_params
+
+    _, problems = enqueue_params(SearchSpace(), {"lr": 0.01, "l1": None, "loss": None, "huber_delta": None}, "e")
+    assert problems == []
+    _, problems = enqueue_params(SearchSpace(), {"l1": 0.1}, "e")
+    assert problems == ["e.l1: search_space.l1 is off (null), got 0.1"]

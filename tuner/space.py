@@ -171,7 +171,8 @@ def enqueue_params(space: SearchSpace, entry: dict[str, Any], where: str) -> tup
 
     def check(name: str, value: Any, p: FloatParam | IntParam | ChoiceParam | None, optuna_name: str) -> None:
         if p is None or (isinstance(p, OptionalFloatParam) and p.off):
-            problems.append(f"{where}.{name}: search_space.{name} is off (null), got {value!r}")
+            if value is not None:  # null agrees with a parameter the space leaves out
+                problems.append(f"{where}.{name}: search_space.{name} is off (null), got {value!r}")
             return
         if isinstance(p, ChoiceParam):
             if value not in p.options:
