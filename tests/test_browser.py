@@ -125,6 +125,34 @@ def test_report_renders_every_section_and_figure_without_js_errors(chromium, sma
     keep(shot)
 
 
+def test_a_trials_plots_render_with_their_marked_lines(chromium, tmp_path):
+    """A trial's plots are written from plain figure specs, without plotly's validation: the browser is the check."""
+    import numpy as np
+
+    from tuner.report import regression_artifacts, trial_artifacts
+
+    rng = np.random.default_rng(0)
+    history = [{"train_loss": 1.0 / (e + 1), "val_loss": 1.2 / (e + 1)} for e in range(6)]
+    y, score = rng.random(300) < 0.2, rng.random(300)
+    pages = {
+        **trial_artifacts(history, 3, {"holdout": (y, score)}, {"holdout": (0.8, 0.1)}, 0.1, "t", "embed"),
+        **regression_artifacts(history, 3, {"holdout": (score, score + 0.1)}, "z", "t", "embed"),
+    }
+    assert len(pages) == 4
+    doms = {}
+    for name, text in pages.items():
+        page = tmp_path / name.replace("/", "_")
+        page.write_text(text)
+        profile = tmp_path / f"profile-{page.stem}"
+        doms[name], stderr = headless(chromium, page.as_uri(), profile, "--virtual-time-budget=5000", "--dump-dom")
+        assert not console_errors(stderr), (name, console_errors(stderr))
+        assert "js-plotly-plot" in doms[name] and 'class="main-svg"' in doms[name], name
+    # The marked lines are drawn with their labels: the restored epoch, the target efficiency.
+    assert "restored epoch 3" in doms["plots/learning_curves.html"]
+    assert "target efficiency" in doms["plots/completeness_efficiency.html"]
+    assert "holdout (AUC" in doms["plots/roc.html"] and "holdout (RMSE" in doms["plots/predicted_vs_true.html"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -27,6 +27,7 @@ import numpy as np
 import optuna
 import plotly.colors
 import plotly.graph_objects as go
+import plotly.io as pio
 
 from tuner import metrics
 from tuner.errors import ConfigError, TunerError
@@ -42,13 +43,65 @@ if TYPE_CHECKING:
 IncludeJs = Literal["cdn", "embed"]
 
 
-def _html(fig: go.Figure, plotlyjs: IncludeJs) -> str:
-    if plotlyjs != "cdn":
+def _html(fig: go.Figure | dict[str, Any], plotlyjs: IncludeJs) -> str:
+    """A figure as a full HTML page: a Figure, or the plain ``{"data", "layout"}`` spec it serialises to."""
+    if isinstance(fig, dict):
+        # A plain spec is written without plotly's validation, which costs more than the rest of a trial's
+        # plotting (about 10 ms a figure); the specs here are built to plotly's schema and tested through
+        # go.Figure, which does validate them.
+        spec = {**fig, "layout": {**fig.get("layout", {})}}
+        template = spec["layout"].get("template")
+        if isinstance(template, str):
+            spec["layout"]["template"] = _template(template)
+        page = str(pio.to_html(spec, full_html=True, include_plotlyjs=plotlyjs != "cdn", validate=False))
+    elif plotlyjs != "cdn":
         return str(fig.to_html(full_html=True, include_plotlyjs=True))
+    else:
+        page = str(fig.to_html(full_html=True, include_plotlyjs=False))
+    if plotlyjs != "cdn":
+        return page
     # plotly hashes its bundled plotly.js for the CDN tag's integrity attribute on every call (about 20 ms, most
     # of a trial's plotting time): make the tag once and put it where plotly would.
-    page = str(fig.to_html(full_html=True, include_plotlyjs=False))
     return page.replace("<body>", f"<body>\n{_cdn_script_tag()}", 1)
+
+
+@functools.cache
+def _template(name: str) -> dict[str, Any]:
+    return dict(pio.templates[name].to_plotly_json())
+
+
+def _vline(x: float, text: str) -> dict[str, list[dict[str, Any]]]:
+    """A dashed vertical line across the plot at ``x`` with a label at its top (plotly's add_vline, as layout)."""
+    return {
+        "shapes": [
+            {
+                "type": "line",
+                "x0": x,
+                "x1": x,
+                "xref": "x",
+                "y0": 0,
+                "y1": 1,
+                "yref": "y domain",
+                "line": {"dash": "dash"},
+            }
+        ],
+        "annotations": [
+            {
+                "x": x,
+                "xref": "x",
+                "y": 1,
+                "yref": "y domain",
+                "text": text,
+                "showarrow": False,
+                "xanchor": "left",
+                "yanchor": "top",
+            }
+        ],
+    }
+
+
+def _scatter(**trace: Any) -> dict[str, Any]:
+    return {"type": "scatter", **trace}
 
 
 @functools.cache
@@ -60,14 +113,14 @@ def _cdn_script_tag() -> str:
     return match.group(0)
 
 
-def learning_curves(
+def learning_curves_spec(
     history: list[dict[str, float]],
     best_epoch: int | None,
     title: str,
     objective: dict[int, float] | None = None,
     objective_name: str = "validation objective",
-) -> go.Figure:
-    """Training and validation loss per epoch, with the restored (best) epoch marked.
+) -> dict[str, Any]:
+    """Training and validation loss per epoch, with the restored (best) epoch marked, as a plain figure spec.
 
     Args:
         history: One mapping per epoch with ``train_loss`` and ``val_loss``.
@@ -77,48 +130,101 @@ def learning_curves(
         objective_name: Its label.
 
     Returns:
-        The figure.
+        The figure's ``{"data", "layout"}``; :func:`learning_curves` gives it as a Figure.
     """
-    fig = go.Figure()
     epochs = list(range(len(history)))
-    for key, name in (("train_loss", "training loss"), ("val_loss", "validation loss")):
-        fig.add_scatter(x=epochs, y=[h.get(key) for h in history], mode="lines+markers", name=name)
+    data = [
+        _scatter(x=epochs, y=[h.get(key) for h in history], mode="lines+markers", name=name)
+        for key, name in (("train_loss", "training loss"), ("val_loss", "validation loss"))
+    ]
+    layout: dict[str, Any] = {
+        "title": {"text": title},
+        "xaxis": {"title": {"text": "epoch"}},
+        "yaxis": {"title": {"text": "loss"}},
+        "template": "plotly_white",
+    }
     if objective:
         steps = sorted(objective)
-        fig.add_scatter(
-            x=steps,
-            y=[objective[s] for s in steps],
-            mode="lines+markers",
-            name=objective_name,
-            yaxis="y2",
-            line={"dash": "dot"},
+        data.append(
+            _scatter(
+                x=steps,
+                y=[objective[s] for s in steps],
+                mode="lines+markers",
+                name=objective_name,
+                yaxis="y2",
+                line={"dash": "dot"},
+            )
         )
-        fig.update_layout(
-            yaxis2={"title": objective_name, "overlaying": "y", "side": "right", "showgrid": False},
-            # Beside the plot the legend would cover the second axis: put it underneath.
-            legend={"orientation": "h", "yanchor": "top", "y": -0.22, "x": 0},
-        )
+        layout["yaxis2"] = {"title": {"text": objective_name}, "overlaying": "y", "side": "right", "showgrid": False}
+        # Beside the plot the legend would cover the second axis: put it underneath.
+        layout["legend"] = {"orientation": "h", "yanchor": "top", "y": -0.22, "x": 0}
     if best_epoch is not None:
-        fig.add_vline(x=best_epoch, line_dash="dash", annotation_text=f"restored epoch {best_epoch}")
-    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="loss", template="plotly_white")
-    return fig
+        layout.update(_vline(best_epoch, f"restored epoch {best_epoch}"))
+    return {"data": data, "layout": layout}
 
 
-def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> go.Figure:
-    """ROC curves (one per data part), from ``{part: (y_true, score)}``."""
-    fig = go.Figure()
+def learning_curves(
+    history: list[dict[str, float]],
+    best_epoch: int | None,
+    title: str,
+    objective: dict[int, float] | None = None,
+    objective_name: str = "validation objective",
+) -> go.Figure:
+    """:func:`learning_curves_spec` as a Figure."""
+    return go.Figure(learning_curves_spec(history, best_epoch, title, objective, objective_name))
+
+
+def roc_spec(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> dict[str, Any]:
+    """ROC curves (one per data part), from ``{part: (y_true, score)}``, as a plain figure spec."""
+    data = []
     for part, (y, score) in curves.items():
         fpr, tpr, _ = metrics.roc_points(y, score)
         auc = metrics.roc_auc(y, score)
-        fig.add_scatter(x=fpr, y=tpr, mode="lines", name=f"{part} (AUC {auc:.4f})")
-    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"}, name="chance")
-    fig.update_layout(
-        title=title,
-        xaxis_title="false positive rate",
-        yaxis_title="true positive rate (completeness)",
-        template="plotly_white",
-    )
-    return fig
+        data.append(_scatter(x=fpr, y=tpr, mode="lines", name=f"{part} (AUC {auc:.4f})"))
+    data.append(_scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"}, name="chance"))
+    layout = {
+        "title": {"text": title},
+        "xaxis": {"title": {"text": "false positive rate"}},
+        "yaxis": {"title": {"text": "true positive rate (completeness)"}},
+        "template": "plotly_white",
+    }
+    return {"data": data, "layout": layout}
+
+
+def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> go.Figure:
+    """:func:`roc_spec` as a Figure."""
+    return go.Figure(roc_spec(curves, title))
+
+
+def completeness_efficiency_spec(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    points: dict[str, tuple[float, float]],
+    target_contamination: float,
+    title: str,
+) -> dict[str, Any]:
+    """Completeness against efficiency (1 - contamination), the frozen operating point marked on each part."""
+    data = []
+    for part, (y, score) in curves.items():
+        _, comp, eff = metrics.completeness_efficiency_curve(y, score)
+        data.append(_scatter(x=eff, y=comp, mode="lines", name=part))
+    for part, (comp_at, cont_at) in points.items():
+        data.append(
+            _scatter(
+                x=[1 - cont_at],
+                y=[comp_at],
+                mode="markers",
+                marker={"size": 12, "symbol": "x"},
+                name=f"{part} at frozen threshold",
+            )
+        )
+    layout = {
+        "title": {"text": title},
+        "xaxis": {"title": {"text": "efficiency (1 - contamination)"}},
+        "yaxis": {"title": {"text": "completeness"}},
+        "template": "plotly_white",
+        **_vline(1 - target_contamination, "target efficiency"),
+    }
+    return {"data": data, "layout": layout}
 
 
 def completeness_efficiency_figure(
@@ -127,24 +233,8 @@ def completeness_efficiency_figure(
     target_contamination: float,
     title: str,
 ) -> go.Figure:
-    """Completeness against efficiency (1 - contamination), the frozen operating point marked on each part."""
-    fig = go.Figure()
-    for part, (y, score) in curves.items():
-        _, comp, eff = metrics.completeness_efficiency_curve(y, score)
-        fig.add_scatter(x=eff, y=comp, mode="lines", name=part)
-    for part, (comp_at, cont_at) in points.items():
-        fig.add_scatter(
-            x=[1 - cont_at],
-            y=[comp_at],
-            mode="markers",
-            marker={"size": 12, "symbol": "x"},
-            name=f"{part} at frozen threshold",
-        )
-    fig.add_vline(x=1 - target_contamination, line_dash="dash", annotation_text="target efficiency")
-    fig.update_layout(
-        title=title, xaxis_title="efficiency (1 - contamination)", yaxis_title="completeness", template="plotly_white"
-    )
-    return fig
+    """:func:`completeness_efficiency_spec` as a Figure."""
+    return go.Figure(completeness_efficiency_spec(curves, points, target_contamination, title))
 
 
 #: How a data part's curve is drawn when each label has a colour of its own.
@@ -230,32 +320,42 @@ def trial_artifacts(
     """The three HTML plots of a finished trial, keyed by artifact path."""
     return {
         "plots/learning_curves.html": _html(
-            learning_curves(history, best_epoch, f"{label}: learning curves"), plotlyjs
+            learning_curves_spec(history, best_epoch, f"{label}: learning curves"), plotlyjs
         ),
         **_score_plots(curves, points, target_contamination, label, plotlyjs),
     }
 
 
-def prediction_figure(parts: dict[str, tuple[np.ndarray, np.ndarray]], target: str, title: str) -> go.Figure:
+def prediction_spec(parts: dict[str, tuple[np.ndarray, np.ndarray]], target: str, title: str) -> dict[str, Any]:
     """Predicted against true values per data part, the diagonal marked: a regression's residuals at a glance."""
-    fig = go.Figure()
+    data = []
     low, high = math.inf, -math.inf
     for part, (y, predicted) in parts.items():
         rmse = float(np.sqrt(np.mean((np.asarray(y) - np.asarray(predicted)) ** 2))) if len(y) else math.nan
-        fig.add_scatter(
-            x=y, y=predicted, mode="markers", marker={"size": 4, "opacity": 0.5}, name=f"{part} (RMSE {rmse:.4g})"
+        data.append(
+            _scatter(
+                x=y, y=predicted, mode="markers", marker={"size": 4, "opacity": 0.5}, name=f"{part} (RMSE {rmse:.4g})"
+            )
         )
         if len(y):
             low = min(low, float(np.min(y)), float(np.min(predicted)))
             high = max(high, float(np.max(y)), float(np.max(predicted)))
     if math.isfinite(low):
-        fig.add_scatter(
-            x=[low, high], y=[low, high], mode="lines", line={"dash": "dot", "color": "grey"}, name="perfect"
+        data.append(
+            _scatter(x=[low, high], y=[low, high], mode="lines", line={"dash": "dot", "color": "grey"}, name="perfect")
         )
-    fig.update_layout(
-        title=title, xaxis_title=f"true {target}", yaxis_title=f"predicted {target}", template="plotly_white"
-    )
-    return fig
+    layout = {
+        "title": {"text": title},
+        "xaxis": {"title": {"text": f"true {target}"}},
+        "yaxis": {"title": {"text": f"predicted {target}"}},
+        "template": "plotly_white",
+    }
+    return {"data": data, "layout": layout}
+
+
+def prediction_figure(parts: dict[str, tuple[np.ndarray, np.ndarray]], target: str, title: str) -> go.Figure:
+    """:func:`prediction_spec` as a Figure."""
+    return go.Figure(prediction_spec(parts, target, title))
 
 
 def regression_artifacts(
@@ -269,10 +369,10 @@ def regression_artifacts(
     """The HTML plots of a finished regression trial: learning curves and predicted against true values."""
     return {
         "plots/learning_curves.html": _html(
-            learning_curves(history, best_epoch, f"{label}: learning curves"), plotlyjs
+            learning_curves_spec(history, best_epoch, f"{label}: learning curves"), plotlyjs
         ),
         "plots/predicted_vs_true.html": _html(
-            prediction_figure(parts, target, f"{label}: predicted vs true {target}"), plotlyjs
+            prediction_spec(parts, target, f"{label}: predicted vs true {target}"), plotlyjs
         ),
     }
 
@@ -286,11 +386,9 @@ def _score_plots(
 ) -> dict[str, str]:
     """ROC and completeness vs efficiency of a trial's scores, keyed by artifact path."""
     return {
-        "plots/roc.html": _html(roc_figure(curves, f"{label}: ROC"), plotlyjs),
+        "plots/roc.html": _html(roc_spec(curves, f"{label}: ROC"), plotlyjs),
         "plots/completeness_efficiency.html": _html(
-            completeness_efficiency_figure(
-                curves, points, target_contamination, f"{label}: completeness vs efficiency"
-            ),
+            completeness_efficiency_spec(curves, points, target_contamination, f"{label}: completeness vs efficiency"),
             plotlyjs,
         ),
     }
@@ -424,7 +522,6 @@ class Report:
 
 def figure_div(fig: go.Figure, div_id: str, height: int = 450) -> str:
     """A figure as a ``<div>`` with its ``Plotly.newPlot`` call; no plotly.js."""
-    import plotly.io as pio
 
     fig.update_layout(height=height)
     body = pio.to_html(

@@ -232,10 +232,11 @@ class MlflowTracker:
         buffer = self._buffers.setdefault(run_id, [])
         buffer.extend(Metric(k, float(v), now, epoch) for k, v in metrics.items())
 
-    def _flush(self, run_id: str, extra: list[Any]) -> None:
+    def _flush(self, run_id: str, extra: list[Any], tags: list[Any] | None = None) -> None:
+        """Send the buffered epochs and ``extra`` metrics; ``tags`` ride along with the first batch."""
         items = self._buffers.pop(run_id, []) + extra
-        for i in range(0, len(items), _BATCH_LIMIT):
-            self.client.log_batch(run_id, metrics=items[i : i + _BATCH_LIMIT])
+        for i in range(0, max(len(items), 1 if tags else 0), _BATCH_LIMIT):
+            self.client.log_batch(run_id, metrics=items[i : i + _BATCH_LIMIT], tags=(tags or []) if i == 0 else [])
 
     def end_trial(
         self,
@@ -252,9 +253,11 @@ class MlflowTracker:
             return
         now = int(time.time() * 1000)
         try:
-            self._flush(run_id, [Metric(k, float(v), now, 0) for k, v in metrics.items()])
-            if tags:
-                self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self._flush(
+                run_id,
+                [Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                [RunTag(k, str(v)) for k, v in tags.items()],
+            )
             self._log_files(run_id, artifacts)
         except (MlflowException, OSError) as exc:
             self._warn(f"logging of run {run_id}", exc)
@@ -279,15 +282,18 @@ class MlflowTracker:
     def _log_files(self, run_id: str, artifacts: dict[str, str | bytes]) -> None:
         import tempfile
 
+        if not artifacts:
+            return
+        # Written into one folder and sent in one call: each call looks the run up and opens its artifact store.
         with tempfile.TemporaryDirectory(prefix="tuner-artifacts-") as tmp:
             for name, content in artifacts.items():
-                if isinstance(content, str):
-                    self.client.log_text(run_id, content, name)
-                    continue
                 path = Path(tmp) / name
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(content)
-                self.client.log_artifact(run_id, str(path), str(Path(name).parent) if "/" in name else None)
+                if isinstance(content, str):
+                    path.write_text(content, encoding="utf-8")
+                else:
+                    path.write_bytes(content)
+            self.client.log_artifacts(run_id, tmp)
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
         from mlflow.entities import Metric
