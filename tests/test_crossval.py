@@ -375,3 +375,34 @@ def test_the_kfold_study_file_is_valid():
     spec = load_spec(Path(__file__).parents[1] / "studies" / "kfold.yaml")
     assert spec.validation.kind == "kfold" and spec.validation.k == 5
     assert spec.study.pruner == "wilcoxon"
+
+
+def test_a_cross_validated_multiclass_trial_records_every_classes_figures(tmp_path):
+    raw = {
+        **KFOLD,
+        "task": "multiclass",
+        "data": {"simulated": {"n_star": 600, "n_quasar": 120, "n_galaxy": 200}, "seed": 3, "positive": "QSO"},
+        "validation": {"kind": "kfold", "k": 3},
+        "study": {"name": "kfold-mc", "n_trials": 1, "seed": 0, "pruner": "none"},
+    }
+    spec = spec_from_dict(stored_in(raw, tmp_path, enabled=False))
+    dataset = build_dataset(spec)
+    attrs = run_study(spec, dataset=dataset).study.best_trial.user_attrs
+    classes = dataset.catalogue.class_names
+    assert set(classes) == {"GALAXY", "QSO", "STAR"}
+    for part in ("val", "holdout"):
+        assert np.isclose(
+            attrs[f"{part}_macro_completeness"], np.mean([attrs[f"{part}_completeness_{c}"] for c in classes])
+        )
+    # Out-of-fold accuracy covers every modelling row once: it is a count over train + validation rows.
+    n_modelling = sum(len(f.validation_rows) for f in dataset.folds)
+    assert (
+        float(attrs["val_accuracy"] * n_modelling).is_integer()
+        or abs(attrs["val_accuracy"] * n_modelling - round(attrs["val_accuracy"] * n_modelling)) < 1e-6
+    )
+    for c in classes:
+        assert (
+            attrs[f"holdout_completeness_{c}_low"]
+            <= attrs[f"holdout_completeness_{c}"]
+            <= attrs[f"holdout_completeness_{c}_high"]
+        )

@@ -526,14 +526,33 @@ def evaluate_folds(folds: Sequence[FoldOutcome], dataset: Dataset, spec: StudySp
     y_oof = np.concatenate([dataset.folds[f.index].validation.y_numpy for f in folds]) == pos
     point = metrics.choose_operating_point(y_oof, oof_scores, spec.objective.target_contamination)
     # The holdout only now, with the threshold frozen: each fold model scores it through its own scaling.
-    hold_scores = mean_probabilities(
+    hold_probs = mean_probabilities(
         [f.model for f in folds],
         [dataset.folds[f.index].holdout.x for f in folds],
         spec.task,
         spec.train.eval_batch_size,
-    )[:, pos]
+    )
+    hold_scores = hold_probs[:, pos]
     y_hold = dataset.holdout.y_numpy == pos
     values = tuple(f.objective for f in folds)
+    per_class: dict[str, float] = {}
+    if spec.task == "multiclass":
+        # Every class at its most probable class: out of fold (each row by the model that did not train on it),
+        # and on the holdout by the fold models' mean.
+        chunk = spec.train.eval_batch_size
+        oof_probs = np.concatenate(
+            [
+                probabilities(predict_logits(f.model, dataset.folds[f.index].validation.x, chunk), spec.task)
+                .cpu()
+                .numpy()
+                .astype(np.float64)
+                for f in folds
+            ]
+        )
+        oof_labels = np.concatenate([dataset.folds[f.index].validation.y_numpy for f in folds])
+        per_class = per_class_figures(
+            dataset.catalogue.class_names, oof_labels, oof_probs, dataset.holdout.y_numpy, hold_probs
+        )
     evaluation = Evaluation(
         objective=float(np.mean(values)),
         val_point=point,
@@ -543,6 +562,7 @@ def evaluate_folds(folds: Sequence[FoldOutcome], dataset: Dataset, spec: StudySp
         val_ap=metrics.average_precision(y_oof, oof_scores),
         val_scores=oof_scores,
         holdout_scores=hold_scores,
+        per_class=per_class,
     )
     return CrossValidation(evaluation=evaluation, fold_objectives=values, oof_labels=y_oof)
 
