@@ -178,6 +178,8 @@ def _open_rdb(
             skip_table_creation=not create_tables,
         ),
         what=f"open {mask_password(url)}",
+        # Opening a storage fails sooner (about 15 s): a wrong URL is a mistake to report, not an outage to wait out.
+        attempts=OPEN_ATTEMPTS,
     )
 
 
@@ -195,8 +197,14 @@ def _is_transient(exc: BaseException | None) -> bool:
     return False
 
 
-def retrying(fn: Callable[[], T], *, what: str, attempts: int = 6, first_wait: float = 0.5) -> T:
-    """Call ``fn``, retrying transient database errors with exponential backoff (about 15 s in all).
+#: Attempts of a storage call made while a study runs: a database server restarting (a checkpoint on a busy
+#: machine) can take longer than a quarter of a minute, and a worker should ride it out (about 64 s in all).
+RESTART_ATTEMPTS = 8
+OPEN_ATTEMPTS = 6
+
+
+def retrying(fn: Callable[[], T], *, what: str, attempts: int = RESTART_ATTEMPTS, first_wait: float = 0.5) -> T:
+    """Call ``fn``, retrying transient database errors with exponential backoff (about 64 s in all by default).
 
     Raises:
         StorageError: Still failing after the last attempt.
