@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
+from tuner import metrics
 from tuner.data.preprocess import Preprocessor
 from tuner.errors import DataError, ExportError, TunerError
 from tuner.evaluation import MultilabelEvaluation, RegressionEvaluation, label_key
@@ -656,8 +657,6 @@ def _held(ev: AnyEvaluation) -> np.ndarray:
 
 def _curve_table(y: np.ndarray, scores: np.ndarray, target: float) -> list[dict[str, Any]]:
     """Points of the holdout completeness-vs-efficiency curve: the most complete cut under each ceiling."""
-    from tuner import metrics
-
     rows = []
     for ceiling in sorted({*CURVE_CEILINGS, float(target)}):
         point = metrics.choose_operating_point(y, scores, ceiling)
@@ -687,25 +686,34 @@ def _figures(ev: AnyEvaluation, y_hold: np.ndarray, target: float) -> dict[str, 
     if isinstance(ev, MultilabelEvaluation):
         return _multilabel_figures(ev, y_hold, target)
     h = ev.holdout
-    c = h.counts
     return {
         "val_objective": ev.objective,
         "threshold": ev.val_point.threshold,
+        **_rates(ev.val_point, h, ev.val_auc, ev.holdout_auc),
+        "holdout_curve": _curve_table(y_hold, ev.holdout_scores, target),
+    }
+
+
+def _rates(
+    point: metrics.OperatingPoint, measured: metrics.MeasuredPoint, val_auc: float, holdout_auc: float
+) -> dict[str, Any]:
+    """A threshold's validation figures and its holdout figures with Wilson intervals, as the card holds them."""
+    c = measured.counts
+    return {
         "validation": {
-            "completeness": ev.val_point.completeness,
-            "contamination": ev.val_point.contamination,
-            "auc": ev.val_auc,
-            "feasible": ev.val_point.feasible,
+            "completeness": point.completeness,
+            "contamination": point.contamination,
+            "auc": val_auc,
+            "feasible": point.feasible,
         },
         "holdout": {
-            "completeness": h.completeness,
-            "completeness_95ci": [h.completeness_ci.low, h.completeness_ci.high],
-            "contamination": h.contamination,
-            "contamination_95ci": [h.contamination_ci.low, h.contamination_ci.high],
+            "completeness": measured.completeness,
+            "completeness_95ci": [measured.completeness_ci.low, measured.completeness_ci.high],
+            "contamination": measured.contamination,
+            "contamination_95ci": [measured.contamination_ci.low, measured.contamination_ci.high],
             "counts": {"tp": c.tp, "fp": c.fp, "fn": c.fn, "tn": c.tn},
-            "auc": ev.holdout_auc,
+            "auc": holdout_auc,
         },
-        "holdout_curve": _curve_table(y_hold, ev.holdout_scores, target),
     }
 
 
@@ -739,26 +747,12 @@ def _multilabel_figures(ev: MultilabelEvaluation, y_hold: np.ndarray, target: fl
     headline validation and holdout figures are the macro averages over labels (which have no interval)."""
     labels = []
     for f in ev.labels:
-        h, c = f.holdout, f.holdout.counts
         labels.append(
             {
                 "name": f.name,
                 "key": label_key(f.name),
                 "threshold": f.point.threshold,
-                "validation": {
-                    "completeness": f.point.completeness,
-                    "contamination": f.point.contamination,
-                    "auc": f.val_auc,
-                    "feasible": f.point.feasible,
-                },
-                "holdout": {
-                    "completeness": h.completeness,
-                    "completeness_95ci": [h.completeness_ci.low, h.completeness_ci.high],
-                    "contamination": h.contamination,
-                    "contamination_95ci": [h.contamination_ci.low, h.contamination_ci.high],
-                    "counts": {"tp": c.tp, "fp": c.fp, "fn": c.fn, "tn": c.tn},
-                    "auc": f.holdout_auc,
-                },
+                **_rates(f.point, f.holdout, f.val_auc, f.holdout_auc),
             }
         )
     macro = ev.macro()
