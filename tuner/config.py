@@ -43,6 +43,10 @@ REGRESSION_OBJECTIVES = ("mae", "rmse", "r2")
 SCALAR_OBJECTIVES = OBJECTIVES + REGRESSION_OBJECTIVES
 #: The problem types of the lecture's table (see tuner.tasks for each one's last layer and loss).
 TASKS = ("binary", "multiclass", "multilabel", "regression", "unit_regression")
+#: Tasks whose rows belong to one class each: a positive class and its operating point.
+SINGLE_LABEL_TASKS = ("binary", "multiclass")
+#: Tasks that predict a value.
+REGRESSION_TASKS = ("regression", "unit_regression")
 #: The objectives each task can measure. Multilabel figures are macro averages over the labels.
 TASK_OBJECTIVES = {
     "binary": OBJECTIVES,
@@ -725,14 +729,14 @@ class StudySpec(_Frozen):
     @classmethod
     def _regression_objective(cls, data: Any) -> Any:
         # A regression has no completeness: unless the file names an objective, it is the holdout-comparable RMSE.
-        if isinstance(data, dict) and data.get("task") in ("multilabel", "regression", "unit_regression"):
+        if isinstance(data, dict) and data.get("task") in ("multilabel", *REGRESSION_TASKS):
             # No positive class either: the default (QSO) belongs to the binary task.
             section = data.get("data")
             if section is None:
                 data = {**data, "data": {"positive": None}}
             elif isinstance(section, dict) and "positive" not in section:
                 data = {**data, "data": {**section, "positive": None}}
-        if isinstance(data, dict) and data.get("task") in ("regression", "unit_regression"):
+        if isinstance(data, dict) and data.get("task") in REGRESSION_TASKS:
             objective = data.get("objective")
             if objective is None:
                 data = {**data, "objective": {"metric": "rmse"}}
@@ -763,12 +767,12 @@ class StudySpec(_Frozen):
                 f"data.target: a list of label columns is for task multilabel; a {task} task has one target column, "
                 f"got {list(data.target)}"
             )
-        if task not in ("binary", "multiclass") and data.positive is not None:
+        if task not in SINGLE_LABEL_TASKS and data.positive is not None:
             raise ValueError(
                 f"data.positive: a {task} task has no positive class (each label or value is scored on its own), "
                 f"got {data.positive!r}; drop data.positive"
             )
-        allowed = TASK_OBJECTIVES[task] + (THRESHOLD_METRICS if task in ("binary", "multiclass") else ())
+        allowed = TASK_OBJECTIVES[task] + (THRESHOLD_METRICS if task in SINGLE_LABEL_TASKS else ())
         for metric in self.objective.metrics:
             if metric not in allowed:
                 raise ValueError(
@@ -809,7 +813,7 @@ class StudySpec(_Frozen):
                 f"search_space.huber_delta: Huber's delta is used with loss huber only, got search_space.loss "
                 f"{options}; add huber to search_space.loss or drop huber_delta"
             )
-        if task not in ("binary", "multiclass") and self.validation.kind == "kfold":
+        if task not in SINGLE_LABEL_TASKS and self.validation.kind == "kfold":
             raise ValueError(
                 f"validation.kind: k-fold cross-validation is available for binary and multiclass tasks, got kfold "
                 f"with task {task}; use kind split"
@@ -824,7 +828,7 @@ class StudySpec(_Frozen):
             if (
                 metric in ("completeness_at_contamination", *THRESHOLD_METRICS)
                 and self.data.positive is None
-                and self.task in ("binary", "multiclass")
+                and self.task in SINGLE_LABEL_TASKS
             ):
                 raise ValueError(f"data.positive: objective {metric} needs a positive class, got null")
         kfold = self.validation.kind == "kfold"
@@ -889,7 +893,7 @@ class StudySpec(_Frozen):
     @property
     def positive_class(self) -> str | None:
         """The class whose completeness the study is about: binary and multiclass tasks only."""
-        return self.data.positive if self.task in ("binary", "multiclass") else None
+        return self.data.positive if self.task in SINGLE_LABEL_TASKS else None
 
     def fingerprint(self, *sections: str) -> str:
         """A stable hash of the named sections, to detect a study file changed under an existing study."""

@@ -30,6 +30,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from tuner import metrics
+from tuner.config import REGRESSION_TASKS
 from tuner.errors import ConfigError, TunerError
 
 if TYPE_CHECKING:
@@ -651,12 +652,8 @@ def _labels(spec: StudySpec) -> list[tuple[str, str]]:
     return [(name, label_key(name)) for name in spec.data.targets] if spec.task == "multilabel" else []
 
 
-#: tuner.tasks.REGRESSION, spelled out: that module imports torch, which ``tuner trials`` has no use for.
-_REGRESSION_TASKS = ("regression", "unit_regression")
-
-
 def _is_regression(spec: StudySpec) -> bool:
-    return spec.task in _REGRESSION_TASKS
+    return spec.task in REGRESSION_TASKS
 
 
 def _model_figures(spec: StudySpec) -> str:

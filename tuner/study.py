@@ -48,7 +48,7 @@ from tuner.health import VERDICTS, Verdict, judge
 from tuner.model import build_mlp
 from tuner.packed import PackMember, fit_pack, pack_key, split_by_cost
 from tuner.space import OPTIONAL_PARAMS, TrialParams, enqueue_params, max_layers, suggest
-from tuner.tasks import REGRESSION
+from tuner.tasks import REGRESSION, SINGLE_LABEL
 from tuner.tracking import MlflowTracker, NullTracker, Tracker, mask_password
 from tuner.train import FitConfig, FitResult, fit, mean_probabilities, predict_logits, probabilities
 from tuner.worker import (
@@ -845,7 +845,7 @@ def model_meta(
         "data": dataset.facts(),
         "seed": spec.study.seed + trial_number,
     }
-    if spec.task not in ("binary", "multiclass"):
+    if spec.task not in SINGLE_LABEL:
         meta["n_outputs"] = dataset.n_out
         meta["target_names"] = list(catalogue.target_names)
     if dataset.target_scaling is not None:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-TASKS = ("binary", "multiclass", "multilabel", "regression", "unit_regression")
-#: Tasks whose rows belong to one class each (an operating point on one class's score).
-SINGLE_LABEL = ("binary", "multiclass")
-REGRESSION = ("regression", "unit_regression")
-#: The losses each regression task can train with (``search_space.loss``); the first is the default.
-LOSSES = {"regression": ("mse", "mae", "huber"), "unit_regression": ("mse", "bce")}
+from tuner.config import REGRESSION_TASKS as REGRESSION
+from tuner.config import SINGLE_LABEL_TASKS as SINGLE_LABEL
+from tuner.config import TASK_LOSSES as LOSSES
+from tuner.config import TASKS
+
+__all__ = ["LOSSES", "REGRESSION", "SINGLE_LABEL", "TASKS", "default_loss", "n_outputs", "outputs", "row_losses"]
+
 #: Huber's delta (in standardised target units) when the loss is huber and ``search_space.huber_delta`` is unset.
 DEFAULT_HUBER_DELTA = 1.0
 

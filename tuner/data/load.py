@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tuner.config import DataSpec
+from tuner.config import REGRESSION_TASKS, DataSpec
 from tuner.errors import DataError
 
 #: Fewest rows of a class that a stratified train / validation / holdout split can place in every part.
@@ -279,7 +279,7 @@ def catalogue_from_frame(frame: pd.DataFrame, spec: DataSpec, *, task: str, sour
     ids = frame[list(spec.id_columns)].reset_index(drop=True)
     if task == "multilabel":
         return _multilabel(frame, matrix, ids, spec, source)
-    if task in ("regression", "unit_regression"):
+    if task in REGRESSION_TASKS:
         return _regression(target, matrix, ids, spec, task, source)
     if target.isna().any():
         rows = np.flatnonzero(target.isna().to_numpy())[:5].tolist()
