@@ -27,7 +27,7 @@ BASE = trial_params()
 
 
 def params(**changes: Any) -> TrialParams:
-    return TrialParams(**{**BASE.__dict__, **changes})
+    return trial_params(**changes)
 
 
 def train(

@@ -36,7 +36,7 @@ from tuner import metrics
 from tuner.data.preprocess import Preprocessor
 from tuner.errors import DataError, ExportError, TunerError
 from tuner.evaluation import MultilabelEvaluation, RegressionEvaluation, label_key
-from tuner.model import load_state_dict_file, mlp_from_record
+from tuner.model import load_state_dict_file, mlp_from_record, params_from_record
 from tuner.space import TrialParams
 from tuner.tasks import REGRESSION, SINGLE_LABEL
 from tuner.train import mean_probabilities, predict_logits, probabilities
@@ -609,11 +609,6 @@ def _measure(
     criterion = loss_function(fit_config(spec, dataset), dataset.device, params)
     val_loss = float(criterion(logits, dataset.validation.y))
     return evaluate(net, dataset, spec, FitResult(best_metrics={"val_loss": val_loss}))
-
-
-def _as_params(record: dict[str, Any]) -> TrialParams:
-    """A stored parameter record (``model.json``'s ``params``) as the TrialParams it came from."""
-    return TrialParams(**{**record, "widths": tuple(record["widths"])})
 
 
 def _differs(a: Any, b: Any, tolerance: float) -> bool:
@@ -2047,7 +2042,7 @@ def export_trial(
         tmp = Path(tmp_name)
         trained = _trained_model(trial, spec, dataset, uri, tmp / "trial")
         notes += trained.notes
-        ev = _measure(trained.net, dataset, spec, _as_params(trained.params))
+        ev = _measure(trained.net, dataset, spec, params_from_record(trained.params))
         verification = _verification(trial, ev)
         if verification["mismatched"]:
             # Stored weights are the trial's own, so a mismatch means other numerics (a study trained on a GPU,
@@ -2128,7 +2123,7 @@ def _runner_up(
         net.load_state_dict(_load_state(weights))
     except (RuntimeError, ExportError) as exc:
         return {**info, "figures": recorded, "curve_note": f"curve not available: {exc}"}
-    ev = _measure(net.eval(), dataset, spec, _as_params(params))
+    ev = _measure(net.eval(), dataset, spec, params_from_record(params))
     figures = _figures(ev, y_hold, spec.objective.target_contamination)
     scored[f"trial {runner.number} (runner-up)"] = (_held(ev), figures)
     return {**info, "figures": figures, "curve_note": None}

@@ -51,9 +51,14 @@ def build_mlp(n_in: int, params: TrialParams, n_out: int, *, generator: torch.Ge
     return net
 
 
+def params_from_record(record: dict[str, Any]) -> TrialParams:
+    """A trial's stored parameters (``model.json``'s ``params``, widths as a list) as the TrialParams they were."""
+    return TrialParams(**{**record, "widths": tuple(record["widths"])})
+
+
 def mlp_from_record(record: dict[str, Any], n_in: int, n_out: int) -> nn.Sequential:
     """Rebuild a trial's network from its stored parameters (``model.json``'s ``params``, widths as a list)."""
-    return build_mlp(n_in, TrialParams(**{**record, "widths": tuple(record["widths"])}), n_out)
+    return build_mlp(n_in, params_from_record(record), n_out)
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
