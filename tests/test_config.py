@@ -130,6 +130,19 @@ def test_not_a_mapping() -> None:
             {"task": "multiclass", "data": {"positive": None}},
             ["data.positive:", "completeness_at_contamination", "null"],
         ),
+        (
+            {"task": "multiclass", "data": {"positive": None}, "objective": {"metric": "roc_auc"}},
+            ["data.positive:", "objective roc_auc scores one class against the rest", "val_loss"],
+        ),
+        (
+            {
+                "task": "multiclass",
+                "data": {"positive": None},
+                "objective": {"metric": "val_loss"},
+                "train": {"monitor": "val_auc"},
+            },
+            ["data.positive:", "train.monitor val_auc", "null"],
+        ),
         ({"data": {"seed": -1}}, ["data.seed:", "-1"]),
         ({"study": {"seed": -3}}, ["study.seed:", "-3"]),
         ({"study": {"n_trials": 0}}, ["study.n_trials:", "greater than or equal to 1", "0"]),

@@ -824,13 +824,20 @@ class StudySpec(_Frozen):
         self._check_task()
         if self.task == "binary" and self.data.positive is None:
             raise ValueError("data.positive: a binary task needs the positive class, got null")
-        for metric in self.objective.metrics:
-            if (
-                metric in ("completeness_at_contamination", *THRESHOLD_METRICS)
-                and self.data.positive is None
-                and self.task in SINGLE_LABEL_TASKS
-            ):
-                raise ValueError(f"data.positive: objective {metric} needs a positive class, got null")
+        if self.task in SINGLE_LABEL_TASKS and self.data.positive is None:
+            # Without a positive class these would score whichever class comes first, not what the user meant.
+            for metric in (*self.objective.metrics, *([self.objective.guard] if self.objective.guard else [])):
+                if metric not in ("val_loss",):
+                    raise ValueError(
+                        f"data.positive: objective {metric} scores one class against the rest and needs a positive "
+                        "class, got null; name data.positive, or use objective val_loss (every class's figures are "
+                        "reported either way)"
+                    )
+            if self.train.monitor in ("val_auc", "val_ap"):
+                raise ValueError(
+                    f"data.positive: train.monitor {self.train.monitor} scores one class against the rest and needs "
+                    "a positive class, got null; name data.positive, or monitor val_loss"
+                )
         kfold = self.validation.kind == "kfold"
         if not kfold and "k" in self.validation.model_fields_set:
             raise ValueError(
