@@ -436,3 +436,23 @@ def test_a_warm_start_entry_may_say_null_for_parameters_the_space_leaves_out():
     assert problems == []
     _, problems = enqueue_params(SearchSpace(), {"l1": 0.1}, "e")
     assert problems == ["e.l1: search_space.l1 is off (null), got 0.1"]
+
+
+def test_a_regression_pareto_front_shows_holdout_errors_with_bootstrap_intervals(table, tmp_path, capsys):
+    from tuner.cli import main
+
+    spec = spec_for(
+        table,
+        "regression",
+        tmp_path,
+        objective={"metric": ["mae", "r2"], "guard": "rmse"},
+        study={"sampler": "nsga2", "n_trials": 4, "name": "reg-front"},
+    )
+    study = run_study(spec, device="cpu").study
+    assert main(["best", spec.study.name, "--storage", spec.study.storage]) == 0
+    out = capsys.readouterr().out
+    assert "H RMSE" in out and "95% bootstrap intervals" in out and "Wilson" not in out
+    for trial in study.best_trials:
+        low, high = trial.user_attrs["holdout_rmse_low"], trial.user_attrs["holdout_rmse_high"]
+        # Rich may wrap a cell between its numbers, never inside one.
+        assert f"{low:.3f}" in out and f"{high:.3f}" in out

@@ -177,42 +177,54 @@ def front_records(study: Any, spec: StudySpec) -> list[dict[str, Any]]:
 
 
 def print_front(study: Any, spec: StudySpec) -> None:
-    """The Pareto front as a table: each objective, then the holdout figures with 95% Wilson intervals.
+    """The Pareto front as a table: each objective, then the holdout figures with their 95% intervals.
 
-    Holdout at the fixed threshold (``objective.threshold``, where the completeness and contamination objectives
-    are measured on validation), and at the threshold chosen on validation for ``objective.target_contamination``.
+    Classifiers: holdout completeness and contamination (Wilson intervals) at the fixed threshold
+    (``objective.threshold``, where the completeness and contamination objectives are measured on validation), and
+    at the threshold chosen on validation for ``objective.target_contamination`` (macro over labels for a
+    multilabel task). Regressions: holdout MAE, RMSE and R² (bootstrap intervals).
     """
+    from tuner.config import REGRESSION_TASKS
     from tuner.pareto import objective_names
 
     names = objective_names(study)
+    regression = spec.task in REGRESSION_TASKS
     fixed = spec.objective.uses_threshold
     table = Table(title=f"Pareto front of study {spec.study.name}", title_justify="left")
     table.add_column("trial", justify="right")
     for name, direction in zip(names, study.directions, strict=True):
         table.add_column(f"{name} ({direction.name.lower()[:3]})", justify="right")
     # Short headers keep the table readable in 80 columns; the legend below spells them out.
-    if fixed:
-        table.add_column("H compl. @fixed")
-        table.add_column("H contam. @fixed")
-    table.add_column("H compl. @target")
-    table.add_column("H contam. @target")
+    if regression:
+        columns = [("H MAE", "holdout_mae"), ("H RMSE", "holdout_rmse"), ("H R²", "holdout_r2")]
+    else:
+        columns = [("H compl. @target", "holdout_completeness"), ("H contam. @target", "holdout_contamination")]
+        if fixed:
+            columns = [
+                ("H compl. @fixed", "holdout_completeness_at_threshold"),
+                ("H contam. @fixed", "holdout_contamination_at_threshold"),
+                *columns,
+            ]
+    for header, _ in columns:
+        table.add_column(header)
     records = front_records(study, spec)
     for record in records:
         row = [str(record["number"]), *(_fmt(v, 4) for v in record["values"].values())]
-        if fixed:
-            row += [
-                _interval(record, "holdout_completeness_at_threshold"),
-                _interval(record, "holdout_contamination_at_threshold"),
-            ]
-        row += [_interval(record, "holdout_completeness"), _interval(record, "holdout_contamination")]
+        row += [_interval(record, key) if f"{key}_low" in record else _fmt(record.get(key, "-")) for _, key in columns]
         table.add_row(*row)
     console.print(table)
-    legend = "objectives measured on validation; H: holdout, with 95% Wilson intervals"
-    if fixed:
-        legend += f"; @fixed: at the score threshold {spec.objective.threshold:g}"
-    legend += (
-        f"; @target: at the threshold chosen on validation for contamination {spec.objective.target_contamination:g}"
-    )
+    if regression:
+        legend = "objectives measured on validation; H: holdout, with 95% bootstrap intervals"
+    else:
+        legend = "objectives measured on validation; H: holdout, with 95% Wilson intervals"
+        if spec.task == "multilabel":
+            legend = "objectives measured on validation; H: holdout, macro averages over the labels"
+        if fixed:
+            legend += f"; @fixed: at the score threshold {spec.objective.threshold:g}"
+        legend += (
+            f"; @target: at the threshold chosen on validation for contamination "
+            f"{spec.objective.target_contamination:g}"
+        )
     console.print(legend)
     console.print(
         f"{len(records)} trial(s) on the front; export one with `tuner export STUDY --trial N` or "
