@@ -133,20 +133,7 @@ class MultilabelEvaluation:
 
     def macro(self) -> dict[str, float]:
         """Means over the labels (NaN-aware: a label without a figure does not count)."""
-
-        def mean(values: list[float]) -> float:
-            finite = [v for v in values if math.isfinite(v)]
-            return float(np.mean(finite)) if finite else math.nan
-
-        return {
-            "val_completeness": mean([f.point.completeness for f in self.labels]),
-            "val_contamination": mean([f.point.contamination for f in self.labels]),
-            "val_auc": mean([f.val_auc for f in self.labels]),
-            "val_ap": mean([f.val_ap for f in self.labels]),
-            "holdout_completeness": mean([f.holdout.completeness for f in self.labels]),
-            "holdout_contamination": mean([f.holdout.contamination for f in self.labels]),
-            "holdout_auc": mean([f.holdout_auc for f in self.labels]),
-        }
+        return macro_figures(self.labels)
 
     def final_metrics(self) -> dict[str, float]:
         out = {"val_objective": self.objective, **self.macro()}
@@ -170,6 +157,24 @@ class MultilabelEvaluation:
         if len(self.objectives) > 1:
             out.update({f"val_objective_{i}": v for i, v in enumerate(self.objectives)})
         return out
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def macro_figures(labels: Sequence[LabelFigures]) -> dict[str, float]:
+    """The labels' figures averaged over labels; a label without a figure (NaN) does not count."""
+    return {
+        "val_completeness": _finite_mean([f.point.completeness for f in labels]),
+        "val_contamination": _finite_mean([f.point.contamination for f in labels]),
+        "val_auc": _finite_mean([f.val_auc for f in labels]),
+        "val_ap": _finite_mean([f.val_ap for f in labels]),
+        "holdout_completeness": _finite_mean([f.holdout.completeness for f in labels]),
+        "holdout_contamination": _finite_mean([f.holdout.contamination for f in labels]),
+        "holdout_auc": _finite_mean([f.holdout_auc for f in labels]),
+    }
 
 
 def evaluate_multilabel(
@@ -197,14 +202,7 @@ def evaluate_multilabel(
                 holdout_auc=metrics.roc_auc(yh, holdout_scores[:, j]),
             )
         )
-    ev = MultilabelEvaluation(
-        objective=math.nan,
-        labels=tuple(figures),
-        val_loss=val_loss,
-        val_scores=val_scores,
-        holdout_scores=holdout_scores,
-    )
-    macro = ev.macro()
+    macro = macro_figures(figures)
     values = {
         "completeness_at_contamination": macro["val_completeness"],
         "roc_auc": macro["val_auc"],
@@ -229,9 +227,7 @@ def multilabel_scorer(
     labels = [y_val[:, j] > 0.5 for j in range(y_val.shape[1])]
 
     def macro(fn: Callable[[np.ndarray, np.ndarray], float], probs: np.ndarray) -> float:
-        values = [fn(y, probs[:, j]) for j, y in enumerate(labels)]
-        finite = [v for v in values if math.isfinite(v)]
-        return float(np.mean(finite)) if finite else math.nan
+        return _finite_mean([fn(y, probs[:, j]) for j, y in enumerate(labels)])
 
     def score(probs: np.ndarray) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -269,11 +265,11 @@ def per_class_figures(
     Wilson intervals. Macro figures are the means over classes (a class never predicted has contamination 0).
     """
     out: dict[str, float] = {}
-    val_pred, hold_pred = val_probs.argmax(axis=1), holdout_probs.argmax(axis=1)
+    parts = (("val", y_val, val_probs.argmax(axis=1)), ("holdout", y_hold, holdout_probs.argmax(axis=1)))
     macro: dict[str, list[float]] = {}
     for c, name in enumerate(class_names):
         key = label_key(name)
-        for part, y, pred in (("val", y_val, val_pred), ("holdout", y_hold, hold_pred)):
+        for part, y, pred in parts:
             counts = metrics.confusion_counts(y == c, (pred == c).astype(np.float64), 0.5)
             completeness, contamination = metrics.completeness(counts), metrics.contamination(counts)
             out[f"{part}_completeness_{key}"] = completeness
@@ -287,9 +283,8 @@ def per_class_figures(
                 ):
                     ci = metrics.wilson_interval(k, n)
                     out[f"holdout_{which}_{key}_low"], out[f"holdout_{which}_{key}_high"] = ci.low, ci.high
-        for part, y, pred in (("val", y_val, val_pred), ("holdout", y_hold, hold_pred)):
-            out[f"{part}_accuracy"] = float(np.mean(y == pred)) if len(y) else math.nan
+    for part, y, pred in parts:
+        out[f"{part}_accuracy"] = float(np.mean(y == pred)) if len(y) else math.nan
     for key, values in macro.items():
-        finite = [v for v in values if math.isfinite(v)]
-        out[key] = float(np.mean(finite)) if finite else math.nan
+        out[key] = _finite_mean(values)
     return out
