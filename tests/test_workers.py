@@ -23,7 +23,7 @@ import optuna
 import pytest
 import yaml
 
-from tuner.worker import RETRY_OF, sqlite_single_process
+from tuner.worker import RETRY_OF, sqlite_single_process, sqlite_study_names
 
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 
@@ -162,16 +162,9 @@ def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def _sqlite_study_exists(url: str) -> bool:
-    """Read-only: the study row is in an SQLite file. Opening an Optuna storage on a file whose tables are still
-    being made would write the schema version too, racing the process that makes them."""
-    import sqlite3
-
-    path = url[len("sqlite:///") :]
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-            return conn.execute("SELECT 1 FROM studies WHERE study_name = 'workers'").fetchone() is not None
-    except sqlite3.Error:
-        return False
+    """Read-only: opening an Optuna storage on a file whose tables are still being made would write the schema
+    version too, racing the process that makes them."""
+    return "workers" in sqlite_study_names(Path(url[len("sqlite:///") :]))
 
 
 def has_running_tracked_trial(url: str) -> bool:
@@ -436,3 +429,24 @@ def test_the_budget_check_holds_a_postgres_advisory_lock(pg_database):
         assert advisory_locks() == 1
     assert advisory_locks() == 0
     study._storage._backend.engine.dispose()  # type: ignore[attr-defined]
+
+
+def test_looking_at_an_sqlite_study_being_made_writes_nothing(tmp_path):
+    """`tuner status` on a file whose tables another process is still making: no study yet, and no schema row
+    written that would make that process fail."""
+    import sqlite3
+
+    from tuner.errors import StorageError
+    from tuner.worker import find_study, load_existing
+
+    path = tmp_path / "optuna.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE studies (study_id INTEGER PRIMARY KEY, study_name VARCHAR(512))")
+        conn.commit()
+    before = path.read_bytes()
+    url = f"sqlite:///{path}"
+    assert find_study("workers", url) is None
+    with pytest.raises(StorageError, match=r"study 'workers' not found .* studies there: none"):
+        load_existing("workers", url)
+    assert path.read_bytes() == before  # no alembic_version or version_info rows, no new tables
+    assert sqlite_study_names(tmp_path / "missing.db") == [] and not (tmp_path / "missing.db").exists()

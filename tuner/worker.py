@@ -80,8 +80,10 @@ def find_study(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.
         StorageError: The storage cannot be reached.
     """
     path = sqlite_path(storage) if isinstance(storage, str) else None
-    if path is not None and not path.exists():
-        return None  # opening an SQLite URL would create the file and tables: do not, when only looking
+    if path is not None and name not in sqlite_study_names(path):
+        # Opening an SQLite URL would create the file and tables, and on a file whose tables another process is
+        # still making it would write the schema version too, failing that process: when only looking, do not.
+        return None
     try:
         # One storage object for both looks: each URL opened anew would build its own engine.
         opened = optuna.storages.get_storage(storage) if isinstance(storage, str) else storage
@@ -95,6 +97,20 @@ def find_study(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.
         raise StorageError(f"study.storage: cannot open {where}: {type(exc).__name__}: {exc}") from None
 
 
+def sqlite_study_names(path: Path) -> list[str]:
+    """Read-only: the studies an SQLite file holds; none while its tables are still being made, or no file."""
+    import sqlite3
+    from contextlib import closing
+
+    if not path.exists():
+        return []
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return [row[0] for row in conn.execute("SELECT study_name FROM studies ORDER BY study_id")]
+    except sqlite3.Error:  # no tables yet, or a file that is not a study
+        return []
+
+
 def load_existing(name: str, storage: str) -> optuna.Study:
     """Open a stored study by name.
 
@@ -104,7 +120,7 @@ def load_existing(name: str, storage: str) -> optuna.Study:
     study = find_study(name, storage)
     if study is None:
         path = sqlite_path(storage)
-        names = optuna.get_all_study_names(storage) if path is None or path.exists() else []
+        names = optuna.get_all_study_names(storage) if path is None else sqlite_study_names(path)
         listing = ", ".join(names) if names else "none"
         raise StorageError(f"study {name!r} not found in {mask_password(storage)}; studies there: {listing}")
     return study
