@@ -223,7 +223,10 @@ def evaluate_multilabel(
 def multilabel_scorer(
     y_val: np.ndarray, target_contamination: float, objective: str | None, key: str, want: Sequence[str] = ()
 ) -> Callable[[np.ndarray], dict[str, float]]:
-    """Per-epoch macro validation figures: the objective (for pruning) and ``val_auc`` / ``val_ap`` when wanted."""
+    """Per-epoch macro validation figures: the objective (for pruning) and ``val_auc`` / ``val_ap`` when wanted.
+
+    A single-label task's positive class is one label: its figures are that label's own.
+    """
     labels = [y_val[:, j] > 0.5 for j in range(y_val.shape[1])]
 
     def macro(fn: Callable[[np.ndarray, np.ndarray], float], probs: np.ndarray) -> float:

@@ -303,26 +303,12 @@ def validation_scorer(spec: StudySpec, dataset: Dataset) -> Callable[[np.ndarray
         return regression_scorer(dataset.validation.y_numpy, dataset.unscale, metric, key)
     if spec.task == "multilabel":
         return multilabel_scorer(dataset.validation.y_numpy, target, metric, key, (spec.train.monitor,))
-    y = dataset.validation.y_numpy == dataset.positive_index
-    want_auc = metric == "roc_auc" or spec.train.monitor == "val_auc"
-    want_ap = metric == "average_precision" or spec.train.monitor == "val_ap"
-
-    def score(probs: np.ndarray) -> dict[str, float]:
-        p = probs[:, dataset.positive_index]
-        out: dict[str, float] = {}
-        if want_auc:
-            out["val_auc"] = metrics.roc_auc(y, p)
-        if want_ap:
-            out["val_ap"] = metrics.average_precision(y, p)
-        if metric == "completeness_at_contamination":
-            out[key] = metrics.choose_operating_point(y, p, target).completeness
-        elif metric == "roc_auc":
-            out[key] = out["val_auc"]
-        elif metric == "average_precision":
-            out[key] = out["val_ap"]
-        return out
-
-    return score
+    # One class against the rest is a multilabel task of one label: the positive class's column.
+    pos = dataset.positive_index
+    score_labels = multilabel_scorer(
+        (dataset.validation.y_numpy == pos)[:, None], target, metric, key, (spec.train.monitor,)
+    )
+    return lambda probs: score_labels(probs[:, [pos]])
 
 
 def evaluate(model: torch.nn.Module, dataset: Dataset, spec: StudySpec, fit_result: FitResult) -> AnyEvaluation:
