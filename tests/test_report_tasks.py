@@ -10,10 +10,9 @@ from typing import Any
 
 import numpy as np
 import optuna
-import pandas as pd
 import pytest
 from optuna.trial import create_trial
-from tiny import TINY_DATA, stored_in
+from tiny import TASK_SPACE, TINY_DATA, stored_in, write_task_table
 
 from tuner import metrics
 from tuner.config import spec_from_dict
@@ -32,38 +31,13 @@ from tuner.report import (
 from tuner.study import run_study
 from tuner.tracking import MlflowRuns
 
-SPACE: dict[str, Any] = {
-    "n_layers": {"value": 1},
-    "width": {"low": 8, "high": 32, "log": True},
-    "lr": {"low": 3e-3, "high": 3e-2, "log": True},
-    "batch_size": {"value": 64},
-    "optimizer": {"value": "adam"},
-    "batch_norm": False,
-}
 LABELS = ["bright", "kind==X"]
 
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> Path:
     """A small learnable catalogue: a value far from unit scale, a value in [0, 1], two labels."""
-    rng = np.random.default_rng(1)
-    n = 900
-    a, b, c, d = rng.normal(size=(4, n))
-    frame = pd.DataFrame(
-        {
-            "a": a,
-            "b": b,
-            "c": c,
-            "d": d,
-            "value": 100.0 * (3.0 + 2.0 * np.sin(a) + b + 0.2 * rng.normal(size=n)),
-            "fraction": 1.0 / (1.0 + np.exp(-(a + 0.5 * b))),
-            "bright": (a + 0.3 * rng.normal(size=n) > 0.5).astype(int),
-            "kind": np.where(b + c > 0.5, "X", "Y"),
-        }
-    )
-    path = tmp_path_factory.mktemp("table") / "table.csv"
-    frame.to_csv(path, index=False)
-    return path
+    return write_task_table(tmp_path_factory.mktemp("table") / "table.csv", n=900, seed=1)
 
 
 def finished(root: Path, task: str, data: dict[str, Any], **sections: Any) -> dict[str, Any]:
@@ -71,7 +45,7 @@ def finished(root: Path, task: str, data: dict[str, Any], **sections: Any) -> di
     raw: dict[str, Any] = {
         "task": task,
         "data": {"seed": 0, **data},
-        "search_space": {**SPACE, **sections.pop("search_space", {})},
+        "search_space": {**TASK_SPACE, **sections.pop("search_space", {})},
         "train": {"max_epochs": 3, "patience": 2},
         "study": {"name": f"{task}-report", "n_trials": 2, "seed": 0, "pruner": "none"},
         **sections,

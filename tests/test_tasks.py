@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
-from tiny import stored_in, trial_params
+from tiny import TASK_SPACE, stored_in, trial_params, write_task_table
 from torch import nn
 
 from tuner.config import spec_from_dict
@@ -29,38 +29,11 @@ from tuner.tasks import huber, outputs, row_losses
 from tuner.tracking import NullTracker
 from tuner.train import FitConfig, fit, l1_norm
 
-SPACE: dict[str, Any] = {
-    "n_layers": {"value": 1},
-    "width": {"low": 8, "high": 32, "log": True},
-    "lr": {"low": 3e-3, "high": 3e-2, "log": True},
-    "batch_size": {"value": 64},
-    "optimizer": {"value": "adam"},
-    "batch_norm": False,
-}
-
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> Path:
     """A learnable catalogue with a value, a value in [0, 1], two labels and three classes."""
-    rng = np.random.default_rng(0)
-    n = 1200
-    a, b, c, d = rng.normal(size=(4, n))
-    value = 3.0 + 2.0 * np.sin(a) + b + 0.2 * rng.normal(size=n)
-    frame = pd.DataFrame(
-        {
-            "a": a,
-            "b": b,
-            "c": c,
-            "d": d,
-            "value": 100.0 * value,  # far from unit scale: the network sees it standardised
-            "fraction": 1.0 / (1.0 + np.exp(-(a + 0.5 * b))),
-            "bright": (a + 0.3 * rng.normal(size=n) > 0.5).astype(int),
-            "kind": np.where(b + c > 0.5, "X", np.where(a > 0, "Y", "Z")),
-        }
-    )
-    path = tmp_path_factory.mktemp("table") / "table.csv"
-    frame.to_csv(path, index=False)
-    return path
+    return write_task_table(tmp_path_factory.mktemp("table") / "table.csv", n=1200, seed=0)
 
 
 def spec_for(table: Path, task: str, root: Path | None = None, **sections: Any) -> Any:
@@ -75,7 +48,7 @@ def spec_for(table: Path, task: str, root: Path | None = None, **sections: Any) 
     raw: dict[str, Any] = {
         "task": task,
         "data": data,
-        "search_space": {**SPACE, **sections.pop("search_space", {})},
+        "search_space": {**TASK_SPACE, **sections.pop("search_space", {})},
         "train": {"max_epochs": 6, "patience": 3, **sections.pop("train", {})},
         "study": {"name": f"{task}-study", "n_trials": 3, "seed": 0, **sections.pop("study", {})},
         **sections,
@@ -398,7 +371,7 @@ def test_multiclass_reports_every_classes_completeness_and_contamination(tmp_pat
     raw = {
         "task": "multiclass",
         "data": {"simulated": {"n_star": 900, "n_quasar": 150, "n_galaxy": 300}, "seed": 3, "positive": "QSO"},
-        "search_space": SPACE,
+        "search_space": TASK_SPACE,
         "train": {"max_epochs": 5},
         "study": {"name": "mc", "n_trials": 1, "seed": 0},
         "tracking": {"enabled": False},

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 
 from tuner.space import TrialParams
@@ -59,3 +61,36 @@ def trial_params(**changes: Any) -> TrialParams:
         "batch_norm": False,
     }
     return TrialParams(**{**base, **changes})
+
+
+#: A narrow space for the task tests: one layer, Adam, a fixed batch size.
+TASK_SPACE: dict[str, Any] = {
+    "n_layers": {"value": 1},
+    "width": {"low": 8, "high": 32, "log": True},
+    "lr": {"low": 3e-3, "high": 3e-2, "log": True},
+    "batch_size": {"value": 64},
+    "optimizer": {"value": "adam"},
+    "batch_norm": False,
+}
+
+
+def write_task_table(path: Path, *, n: int, seed: int) -> Path:
+    """A learnable catalogue for every task: features a-d, a value far from unit scale, a value in [0, 1], a 0/1
+    label and a class column with three classes."""
+    rng = np.random.default_rng(seed)
+    a, b, c, d = rng.normal(size=(4, n))
+    value = 3.0 + 2.0 * np.sin(a) + b + 0.2 * rng.normal(size=n)
+    frame = pd.DataFrame(
+        {
+            "a": a,
+            "b": b,
+            "c": c,
+            "d": d,
+            "value": 100.0 * value,  # far from unit scale: the network sees it standardised
+            "fraction": 1.0 / (1.0 + np.exp(-(a + 0.5 * b))),
+            "bright": (a + 0.3 * rng.normal(size=n) > 0.5).astype(int),
+            "kind": np.where(b + c > 0.5, "X", np.where(a > 0, "Y", "Z")),
+        }
+    )
+    frame.to_csv(path, index=False)
+    return path
