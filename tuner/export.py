@@ -990,18 +990,30 @@ def _require_reproduced(trial: optuna.trial.FrozenTrial, value: float, what: str
     return f"retrained {what} {value:.10g} matches the recorded {recorded:.10g}"
 
 
+def _start_retraining(
+    trial: optuna.trial.FrozenTrial, spec: StudySpec, what: str, condition: str
+) -> tuple[TrialParams, int, str]:
+    """A trial's parameters and seed for retraining, and the note that says so (logged as a warning)."""
+    params = _trial_params(trial, spec)
+    seed = int(trial.user_attrs.get("seed", spec.study.seed + trial.number))
+    note = (
+        f"{what} on the CPU from its stored parameters and seed {seed}; {condition} the recorded one within "
+        f"{TOLERANCE:g}"
+    )
+    log.warning("%s", note)
+    return params, seed, note
+
+
 def _retrain_folds(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset, why: str) -> _Trained:
     from tuner.study import Objective
     from tuner.tracking import NullTracker
 
-    params = _trial_params(trial, spec)
-    seed = int(trial.user_attrs.get("seed", spec.study.seed + trial.number))
-    note = (
-        f"{why}: retraining the {len(dataset.folds)} fold models of trial {trial.number} on the CPU from its stored "
-        f"parameters and seed {seed}; they are exported only if their mean validation objective matches the "
-        f"recorded one within {TOLERANCE:g}"
+    params, seed, note = _start_retraining(
+        trial,
+        spec,
+        f"{why}: retraining the {len(dataset.folds)} fold models of trial {trial.number}",
+        "they are exported only if their mean validation objective matches",
     )
-    log.warning("%s", note)
     fits = Objective(spec, dataset, NullTracker()).cross_validate(params, seed)
     if fits.failure:
         raise ExportError(f"trial {trial.number}: retraining failed ({fits.failure}); not exported")
@@ -1015,13 +1027,12 @@ def _retrain(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset,
     from tuner.study import Objective, evaluate
     from tuner.tracking import NullTracker
 
-    params = _trial_params(trial, spec)
-    seed = int(trial.user_attrs.get("seed", spec.study.seed + trial.number))
-    note = (
-        f"{why}: retraining trial {trial.number} on the CPU from its stored parameters and seed {seed}; it is "
-        f"exported only if the retrained validation objective matches the recorded one within {TOLERANCE:g}"
+    params, seed, note = _start_retraining(
+        trial,
+        spec,
+        f"{why}: retraining trial {trial.number}",
+        "it is exported only if the retrained validation objective matches",
     )
-    log.warning("%s", note)
     # The engine that trained the trial (packed or eager) retrains it: each reproduces its own numbers.
     engine = str(trial.user_attrs.get("engine", "eager"))
     model, result = Objective(spec, dataset, NullTracker()).train_trial(params, seed, [], engine=engine)

@@ -320,10 +320,18 @@ def trial_artifacts(
 ) -> dict[str, str]:
     """The three HTML plots of a finished trial, keyed by artifact path."""
     return {
+        **_learning_curves_page(history, best_epoch, label, plotlyjs),
+        **_score_plots(curves, points, target_contamination, label, plotlyjs),
+    }
+
+
+def _learning_curves_page(
+    history: list[dict[str, float]], best_epoch: int | None, label: str, plotlyjs: IncludeJs
+) -> dict[str, str]:
+    return {
         "plots/learning_curves.html": _html(
             learning_curves_spec(history, best_epoch, f"{label}: learning curves"), plotlyjs
-        ),
-        **_score_plots(curves, points, target_contamination, label, plotlyjs),
+        )
     }
 
 
@@ -369,9 +377,7 @@ def regression_artifacts(
 ) -> dict[str, str]:
     """The HTML plots of a finished regression trial: learning curves and predicted against true values."""
     return {
-        "plots/learning_curves.html": _html(
-            learning_curves_spec(history, best_epoch, f"{label}: learning curves"), plotlyjs
-        ),
+        **_learning_curves_page(history, best_epoch, label, plotlyjs),
         "plots/predicted_vs_true.html": _html(
             prediction_spec(parts, target, f"{label}: predicted vs true {target}"), plotlyjs
         ),
