@@ -17,6 +17,7 @@ skips it:
     .venv/bin/python bench/bench_loop.py [--datasets sdss simulated] [--epochs 5] [--repeats 3]
         [--batch-sizes 32 64 256 512] [--draw-seed 0] [--tuner-threads 1] [--baseline-threads 1 0]
         [--storage sqlite|memory] [--no-plots] [--n-star 100000] [--n-quasar 1000] [--sdss PATH]
+        [--tracking-uri http://127.0.0.1:5000]
 
 Data: ``sdss`` is studies/sdss_qso.yaml's data section (../shared/data/sdss_dr14_10k.csv.gz, QSO against the
 rest on u-g, g-r, r-i, i-z); ``simulated`` is studies/quickstart.yaml's (100,000 stars, 1,000 quasars). Both use
@@ -147,7 +148,7 @@ def make_spec(data: dict[str, Any], args: argparse.Namespace, *, name: str, fold
         },
         "tracking": {
             "enabled": tracking,
-            "uri": f"sqlite:///{folder}/tuner-mlflow.db",
+            "uri": args.tracking_uri or f"sqlite:///{folder}/tuner-mlflow.db",
             "artifact_location": str(folder / "tuner-artifacts"),
             "plots": args.plots,
         },
@@ -431,9 +432,17 @@ def baseline_entry(params: TrialParams) -> dict[str, Any]:
 
 
 def run_baseline(
-    spec: StudySpec, dataset: Dataset, trials: Sequence[TrialParams], *, name: str, folder: Path, storage: str
+    spec: StudySpec,
+    dataset: Dataset,
+    trials: Sequence[TrialParams],
+    *,
+    name: str,
+    folder: Path,
+    storage: str,
+    tracking_uri: str | None = None,
 ) -> Timing:
-    """The hand-wired study: Optuna + MLflowCallback(track_in_mlflow) + DataLoader + mlflow.log_metric."""
+    """The hand-wired study: Optuna + MLflowCallback(track_in_mlflow) + DataLoader + mlflow.log_metric; MLflow in
+    ``tracking_uri`` (default: a SQLite file in ``folder``)."""
     import mlflow
     from optuna_integration.mlflow import MLflowCallback
     from torch.utils.data import DataLoader, TensorDataset
@@ -448,7 +457,9 @@ def run_baseline(
         # documented way in Optuna 5, so the warnings say nothing new here.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        callback = MLflowCallback(tracking_uri=f"sqlite:///{folder}/baseline-mlflow.db", metric_name="val_objective")
+        callback = MLflowCallback(
+            tracking_uri=tracking_uri or f"sqlite:///{folder}/baseline-mlflow.db", metric_name="val_objective"
+        )
 
         @callback.track_in_mlflow()
         def objective(trial: optuna.Trial) -> float:
@@ -580,7 +591,13 @@ def bench_dataset(name: str, args: argparse.Namespace, folder: Path) -> list[str
                 f"baseline ({'torch default, ' if t == 0 else ''}{n} thread{'s' if n > 1 else ''})",
                 n,
                 lambda study_name: run_baseline(
-                    base, dataset, trials, name=study_name, folder=folder, storage=args.storage
+                    base,
+                    dataset,
+                    trials,
+                    name=study_name,
+                    folder=folder,
+                    storage=args.storage,
+                    tracking_uri=args.tracking_uri,
                 ),
             )
         )
@@ -594,7 +611,15 @@ def bench_dataset(name: str, args: argparse.Namespace, folder: Path) -> list[str
             spec = make_spec(data, warm_args, name=fresh("warm"), folder=folder, tracking=tracking)
             run_tuner(spec, dataset, warm_trials, args.storage)
         warm_spec = make_spec(data, warm_args, name="warm", folder=folder, tracking=False)
-        run_baseline(warm_spec, dataset, warm_trials, name=fresh("warm"), folder=folder, storage=args.storage)
+        run_baseline(
+            warm_spec,
+            dataset,
+            warm_trials,
+            name=fresh("warm"),
+            folder=folder,
+            storage=args.storage,
+            tracking_uri=args.tracking_uri,
+        )
 
     results: dict[str, list[Timing]] = {s.key: [] for s in sides}
     for rep in range(args.repeats):
@@ -708,6 +733,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="Optuna storage of tuner and baseline: a SQLite file in the scratch folder (default) or in memory",
     )
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="tracking.plots false for tuner")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store of tuner and baseline, e.g. http://127.0.0.1:5000 (default: SQLite files in scratch)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (stores) and print its path")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1:

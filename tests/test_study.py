@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import optuna
@@ -12,11 +13,12 @@ from mlflow import MlflowClient
 from tiny import TINY_DATA, TINY_SPACE, stored_in
 
 from tuner import study as study_mod
+from tuner import tracking as tracking_mod
 from tuner.config import StudySpec, spec_from_dict
 from tuner.data.dataset import build_dataset
 from tuner.errors import ConfigError, StorageError
 from tuner.study import run_study
-from tuner.tracking import MlflowTracker, NullTracker
+from tuner.tracking import BackgroundWriter, MlflowTracker, NullTracker
 
 TINY = {
     "data": TINY_DATA,
@@ -256,11 +258,13 @@ def test_tracking_batches_epoch_metrics(tmp_path, monkeypatch):
 
     tracker.start_study("s", {}, {}, None)
     run_id = tracker.start_trial(0, {"lr": 0.1}, {})
+    assert tracker.drain() == 0  # the parameters went out
     monkeypatch.setattr(tracker.client, "log_batch", counting)
     for epoch in range(50):
         tracker.log_epoch(run_id, epoch, {"train_loss": 1.0 / (epoch + 1), "val_loss": 2.0})
     assert calls == []  # nothing sent per epoch
     tracker.end_trial(run_id, "COMPLETE", {"val_objective": 0.5}, {"stop_reason": "x"}, {})
+    assert tracker.drain() == 0
     assert sum(calls) == 101 and len([c for c in calls if c]) == 1
     assert len(tracker.client.get_metric_history(run_id, "train_loss")) == 50
 
@@ -301,3 +305,91 @@ def test_best_and_status_read_a_study_not_made_by_tuner(tmp_path, capsys):
     assert f"{plain.best_params['x']:.4g}" in capsys.readouterr().out
     assert main(["status", "plain", "--storage", url]) == 0
     assert "COMPLETE" in capsys.readouterr().out
+
+
+def test_a_trials_closing_writes_go_out_in_the_background_and_a_drain_waits_for_them(tmp_path, monkeypatch):
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "background", str(tmp_path / "a"), background=True)
+    tracker.start_study("s", {}, {}, None)
+    run_id = tracker.start_trial(0, {"lr": 0.1}, {})
+    release = threading.Event()
+    real = tracker.client.set_terminated
+
+    def held(run, status=None, end_time=None):
+        release.wait()
+        return real(run, status=status, end_time=end_time)
+
+    monkeypatch.setattr(tracker.client, "set_terminated", held)
+    tracker.log_epoch(run_id, 0, {"val_loss": 1.0})
+    tracker.end_trial(run_id, "COMPLETE", {"val_objective": 0.5}, {}, {"notes.txt": "x"})  # returns, run still open
+    assert tracker.drain(timeout=0.05) == 1
+    assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    release.set()
+    assert tracker.drain() == 0
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["val_objective"] == 0.5
+    assert [a.path for a in tracker.client.list_artifacts(run_id)] == ["notes.txt"]
+
+
+def test_the_background_writer_keeps_order_counts_failures_and_bounds_its_queue():
+    errors: list[str] = []
+    writer = BackgroundWriter(2, lambda what, exc: errors.append(f"{what}: {exc}"))
+    done: list[int] = []
+    gate = threading.Event()
+
+    def broken() -> None:
+        raise RuntimeError("store gone")
+
+    writer.submit("held", gate.wait)
+    writer.submit("broken", broken)
+    writer.submit("first", lambda: done.append(1))
+    assert writer.pending() == 3  # "held" running, two queued: the queue is full
+    entered = threading.Event()
+    blocked = threading.Thread(target=lambda: (entered.set(), writer.submit("second", lambda: done.append(2))))
+    blocked.start()
+    entered.wait()
+    assert writer.pending() == 3  # "second" waits in submit for room
+    gate.set()
+    blocked.join()
+    assert writer.drain() == 0
+    assert done == [1, 2] and errors == ["broken: store gone"]
+
+
+def test_a_study_drains_its_writes_before_it_returns(tmp_path, tiny_dataset, monkeypatch):
+    # Every closing write waits until the study drains: a study that returned without draining would leave its
+    # trial runs RUNNING.
+    drained = threading.Event()
+    real_drain = BackgroundWriter.drain
+    real_submit = BackgroundWriter.submit
+
+    def drain(self, timeout=None):
+        drained.set()
+        return real_drain(self, timeout)
+
+    def submit(self, what, job):
+        return real_submit(self, what, lambda: (drained.wait(), job()))
+
+    monkeypatch.setattr(BackgroundWriter, "drain", drain)
+    monkeypatch.setattr(BackgroundWriter, "submit", submit)
+    monkeypatch.setattr(tracking_mod, "writes_in_background", lambda uri: True)  # as for a tracking server
+    spec = tiny_spec(tmp_path, **{"study.n_trials": 2})
+    result = run_study(spec, dataset=tiny_dataset)
+    assert result.tracking_warnings == 0
+    _, parents, children = runs_of(spec)
+    assert [r.info.status for r in children] == ["FINISHED", "FINISHED"]
+    assert all("val_objective" in r.data.metrics and r.data.params for r in children)
+    assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("uri", "background"),
+    [
+        ("http://mlflow:5000", True),
+        ("https://mlflow.example.org", True),
+        ("postgresql+psycopg://u@db/mlflow", True),
+        ("sqlite:///mlruns/mlflow.db", False),
+        ("file:///tmp/mlruns", False),
+        ("mlruns", False),
+    ],
+)
+def test_writes_go_to_the_background_only_across_the_network(uri, background):
+    assert tracking_mod.writes_in_background(uri) is background

@@ -170,6 +170,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
+#: Seconds a study stopped by Ctrl-C or SIGTERM waits for its trials' last MLflow writes (docker/compose.yaml gives
+#: a worker 60 s between SIGTERM and SIGKILL).
+STOP_DRAIN_S = 30.0
+
 #: Trials per pack when ``study.pack`` is auto and a GPU trains them: enough to fill the launches' gaps.
 GPU_PACK = 8
 
@@ -1160,6 +1164,7 @@ class Objective:
         """
         trial, run_id, tracking = run.trial, run.run_id, run.tracking
         artifacts = run.artifacts
+        plots: Callable[[], dict[str, str | bytes]] | None = None
         state: str = "FAIL"
         final: dict[str, float] = {}
         tags: dict[str, str] = {}
@@ -1209,12 +1214,13 @@ class Objective:
             if self.spec.tracking.enabled:
                 artifacts.update(trial_model_files(model, run.params, self.dataset, self.spec, ev, trial.number))
                 if self.spec.tracking.plots:
-                    artifacts.update(self._plots(result, ev, trial.number))
+                    # Drawn on the tracker's writer thread, while the next trial trains.
+                    plots = functools.partial(self._plots, result, ev, trial.number)
             state = "COMPLETE"
             return list(ev.values) if self.spec.objective.multi else ev.objective
         finally:
             # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
-            self.tracker.end_trial(run_id, state, final, tags, artifacts)
+            self.tracker.end_trial(run_id, state, final, tags, artifacts, plots)
 
     def _plots(self, result: FitResult, ev: AnyEvaluation, number: int) -> dict[str, str | bytes]:
         from tuner.report import regression_artifacts, trial_artifacts
@@ -1311,6 +1317,7 @@ class Objective:
             TrialFailed: A fold failed (non-finite loss, gradients or objective; out of memory).
         """
         trial, run_id, artifacts = run.trial, run.run_id, run.artifacts
+        plots: Callable[[], dict[str, str | bytes]] | None = None
         k = len(self.dataset.folds)
         trackers = [FoldTrackingCallback(self.tracker, run_id, i) for i in range(k)]
         done: list[FoldOutcome] = []
@@ -1383,12 +1390,12 @@ class Objective:
             if self.spec.tracking.enabled:
                 artifacts.update(crossval_model_files(fits, run.params, self.dataset, self.spec, cv, trial.number))
                 if self.spec.tracking.plots:
-                    artifacts.update(self._crossval_plots(fits, cv, trial.number))
+                    plots = functools.partial(self._crossval_plots, fits, cv, trial.number)
             state = "COMPLETE"
             return cv.objective
         finally:
             # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
-            self.tracker.end_trial(run_id, state, final, tags, artifacts)
+            self.tracker.end_trial(run_id, state, final, tags, artifacts, plots)
 
     def _crossval_plots(self, fits: FoldFits, cv: CrossValidation, number: int) -> dict[str, str | bytes]:
         from tuner.report import crossval_trial_artifacts
@@ -1649,6 +1656,9 @@ def run_study(
             status = "KILLED"
             raise
         finally:
+            # The trials' closing MLflow writes go out in the background; on Ctrl-C or SIGTERM they get a bounded
+            # wait (under compose's stop_grace_period), otherwise as long as they take.
+            tracker.drain(None if status == "FINISHED" else STOP_DRAIN_S)
             # With several workers the parent run stays open until the last one finds the study complete.
             others_running = budget(study, total).running > 0
             if mode != "create" and (finished or (status != "FINISHED" and not others_running)):
