@@ -311,3 +311,21 @@ def test_a_member_that_leaves_its_pack_is_told_to_optuna_while_the_pack_trains_o
     # ... and was recorded PRUNED while trial 1 still trained, not when the pack ended.
     assert pruner.seen[5] == optuna.trial.TrialState.PRUNED
     assert study.trials[0].datetime_complete < study.trials[1].datetime_complete
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "nesterov"])
+def test_the_fused_update_agrees_with_the_foreach_update(optimizer, monkeypatch):
+    # torch's fused kernels (one call per member) against the _foreach ops over the whole pack: rounding apart,
+    # the same update; a momentum of 0 (no momentum buffer) included.
+    import tuner.packed as packed_mod
+
+    train, validation = toy_parts()
+    trials = [*varied(optimizer=optimizer), params(optimizer=optimizer, momentum=0.0)]
+    members = [PackMember(p, 5 + i) for i, p in enumerate(trials)]
+    runs = {}
+    for devices in (("cpu",), ()):
+        monkeypatch.setattr(packed_mod, "_FUSED_DEVICES", devices)
+        runs[devices] = fit_pack(members, train, validation, CONFIG, n_out=1)
+    for fused, plain in zip(runs[("cpu",)], runs[()], strict=True):
+        assert histories_close(fused.result.history, plain.result.history) <= TOLERANCE
+        assert fused.result.best_epoch == plain.result.best_epoch
