@@ -318,6 +318,15 @@ def test_auc_and_ap_hand_example() -> None:
     assert average_precision(LABELS, SCORES) == pytest.approx((1 + 1 + 3 / 4 + 4 / 5 + 5 / 7) / 5)
 
 
+def test_auc_equals_sklearns_with_and_without_tied_scores() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(4)
+    y = rng.random(3000) < 0.05
+    for scores in (rng.random(3000) + 0.2 * y, np.round(rng.random(3000) + 0.2 * y, 2)):  # the second: many ties
+        assert roc_auc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+
+
 @pytest.mark.parametrize("labels", [[1, 1, 1], [0, 0, 0], [True, True, True]])
 def test_auc_and_ap_single_class_is_nan(labels: list[int]) -> None:
     with warnings.catch_warnings():
