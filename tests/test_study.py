@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from pathlib import Path
@@ -307,10 +308,11 @@ def test_best_and_status_read_a_study_not_made_by_tuner(tmp_path, capsys):
     assert "COMPLETE" in capsys.readouterr().out
 
 
-def test_a_trials_closing_writes_go_out_in_the_background_and_a_drain_waits_for_them(tmp_path, monkeypatch):
+def test_a_trials_closing_writes_go_out_in_the_background_and_a_drain_waits_for_them(tmp_path, monkeypatch, caplog):
     tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "background", str(tmp_path / "a"), background=True)
     tracker.start_study("s", {}, {}, None)
     run_id = tracker.start_trial(0, {"lr": 0.1}, {})
+    assert tracker.drain() == 0  # its parameters went out
     release = threading.Event()
     real = tracker.client.set_terminated
 
@@ -321,7 +323,9 @@ def test_a_trials_closing_writes_go_out_in_the_background_and_a_drain_waits_for_
     monkeypatch.setattr(tracker.client, "set_terminated", held)
     tracker.log_epoch(run_id, 0, {"val_loss": 1.0})
     tracker.end_trial(run_id, "COMPLETE", {"val_objective": 0.5}, {}, {"notes.txt": "x"})  # returns, run still open
-    assert tracker.drain(timeout=0.05) == 1
+    with caplog.at_level(logging.WARNING, logger="tuner.tracking"):
+        assert tracker.drain(timeout=0.05) == 1
+    assert f"not sent after 0.05 s, their runs incomplete: end of run {run_id}" in caplog.text
     assert tracker.client.get_run(run_id).info.status == "RUNNING"
     release.set()
     assert tracker.drain() == 0
@@ -342,15 +346,16 @@ def test_the_background_writer_keeps_order_counts_failures_and_bounds_its_queue(
     writer.submit("held", gate.wait)
     writer.submit("broken", broken)
     writer.submit("first", lambda: done.append(1))
-    assert writer.pending() == 3  # "held" running, two queued: the queue is full
+    assert len(writer.drain(timeout=0)) == 3  # "held" running, two queued: the queue is full
     entered = threading.Event()
     blocked = threading.Thread(target=lambda: (entered.set(), writer.submit("second", lambda: done.append(2))))
     blocked.start()
     entered.wait()
-    assert writer.pending() == 3  # "second" waits in submit for room
+    assert len(writer.drain(timeout=0)) == 3  # "second" waits in submit for room
+    assert writer.drain(timeout=0.01) == ["held", "broken", "first"]  # what has not run, the running one first
     gate.set()
     blocked.join()
-    assert writer.drain() == 0
+    assert writer.drain() == []
     assert done == [1, 2] and errors == ["broken: store gone"]
 
 

@@ -176,6 +176,7 @@ class BackgroundWriter:
         self._inline = inline
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._running = ""
 
     def submit(self, what: str, job: Callable[[], None]) -> None:
         if self._inline:
@@ -189,22 +190,19 @@ class BackgroundWriter:
                 self._thread.start()
             self._changed.notify_all()
 
-    def pending(self) -> int:
-        with self._changed:
-            return len(self._jobs) + self._busy
-
-    def drain(self, timeout: float | None = None) -> int:
-        """Wait until every job submitted so far has run, or ``timeout`` seconds; return how many have not."""
+    def drain(self, timeout: float | None = None) -> list[str]:
+        """Wait until every job submitted so far has run, or ``timeout`` seconds; return what has not run (the
+        running job first)."""
         with self._changed:
             self._changed.wait_for(lambda: not self._jobs and not self._busy, timeout)
-            return len(self._jobs) + self._busy
+            return ([self._running] if self._busy else []) + [what for what, _ in self._jobs]
 
     def _run(self) -> None:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: bool(self._jobs))
                 what, job = self._jobs.popleft()
-                self._busy = True
+                self._busy, self._running = True, what
                 self._changed.notify_all()
             try:
                 self._guarded(what, job)
@@ -405,12 +403,13 @@ class MlflowTracker:
         left = self._writer.drain(timeout)
         if left:
             log.warning(
-                "%d MLflow write(s) to %s not sent after %s s; their runs stay incomplete",
-                left,
+                "%d MLflow write(s) to %s not sent after %s s, their runs incomplete: %s",
+                len(left),
                 mask_password(self.tracking_uri),
                 timeout,
+                "; ".join(left),
             )
-        return left
+        return len(left)
 
     def close_lost_run(self, run_id: str | None, reason: str) -> None:
         from mlflow.exceptions import MlflowException
