@@ -17,7 +17,7 @@ skips it:
     .venv/bin/python bench/bench_loop.py [--datasets sdss simulated] [--epochs 5] [--repeats 3]
         [--batch-sizes 32 64 256 512] [--draw-seed 0] [--tuner-threads 1] [--baseline-threads 1 0]
         [--storage sqlite|memory] [--no-plots] [--n-star 100000] [--n-quasar 1000] [--sdss PATH]
-        [--tracking-uri http://127.0.0.1:5000]
+        [--tracking-uri http://127.0.0.1:5000] [--tracking-writes auto|background|inline]
 
 Data: ``sdss`` is studies/sdss_qso.yaml's data section (../shared/data/sdss_dr14_10k.csv.gz, QSO against the
 rest on u-g, g-r, r-i, i-z); ``simulated`` is studies/quickstart.yaml's (100,000 stars, 1,000 quasars). Both use
@@ -151,6 +151,7 @@ def make_spec(data: dict[str, Any], args: argparse.Namespace, *, name: str, fold
             "uri": args.tracking_uri or f"sqlite:///{folder}/tuner-mlflow.db",
             "artifact_location": str(folder / "tuner-artifacts"),
             "plots": args.plots,
+            "writes": args.tracking_writes,
         },
     }
     return spec_from_dict(raw)
@@ -737,6 +738,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--tracking-uri",
         default=None,
         help="MLflow store of tuner and baseline, e.g. http://127.0.0.1:5000 (default: SQLite files in scratch)",
+    )
+    parser.add_argument(
+        "--tracking-writes",
+        choices=["auto", "background", "inline"],
+        default="auto",
+        help="tuner's tracking.writes (default auto: background for a server, inline for SQLite)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (stores) and print its path")
     args = parser.parse_args(argv)

@@ -375,8 +375,8 @@ def test_a_study_drains_its_writes_before_it_returns(tmp_path, tiny_dataset, mon
 
     monkeypatch.setattr(BackgroundWriter, "drain", drain)
     monkeypatch.setattr(BackgroundWriter, "submit", submit)
-    monkeypatch.setattr(tracking_mod, "writes_in_background", lambda uri: True)  # as for a tracking server
-    spec = tiny_spec(tmp_path, **{"study.n_trials": 2})
+    # A local SQLite store, written from the background as a tracking server's would be.
+    spec = tiny_spec(tmp_path, **{"study.n_trials": 2, "tracking.writes": "background"})
     result = run_study(spec, dataset=tiny_dataset)
     assert result.tracking_warnings == 0
     _, parents, children = runs_of(spec)

@@ -680,6 +680,9 @@ class TrackingSpec(_Frozen):
     experiment: str | None = None
     plots: bool = True
     plotlyjs: Literal["cdn", "embed"] = "cdn"
+    # How trials' closing writes go out: auto = on a background thread for a store across the network, in line
+    # for a local one (tuner.tracking.writes_in_background); background or inline to choose.
+    writes: Literal["auto", "background", "inline"] = "auto"
 
 
 class ValidationSpec(_Frozen):

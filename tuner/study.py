@@ -1501,6 +1501,7 @@ def make_tracker(spec: StudySpec, tracking_uri: str | None = None) -> Tracker:
         tracking_uri or spec.tracking.uri,
         spec.tracking.experiment or spec.study.name,
         spec.tracking.artifact_location,
+        background={"auto": None, "background": True, "inline": False}[spec.tracking.writes],
     )
 
 

@@ -91,7 +91,8 @@ class Tracker(Protocol):
         ...
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
-        """Log the study's summary metrics and close the parent run."""
+        """Log the study's summary metrics and close the parent run (after :meth:`drain`, which it does not do:
+        the caller bounds that wait)."""
         ...
 
     def ui_hint(self) -> str:
@@ -442,7 +443,6 @@ class MlflowTracker:
         from mlflow.entities import Metric
         from mlflow.exceptions import MlflowException
 
-        self._writer.drain()
         if self.parent_run_id is None:
             return
         now = int(time.time() * 1000)
