@@ -32,6 +32,7 @@ Run (PostgreSQL at 127.0.0.1:5432 for the worker side; ``--no-workers`` without 
 
     .venv/bin/python bench/bench_pack.py --dataset sdss --trials 16 --epochs 5 --pack 8 --repeats 3
     .venv/bin/python bench/bench_pack.py --dataset simulated --trials 16 --epochs 3 --pack 8 --repeats 3
+    .venv/bin/python bench/bench_pack.py --dataset sdss --trials 16 --epochs 5 --pack 8 --profile 40
 """
 
 from __future__ import annotations
@@ -184,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads of the baseline: 0 (default) = torch's default, all cores, as a user's script runs",
     )
     parser.add_argument("--pg", default="host=127.0.0.1 port=5432 user=postgres")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the comparison: the packed 1-process side once under cProfile, its N costliest calls",
+    )
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cores = os.cpu_count() or 1
@@ -211,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         with threads(1):
             run_packed(_spec(args, folder, "warm-p", args.pack, warm), packed_data, 1)
+        if args.profile:
+            return _profile(_spec(args, folder, "profiled", args.pack, trials), packed_data, len(trials), args.profile)
         for repeat in range(args.repeats):
             name = f"r{repeat}"
             with threads(base_threads):
@@ -256,6 +266,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"P4 {side}: median {median:.2f}x the hand-wired loop (target >= 5x): "
                 f"{'PASS' if median >= 5 else 'FAIL'}"
             )
+    return 0
+
+
+def _profile(spec: StudySpec, dataset: Dataset, n: int, top: int) -> int:
+    """The packed in-process study under cProfile: wall time, then the ``top`` calls by cumulative and own time."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    with threads(1):
+        profiler.enable()
+        wall = run_packed(spec, dataset, n)
+        profiler.disable()
+    print(f"packed, 1 process, under cProfile: {wall:.2f} s for {n} trials")
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
     return 0
 
 

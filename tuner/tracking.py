@@ -6,8 +6,8 @@ are buffered and sent with ``log_batch``: one call per trial instead of one per 
 network (a tracking server, a database server) a trial's closing writes (its parameters, metrics, tags, plots,
 files and end) go out on a background thread while the next trial trains: they wait on the network, not on the
 CPU. :meth:`MlflowTracker.drain` waits for them, and a study calls it before it ends. With a local SQLite store
-they are written in line: there they cost CPU, and a second thread would only contend for the interpreter lock
-(measured: no gain).
+they are written in line: there they cost CPU, and a second thread, contending for the interpreter lock, gained
+nothing consistent (bench/README.md).
 """
 
 from __future__ import annotations
