@@ -70,7 +70,9 @@ def pg_database() -> Iterator[Callable[[], str]]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def write_study(tmp_path: Path, *, n_trials: int, big: bool = False, tracking: str | None = None, **study) -> Path:
+def write_study(
+    tmp_path: Path, *, n_trials: int, big: bool = False, tracking: str | None = None, writes: str = "auto", **study
+) -> Path:
     # "big" trials last a few seconds: long enough to be interrupted mid-trial.
     data = {"simulated": {"n_star": 8000 if big else 1200, "n_quasar": 200 if big else 120}}
     raw = {
@@ -94,6 +96,7 @@ def write_study(tmp_path: Path, *, n_trials: int, big: bool = False, tracking: s
             "enabled": tracking is not None,
             "uri": tracking or "sqlite:///unused.db",
             "artifact_location": str(tmp_path / "artifacts"),
+            "writes": writes,
         },
     }
     path = tmp_path / "study.yaml"
@@ -382,9 +385,10 @@ def test_a_second_process_on_an_sqlite_study_is_refused(tmp_path):
     assert code == 0, out
 
 
-def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_path):
+@pytest.mark.parametrize("writes", ["inline", "background"])
+def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_path, writes):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    study = write_study(tmp_path, n_trials=3, big=True, tracking=tracking)
+    study = write_study(tmp_path, n_trials=3, big=True, tracking=tracking, writes=writes)
     url = f"sqlite:///{tmp_path}/optuna.db"
     proc = tuner("run", str(study), "--storage", url, "--quiet", cwd=tmp_path)
     wait_until(
