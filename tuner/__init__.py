@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from tuner.config import StudySpec, load_spec, spec_from_dict
 from tuner.errors import ConfigError, DataError, StorageError, TrackingError, TunerError
