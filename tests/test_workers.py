@@ -454,3 +454,27 @@ def test_looking_at_an_sqlite_study_being_made_writes_nothing(tmp_path):
         load_existing("workers", url)
     assert path.read_bytes() == before  # no alembic_version or version_info rows, no new tables
     assert sqlite_study_names(tmp_path / "missing.db") == [] and not (tmp_path / "missing.db").exists()
+
+
+def test_opening_a_study_rides_out_a_database_restart(tmp_path, monkeypatch):
+    # A worker that starts while the database restarts must wait for it, not exit.
+    from sqlalchemy.exc import OperationalError
+
+    from tuner import worker
+
+    url = f"sqlite:///{tmp_path}/restart.db"
+    optuna.create_study(study_name="restart", storage=url)
+    real = optuna.get_all_study_names
+    calls: list[str] = []
+
+    def restarting(storage):
+        calls.append("look")
+        if len(calls) == 1:
+            raise OperationalError("SELECT 1", {}, Exception("terminating connection due to administrator command"))
+        return real(storage)
+
+    monkeypatch.setattr(optuna, "get_all_study_names", restarting)
+    monkeypatch.setattr(worker.time, "sleep", lambda seconds: None)  # the backoff, not synchronisation
+    study = worker.find_study("restart", url)
+    assert study is not None and study.study_name == "restart"
+    assert calls == ["look", "look"]

@@ -84,16 +84,21 @@ def find_study(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.
         # Opening an SQLite URL would create the file and tables, and on a file whose tables another process is
         # still making it would write the schema version too, failing that process: when only looking, do not.
         return None
-    try:
+    where = mask_password(storage) if isinstance(storage, str) else type(storage).__name__
+
+    def look() -> optuna.Study | None:
         # One storage object for both looks: each URL opened anew would build its own engine.
         opened = optuna.storages.get_storage(storage) if isinstance(storage, str) else storage
         if name not in optuna.get_all_study_names(opened):
             return None
         return optuna.load_study(study_name=name, storage=opened)
+
+    try:
+        # A worker that starts while the database restarts rides it out, as a running one does.
+        return retrying(look, what=f"open {where}", attempts=OPEN_ATTEMPTS)
     except Exception as exc:  # storage drivers raise many types; every one means "cannot reach it"
         if isinstance(exc, StorageError):
             raise
-        where = mask_password(storage) if isinstance(storage, str) else type(storage).__name__
         raise StorageError(f"study.storage: cannot open {where}: {type(exc).__name__}: {exc}") from None
 
 
