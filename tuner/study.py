@@ -1657,8 +1657,9 @@ def run_study(
             status = "KILLED"
             raise
         finally:
-            # The trials' closing MLflow writes go out in the background; on Ctrl-C or SIGTERM they get a bounded
-            # wait (under compose's stop_grace_period), otherwise as long as they take.
+            # The trials' closing MLflow writes may still be going out in the background (tracking.writes); on
+            # Ctrl-C or SIGTERM they get a bounded wait (under compose's stop_grace_period), otherwise as long as
+            # they take.
             tracker.drain(None if status == "FINISHED" else STOP_DRAIN_S)
             # With several workers the parent run stays open until the last one finds the study complete.
             others_running = budget(study, total).running > 0
