@@ -310,16 +310,9 @@ class MlflowTracker:
         parent = self.parent_run_id
         assert parent is not None
         tag_items = [RunTag(k, str(v)) for k, v in tags.items()]
-
-        def describe() -> None:
-            try:
-                for i in range(0, len(param_items), 100):
-                    self.client.log_batch(parent, params=param_items[i : i + 100])
-                self.client.log_batch(parent, tags=tag_items)
-            except MlflowException as exc:
-                self._warn(f"parameters and tags of study run {parent}", exc)
-
-        self._writer.submit(f"parameters and tags of study run {parent}", describe)
+        self._writer.submit(
+            f"parameters and tags of study run {parent}", lambda: self._describe(parent, param_items, tag_items)
+        )
         return parent
 
     def start_trial(self, number: int, params: dict[str, Any], tags: dict[str, str]) -> str | None:
@@ -334,17 +327,16 @@ class MlflowTracker:
             return None
         run_id: str = run.info.run_id
         items = [Param(k, str(v)) for k, v in params.items()]
-        self._writer.submit(f"parameters of run {run_id}", lambda: self._log_params(run_id, items))
+        self._writer.submit(f"parameters of run {run_id}", lambda: self._describe(run_id, items, []))
         self._buffers[run_id] = []
         return run_id
 
-    def _log_params(self, run_id: str, items: list[Any]) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.log_batch(run_id, params=items)
-        except MlflowException as exc:
-            self._warn(f"parameters of run {run_id}", exc)
+    def _describe(self, run_id: str, params: list[Any], tags: list[Any]) -> None:
+        """Log a run's parameters (100 per call) and tags; the writer reports a failure (``_warn``)."""
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[i : i + 100])
+        if tags:
+            self.client.log_batch(run_id, tags=tags)
 
     def log_epoch(self, run_id: str | None, epoch: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
