@@ -87,7 +87,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import optuna
@@ -357,7 +357,8 @@ def run_tuner(spec: StudySpec, dataset: Dataset, trials: Sequence[TrialParams], 
 def baseline_net(n_in: int, params: dict[str, Any]) -> nn.Sequential:
     """The MLP as a user writes it: Linear, (BatchNorm), activation, (Dropout) per layer, then one logit."""
     act = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "elu": nn.ELU}[params["activation"]]
-    gain = "relu" if params["activation"] == "elu" else params["activation"]
+    gains: dict[str, Literal["relu", "tanh", "sigmoid"]] = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+    gain = gains.get(params["activation"], "relu")  # ELU has no gain of its own: ReLU's
     layers: list[nn.Module] = []
     width_in = n_in
     for i in range(params["n_layers"]):

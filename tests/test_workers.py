@@ -128,8 +128,15 @@ def output(proc: subprocess.Popen[str]) -> str:
     return _LOGS[proc.pid].read_text()
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str]:
-    proc.wait(timeout=timeout)
+def finish(proc: subprocess.Popen[str], timeout: float = 300, storage: str | None = None) -> tuple[int, str]:
+    """The exit code and output; a process still running after ``timeout`` is killed and its output shown."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        states = [(t.number, t.state.name) for t in trials_of(storage)] if storage else "not looked at"
+        raise AssertionError(f"still running after {timeout} s; trials {states}:\n{output(proc)[-3000:]}") from None
     return proc.returncode, output(proc)
 
 
@@ -312,10 +319,17 @@ def test_a_database_restart_mid_study_loses_and_doubles_nothing(tmp_path, pg_dat
     study = write_study(tmp_path, n_trials=16)
     assert finish(tuner("create", str(study), "--storage", storage, cwd=tmp_path))[0] == 0
     workers = [tuner("worker", str(study), "--storage", storage, "--quiet", cwd=tmp_path) for _ in range(2)]
-    wait_until(lambda: len([t for t in trials_of(storage) if t.state.name == "COMPLETE"]) >= 3, 180, "3 trials")
     version, cluster = _pg_cluster()  # type: ignore[misc]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "restart"], check=True, timeout=120)
-    results = [finish(w, timeout=600) for w in workers]
+
+    # Three restarts, each after a few more trials: each meets the workers somewhere else in their loop.
+    def completed(n: int) -> Callable[[], bool]:
+        return lambda: len([t for t in trials_of(storage) if t.state.name == "COMPLETE"]) >= n
+
+    for complete in (3, 6, 9):
+        wait_until(completed(complete), 180, f"{complete} trials")
+        restart = ["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "restart"]
+        subprocess.run(restart, check=True, timeout=120)
+    results = [finish(w, timeout=600, storage=storage) for w in workers]
     assert all(code == 0 for code, _ in results), [out[-3000:] for _, out in results]
     assert_exact(trials_of(storage), 16)
 
@@ -478,3 +492,73 @@ def test_opening_a_study_rides_out_a_database_restart(tmp_path, monkeypatch):
     study = worker.find_study("restart", url)
     assert study is not None and study.study_name == "restart"
     assert calls == ["look", "look"]
+
+
+def test_a_trial_taken_as_the_database_went_away_is_failed_and_run_again(tmp_path, monkeypatch):
+    # The database commits a new trial, then the connection drops before the worker hears back: the worker asks
+    # again, and the first trial stays RUNNING with no heartbeat. Optuna never counts such a trial stale, so every
+    # worker would wait for it forever; it must be failed once a grace period has passed and its slot run again.
+    from sqlalchemy.exc import OperationalError
+
+    from tuner import worker
+    from tuner.tracking import NullTracker
+
+    url = f"sqlite:///{tmp_path}/orphan.db"
+    on_stale = worker.stale_trial_handler(NullTracker(), max_retries=3, grace_period=2)
+    storage = worker.make_storage(url, heartbeat_interval=1, grace_period=2, on_stale=on_stale)
+    study = optuna.create_study(study_name="orphan", storage=storage)
+    real_ask = optuna.Study.ask
+    asked: list[int] = []
+
+    def ask_and_lose_the_reply(self, *args, **kwargs):
+        trial = real_ask(self, *args, **kwargs)
+        asked.append(trial.number)
+        if len(asked) == 1:
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+        return trial
+
+    monkeypatch.setattr(optuna.Study, "ask", ask_and_lose_the_reply)
+    monkeypatch.setattr(worker.time, "sleep", lambda seconds: None)  # the retry's backoff only
+    result = worker.work(study, lambda trial: trial.suggest_float("x", 0, 1), total=3, timeout=30, poll_interval=0.05)
+    trials = study.get_trials(deepcopy=False)
+    assert result.finished_study, [(t.number, t.state.name) for t in trials]
+    lost = trials[0]
+    assert lost.state.name == "FAIL"
+    retries = [t for t in trials if t.user_attrs.get(RETRY_OF) == lost.number]
+    assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
+    assert_exact(trials, 3)
+
+
+def test_a_retry_queued_again_after_a_lost_reply_is_queued_once(tmp_path):
+    from tuner.worker import enqueue_retry
+
+    study = optuna.create_study(study_name="retry", storage=f"sqlite:///{tmp_path}/retry.db")
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    lost = study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert enqueue_retry(study, lost, max_retries=3)
+    assert enqueue_retry(study, lost, max_retries=3)  # the same call again, as a retried one would be
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    queued = [(t.system_attrs.get("fixed_params"), t.user_attrs[RETRY_OF]) for t in waiting]
+    assert queued == [(lost.params, lost.number)]
+
+
+def test_a_trial_callback_that_meets_a_database_restart_is_retried(tmp_path, monkeypatch):
+    # The command line's progress line reads the best value after each trial: a restart then must not end the worker.
+    from sqlalchemy.exc import OperationalError
+
+    from tuner import worker
+
+    storage = worker.make_storage(f"sqlite:///{tmp_path}/callback.db", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="callback", storage=storage)
+    reported: list[int] = []
+
+    def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        reported.append(trial.number)
+        if len(reported) == 1:
+            raise OperationalError("SELECT", {}, Exception("terminating connection due to administrator command"))
+
+    monkeypatch.setattr(worker.time, "sleep", lambda seconds: None)  # the retry's backoff only
+    result = worker.work(study, lambda trial: trial.suggest_float("x", 0, 1), total=2, callbacks=[report])
+    assert result.finished_study and result.ran == 2
+    assert reported == [0, 0, 1]

@@ -1662,9 +1662,11 @@ def run_study(
             # they take.
             tracker.drain(None if status == "FINISHED" else STOP_DRAIN_S)
             # With several workers the parent run stays open until the last one finds the study complete.
-            others_running = budget(study, total).running > 0
+            others_running = retrying(lambda: budget(study, total), what="count trials").running > 0
             if mode != "create" and (finished or (status != "FINISHED" and not others_running)):
-                tracker.end_study(status, _study_summary_metrics(study, time.monotonic() - started))
+                elapsed = time.monotonic() - started
+                summary = retrying(lambda: _study_summary_metrics(study, elapsed), what="summarise the study")
+                tracker.end_study(status, summary)
             elif mode == "create":
                 tracker.end_study("RUNNING")
     return StudyResult(

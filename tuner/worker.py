@@ -8,13 +8,16 @@ Many worker processes (on many machines) can pull trials from one study in Postg
   notices, its MLflow run is closed KILLED, and a retry with the same parameters is queued; the failed trial
   then no longer counts towards the budget, its retry does.
 - SIGTERM and Ctrl-C end the running trial as FAIL (its run closed), queue its retry, and stop the worker.
-- Transient storage errors (a database restart) are retried a bounded number of times with backoff.
+- Transient storage errors (a database restart) are retried a bounded number of times with backoff. A trial
+  created just as the connection dropped (the worker asked again, so nobody runs it) never gets a heartbeat;
+  an idle worker fails it after the grace period and queues its retry, as for a dead worker's trial.
 - SQLite serves one process: a second worker on the same SQLite file is refused (a lock held while running).
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import math
 import os
@@ -361,13 +364,64 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 
 
 def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> bool:
-    """Queue a trial's parameters again, unless it has been retried ``max_retries`` times already."""
+    """Queue a trial's parameters again, unless it has been retried ``max_retries`` times already.
+
+    Queues at most one retry per trial: a call repeated after a lost connection may find its first one stored.
+    """
     count = int(trial.user_attrs.get(RETRY_COUNT, 0))
     if count >= max_retries:
         log.warning("trial %d failed %d times; not retried again", trial.number, count + 1)
         return False
+    if any(t.user_attrs.get(RETRY_OF) == trial.number for t in study.get_trials(deepcopy=False)):
+        return True
     study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number, RETRY_COUNT: count + 1})
     return True
+
+
+def fail_unstarted_trials(study: optuna.Study, first_seen: dict[int, float], grace: float) -> list[int]:
+    """Fail RUNNING trials that never had a heartbeat for longer than ``grace`` seconds; returns their ids.
+
+    Such a trial was created by a worker that lost its connection before it heard back (a database restart
+    during ``ask``): the worker asked again and nobody runs the first one. Optuna's stale check only looks at
+    trials with a heartbeat, so without this every worker would wait for it forever. A live worker records the
+    heartbeat of a trial as it takes it, so one without a heartbeat after a grace period is lost. ``first_seen``
+    (trial id to this process's monotonic clock, kept by the caller between calls) measures the wait, so clocks
+    of different machines are never compared. The stale-trial callback runs for each, as for a lost heartbeat.
+    """
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    if not grace or not isinstance(backend, optuna.storages.RDBStorage):
+        return []
+    from optuna.storages._rdb.models import TrialHeartbeatModel, TrialModel
+    from sqlalchemy import exists, select
+
+    never_beaten = (
+        select(TrialModel.trial_id)
+        .where(TrialModel.study_id == study._study_id, TrialModel.state == TrialState.RUNNING)
+        .where(~exists().where(TrialHeartbeatModel.trial_id == TrialModel.trial_id))
+    )
+    with backend.engine.connect() as conn:
+        unstarted = set(conn.scalars(never_beaten))
+    now = time.monotonic()
+    for trial_id in set(first_seen) - unstarted:
+        del first_seen[trial_id]
+    failed = []
+    for trial_id in sorted(unstarted):
+        if now - first_seen.setdefault(trial_id, now) <= grace:
+            continue
+        del first_seen[trial_id]
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            pass
+    on_stale = backend.get_heartbeat_stale_trial_callback()
+    for trial_id in failed:
+        trial = storage.get_trial(trial_id)
+        log.warning("trial %d was taken but never started (its worker lost the database): failed", trial.number)
+        if on_stale is not None:
+            on_stale(study, trial)
+    return failed
 
 
 def stale_trial_handler(
@@ -378,7 +432,8 @@ def stale_trial_handler(
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         tracker.close_lost_run(run_id, f"worker lost: no heartbeat for {grace_period} s; retried with the same params")
-        enqueue_retry(study, trial, max_retries)
+        # Retried here: the trial is already FAIL, so a caller's retry would not find it again to queue it.
+        retrying(lambda: enqueue_retry(study, trial, max_retries), what=f"queue lost trial {trial.number} again")
 
     return on_stale
 
@@ -520,6 +575,8 @@ def work(
     """
     started = time.monotonic()
     ran = 0
+    _, grace = heartbeat_settings(study)
+    unstarted_since: dict[int, float] = {}
     with terminate_on_sigterm():
         while True:
             check_terminated()
@@ -537,6 +594,7 @@ def work(
                 state = retrying(lambda: budget(study, total), what="count trials")
                 if state.done or state.running == 0:
                     break
+                retrying(lambda: fail_unstarted_trials(study, unstarted_since, grace), what="check for lost trials")
                 # Other workers hold the last slots; one may die and its retry need a taker.
                 time.sleep(poll_interval)
                 continue
@@ -547,7 +605,8 @@ def work(
             ran += len(finished)
             for frozen in finished:
                 for callback in callbacks:
-                    callback(study, frozen)
+                    # Callbacks read the study (the best value so far): a restart then must not end the worker.
+                    retrying(functools.partial(callback, study, frozen), what=f"report trial {frozen.number}")
     return WorkResult(ran=ran, finished_study=retrying(lambda: budget(study, total), what="count trials").done)
 
 
@@ -555,7 +614,11 @@ def _take_trial(study: optuna.Study, total: int) -> optuna.Trial | None:
     with budget_lock(study):
         if not budget(study, total).slot_free:
             return None
-        return study.ask()
+        trial = study.ask()
+        # Beating at once tells other workers it is taken (see fail_unstarted_trials), before the slow start-up.
+        if heartbeat_settings(study)[0]:
+            study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+        return trial
 
 
 def _run_one(
