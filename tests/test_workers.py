@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import optuna
@@ -311,27 +311,40 @@ def _pg_cluster() -> tuple[str, str] | None:
     return (versions[-1], "main") if versions else None
 
 
-@postgres
-@needs_pg
-@pytest.mark.skipif(_pg_cluster() is None, reason="needs root and pg_ctlcluster to restart the local PostgreSQL")
-def test_a_database_restart_mid_study_loses_and_doubles_nothing(tmp_path, pg_database):
-    storage = pg_database()
-    study = write_study(tmp_path, n_trials=16)
+def _restart_mid_study(tmp_path: Path, storage: str, n_trials: int, restart_after: Sequence[int]) -> None:
+    """Two workers on one study; PostgreSQL restarted once each listed number of trials has completed."""
+    study = write_study(tmp_path, n_trials=n_trials)
     assert finish(tuner("create", str(study), "--storage", storage, cwd=tmp_path))[0] == 0
     workers = [tuner("worker", str(study), "--storage", storage, "--quiet", cwd=tmp_path) for _ in range(2)]
     version, cluster = _pg_cluster()  # type: ignore[misc]
 
-    # Three restarts, each after a few more trials: each meets the workers somewhere else in their loop.
     def completed(n: int) -> Callable[[], bool]:
         return lambda: len([t for t in trials_of(storage) if t.state.name == "COMPLETE"]) >= n
 
-    for complete in (3, 6, 9):
+    for complete in restart_after:
         wait_until(completed(complete), 180, f"{complete} trials")
         restart = ["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "restart"]
         subprocess.run(restart, check=True, timeout=120)
     results = [finish(w, timeout=600, storage=storage) for w in workers]
     assert all(code == 0 for code, _ in results), [out[-3000:] for _, out in results]
-    assert_exact(trials_of(storage), 16)
+    assert_exact(trials_of(storage), n_trials)
+
+
+@postgres
+@needs_pg
+@pytest.mark.skipif(_pg_cluster() is None, reason="needs root and pg_ctlcluster to restart the local PostgreSQL")
+def test_a_database_restart_mid_study_loses_and_doubles_nothing(tmp_path, pg_database):
+    # Three restarts, each after a few more trials: each meets the workers somewhere else in their loop.
+    _restart_mid_study(tmp_path, pg_database(), 16, restart_after=(3, 6, 9))
+
+
+@pytest.mark.slow
+@postgres
+@needs_pg
+@pytest.mark.skipif(_pg_cluster() is None, reason="needs root and pg_ctlcluster to restart the local PostgreSQL")
+def test_many_database_restarts_lose_double_and_strand_nothing(tmp_path, pg_database):
+    # Twelve restarts over 300 short trials: enough that some meet a worker mid-ask, whose trial nobody runs.
+    _restart_mid_study(tmp_path, pg_database(), 300, restart_after=range(20, 260, 20))
 
 
 @postgres

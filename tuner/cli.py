@@ -311,9 +311,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         progress.stop()
     study = result.study
-    from tuner.worker import state_counts
+    from optuna.trial import TrialState
 
-    counts = {k: v for k, v in state_counts(study).items() if v}
+    from tuner.worker import retrying, state_counts
+
+    # Read with retries: a database restart as the study ends must not turn its finished work into a traceback.
+    counts = {k: v for k, v in retrying(lambda: state_counts(study), what="count trials").items() if v}
     if args.mode == "create":
         console.print(f"study {spec.study.name!r} is ready in {mask_password(spec.study.storage)}; start workers with:")
         console.print(f"  tuner worker {args.study} --storage URL")
@@ -322,11 +325,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"this process ran {result.n_run} trial(s); the study holds: "
         + ", ".join(f"{k} {v}" for k, v in counts.items())
     )
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    complete = retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), what="read trials")
     if complete and len(study.directions) > 1:
         print_front(study, spec)
     elif complete:
-        print_trial(study.best_trial, spec)
+        print_trial(retrying(lambda: study.best_trial, what="read the best trial"), spec)
     else:
         err_console.print("no trial completed; see the reasons above")
     console.print(f"MLflow: {result.ui_hint}")
