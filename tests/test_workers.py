@@ -575,3 +575,15 @@ def test_a_trial_callback_that_meets_a_database_restart_is_retried(tmp_path, mon
     result = worker.work(study, lambda trial: trial.suggest_float("x", 0, 1), total=2, callbacks=[report])
     assert result.finished_study and result.ran == 2
     assert reported == [0, 0, 1]
+
+
+def test_a_queued_trial_lost_before_it_drew_its_parameters_is_retried_with_them(tmp_path):
+    from tuner.worker import enqueue_retry
+
+    study = optuna.create_study(study_name="queued", storage=f"sqlite:///{tmp_path}/queued.db")
+    study.enqueue_trial({"x": 0.25})
+    lost = study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # taken from the queue, never run
+    assert lost.params == {}
+    assert enqueue_retry(study, lost, max_retries=3)
+    retry = study.ask()
+    assert retry.suggest_float("x", 0, 1) == 0.25 and retry.user_attrs[RETRY_OF] == lost.number

@@ -374,7 +374,9 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> 
         return False
     if any(t.user_attrs.get(RETRY_OF) == trial.number for t in study.get_trials(deepcopy=False)):
         return True
-    study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number, RETRY_COUNT: count + 1})
+    # A queued trial lost before it drew its parameters holds them only as the queue's fixed parameters.
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    study.enqueue_trial(params, user_attrs={RETRY_OF: trial.number, RETRY_COUNT: count + 1})
     return True
 
 
