@@ -462,6 +462,43 @@ def test_the_budget_check_holds_a_postgres_advisory_lock(pg_database):
     study._storage._backend.engine.dispose()  # type: ignore[attr-defined]
 
 
+@postgres
+@needs_pg
+def test_a_worker_gone_while_it_holds_the_budget_lock_frees_it_after_the_grace_period(tmp_path, pg_database):
+    # A process that takes the lock and then does nothing stands for a machine that vanished mid-take: its
+    # connection stays open, so without a limit the server would keep the lock for hours.
+    import threading
+
+    from tuner.worker import budget_lock, make_storage
+
+    url = pg_database()
+    optuna.create_study(study_name="workers", storage=make_storage(url, heartbeat_interval=1, grace_period=2))
+    holder_script = (
+        "import sys, time, optuna\n"
+        "from tuner.worker import budget_lock, make_storage\n"
+        "storage = make_storage(sys.argv[1], heartbeat_interval=1, grace_period=2)\n"
+        "study = optuna.load_study(study_name='workers', storage=storage)\n"
+        "with budget_lock(study):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", holder_script, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        study = optuna.load_study(study_name="workers", storage=make_storage(url, heartbeat_interval=1, grace_period=2))
+        taken = threading.Event()
+
+        def take() -> None:
+            with budget_lock(study):
+                taken.set()
+
+        threading.Thread(target=take, daemon=True).start()
+        assert taken.wait(timeout=60), "the lock of a silent holder was never freed"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_looking_at_an_sqlite_study_being_made_writes_nothing(tmp_path):
     """`tuner status` on a file whose tables another process is still making: no study yet, and no schema row
     written that would make that process fail."""

@@ -3,7 +3,8 @@
 Many worker processes (on many machines) can pull trials from one study in PostgreSQL. The rules they keep:
 
 - The budget is exact: a worker takes a trial only while finished + running trials are fewer than
-  ``n_trials``, checked under a PostgreSQL advisory lock so two workers cannot both take the last slot.
+  ``n_trials``, checked under a PostgreSQL advisory lock so two workers cannot both take the last slot. A worker
+  that vanishes while it holds the lock loses it after the grace period (the server ends its idle transaction).
 - A trial whose worker died (no heartbeat for ``grace_period`` seconds) is marked FAIL by whichever worker
   notices, its MLflow run is closed KILLED, and a retry with the same parameters is queued; the failed trial
   then no longer counts towards the budget, its retry does.
@@ -298,7 +299,15 @@ def budget_lock(study: optuna.Study) -> Iterator[None]:
     from sqlalchemy import text
 
     key = int.from_bytes(study.study_name.encode()[:8].ljust(8, b"\0"), "big", signed=True)
+    _, grace = heartbeat_settings(study)
     with engine.connect() as conn:
+        if grace:
+            # The holder's transaction sits idle while it takes the trial on another connection. A holder that
+            # vanishes then (a machine gone) would hold every other worker until the server notices the dead
+            # connection, hours later by default: the server ends the transaction after the grace period instead,
+            # which frees the lock, as a heartbeat that old marks a worker dead.
+            timeout_ms = int(grace * 1000)
+            conn.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {timeout_ms}"))
         conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
         try:
             yield
