@@ -398,3 +398,29 @@ def test_a_study_drains_its_writes_before_it_returns(tmp_path, tiny_dataset, mon
 )
 def test_writes_go_to_the_background_only_across_the_network(uri, background):
     assert tracking_mod.writes_in_background(uri) is background
+
+
+def test_a_database_restart_during_an_epochs_report_is_ridden_out_not_the_trials_end(monkeypatch):
+    # The per-epoch report is the storage call a trial makes most: failing the trial (in a pack, every member)
+    # for one lost connection would throw away its epochs.
+    from sqlalchemy.exc import OperationalError
+
+    from tuner import worker
+
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    real_report = optuna.Trial.report
+    attempts: list[int] = []
+
+    def report_once_lost(self, value, step):
+        attempts.append(step)
+        if len(attempts) == 1:
+            raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+        return real_report(self, value, step)
+
+    monkeypatch.setattr(optuna.Trial, "report", report_once_lost)
+    monkeypatch.setattr(worker.time, "sleep", lambda seconds: None)  # the retry's backoff only
+    callback = study_mod.PruningCallback(trial)
+    callback.on_epoch_end(0, {"val_objective": 0.75, "val_loss": 0.3})
+    assert attempts == [0, 0]
+    assert study.get_trials()[0].intermediate_values == {0: 0.75}

@@ -664,8 +664,10 @@ class PruningCallback:
         value = metrics.get(self.key, metrics["val_loss"])
         if not math.isfinite(value):
             return
-        self.trial.report(value, epoch)
-        if self.trial.should_prune():
+        # Retried in place: a database restart would otherwise lose the trial's epochs, and in a pack its
+        # members' too. Reporting the same step again stores nothing new.
+        retrying(lambda: self.trial.report(value, epoch), what=f"report trial {self.trial.number}'s epoch {epoch}")
+        if retrying(self.trial.should_prune, what=f"ask whether to prune trial {self.trial.number}"):
             self.pruned_at = epoch
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.key}={value:.6g})")
 
@@ -742,7 +744,10 @@ class GuardPruningCallback:
         self.history.append(value if finite else None)
         if not (self.enabled and finite) or epoch < self.n_warmup_steps:
             return
-        complete = self.trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        complete = retrying(
+            lambda: self.trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+            what=f"read the trials to judge trial {self.trial.number}",
+        )
         others = [t.user_attrs[GUARD_HISTORY] for t in complete if GUARD_HISTORY in t.user_attrs]
         prune, median = guard_median_rule(
             value,
