@@ -467,7 +467,8 @@ class Heartbeat:
 
     def _beat(self) -> None:
         last_check = time.monotonic()
-        while not self._stop.is_set():
+        # The first beat was recorded as the trial was taken (_take_trial): the next is due an interval later.
+        while not self._stop.wait(self._interval):
             try:
                 self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
                 if time.monotonic() - last_check >= self._check_every:
@@ -476,7 +477,6 @@ class Heartbeat:
                         optuna.storages.fail_stale_trials(self._study)
             except Exception as exc:  # a missed beat is retried on the next tick; the grace period absorbs it
                 log.warning("heartbeat of trial %d failed: %s", self._trial_id, exc)
-            self._stop.wait(self._interval)
 
     def __enter__(self) -> Heartbeat:
         if self._interval:
