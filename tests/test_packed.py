@@ -329,3 +329,33 @@ def test_the_fused_update_agrees_with_the_foreach_update(optimizer, monkeypatch)
     for fused, plain in zip(runs[("cpu",)], runs[()], strict=True):
         assert histories_close(fused.result.history, plain.result.history) <= TOLERANCE
         assert fused.result.best_epoch == plain.result.best_epoch
+
+
+def test_a_restart_while_one_member_is_judged_loses_that_member_alone(tmp_path, monkeypatch):
+    # Its pack mates are still training: failing them too for one lost connection would repeat their work.
+    from sqlalchemy.exc import OperationalError
+
+    from tuner.worker import RETRY_OF
+
+    raw = {**PACKED_STUDY, "study": {**PACKED_STUDY["study"], "name": "lost-member", "n_trials": 3, "pack": 3}}
+    spec = spec_from_dict(stored_in(raw, tmp_path, plots=False))
+    real_set_user_attr = optuna.Trial.set_user_attr
+    lost: list[int] = []
+
+    def set_user_attr_losing_the_first_judged(self, key, value):
+        if key == "best_epoch" and not lost:
+            lost.append(self.number)
+            raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+        return real_set_user_attr(self, key, value)
+
+    monkeypatch.setattr(optuna.Trial, "set_user_attr", set_user_attr_losing_the_first_judged)
+    study = run_study(spec, device="cpu").study
+    [number] = lost
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL" if t.number == number else "COMPLETE" for t in study.trials[:3]] + ["COMPLETE"]
+    retry = study.trials[3]
+    assert retry.user_attrs[RETRY_OF] == number and retry.params == study.trials[number].params
+    # The lost trial's MLflow run is closed as failed, the others' as finished.
+    client = MlflowClient(spec.tracking.uri)
+    statuses = [client.get_run(t.user_attrs["mlflow_run_id"]).info.status for t in study.trials]
+    assert statuses == ["FAILED" if t.number == number else "FINISHED" for t in study.trials]

@@ -54,10 +54,12 @@ from tuner.train import FitConfig, FitResult, fit, mean_probabilities, predict_l
 from tuner.worker import (
     Terminated,
     TrialFailed,
+    TrialLost,
     budget,
     check_terminated,
     find_study,
     is_sqlite,
+    is_transient,
     make_storage,
     retrying,
     sqlite_single_process,
@@ -1041,8 +1043,9 @@ class Objective:
 
         A trial is settled (judged, its run closed) as soon as it leaves its pack, and ``on_settled(index,
         outcome)`` is called then, so its worker can tell Optuna while the rest of the pack trains.
-        ``optuna.TrialPruned`` and :class:`TrialFailed` end one trial and are returned in its place; anything
-        else (Ctrl-C, SIGTERM, a defect) closes every run still open as failed and is raised.
+        ``optuna.TrialPruned`` and :class:`TrialFailed` end one trial and are returned in its place, as is
+        :class:`TrialLost` for a storage error while it was judged; anything else (Ctrl-C, SIGTERM, a defect)
+        closes every run still open as failed and is raised.
         """
         runs = [self.begin(trial) for trial in trials]
         outcomes: list[float | list[float] | Exception | None] = [None] * len(runs)
@@ -1104,6 +1107,11 @@ class Objective:
             return self.finish(run, model, result, error)
         except (optuna.TrialPruned, TrialFailed) as exc:
             return exc
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # The database went away while this trial was judged: it alone is lost, the rest of its pack trains on.
+            return TrialLost(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
     def begin(self, trial: optuna.Trial) -> TrialRun:
         """Draw the trial's parameters, record its seed and manifest, open its MLflow run."""

@@ -61,6 +61,10 @@ class TrialFailed(Exception):
     """A trial that cannot produce a value (non-finite loss or objective); recorded FAIL, the study goes on."""
 
 
+class TrialLost(Exception):
+    """A trial cut short by the storage (a database restart), not by its own result: failed and queued again."""
+
+
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, like KeyboardInterrupt on Ctrl-C (neither is an ``Exception``)."""
 
@@ -208,7 +212,7 @@ def _open_rdb(
     )
 
 
-def _is_transient(exc: BaseException | None) -> bool:
+def is_transient(exc: BaseException | None) -> bool:
     """A lost or refused database connection, possibly wrapped (Optuna re-raises it as StorageInternalError)."""
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -239,7 +243,7 @@ def retrying(fn: Callable[[], T], *, what: str, attempts: int = RESTART_ATTEMPTS
         try:
             return fn()
         except Exception as exc:
-            if not _is_transient(exc):
+            if not is_transient(exc):
                 raise
             if attempt == attempts:
                 raise StorageError(
@@ -652,7 +656,7 @@ def _run_one(
         retrying(lambda: enqueue_retry(study, frozen, max_retries), what="queue the interrupted trial again")
         raise
     except Exception as exc:
-        if not _is_transient(exc):
+        if not is_transient(exc):
             _tell(study, trial, state=TrialState.FAIL)
             raise
         # The database went away mid-trial (a restart): the trial is lost, not wrong; run it again.
@@ -672,6 +676,10 @@ def _run_pack(
     told: dict[int, FrozenTrial] = {}
 
     def tell(index: int, outcome: float | Sequence[float] | Exception) -> None:
+        if isinstance(outcome, TrialLost):
+            log.warning("trial %d lost to a storage error, queued again: %s", trials[index].number, outcome)
+            told[index] = _fail_and_retry(study, trials[index], max_retries, "queue the lost trial again")
+            return
         told[index] = _tell_outcome(study, trials[index], outcome)
 
     def unsettled() -> list[optuna.Trial]:
@@ -689,7 +697,7 @@ def _run_pack(
             _fail_and_retry(study, trial, max_retries, "queue the interrupted trial again")
         raise
     except Exception as exc:
-        transient = _is_transient(exc)
+        transient = is_transient(exc)
         finished = list(told.values())
         for trial in unsettled():
             if transient:
