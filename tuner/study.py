@@ -65,6 +65,7 @@ from tuner.worker import (
     sqlite_single_process,
     stale_trial_handler,
     state_counts,
+    storage_error_summary,
     work,
 )
 
@@ -1111,7 +1112,7 @@ class Objective:
             if not is_transient(exc):
                 raise
             # The database went away while this trial was judged: it alone is lost, the rest of its pack trains on.
-            return TrialLost(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return TrialLost(storage_error_summary(exc))
 
     def begin(self, trial: optuna.Trial) -> TrialRun:
         """Draw the trial's parameters, record its seed and manifest, open its MLflow run."""

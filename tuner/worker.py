@@ -226,6 +226,12 @@ def is_transient(exc: BaseException | None) -> bool:
     return False
 
 
+def storage_error_summary(exc: BaseException) -> str:
+    """The error's type and first line: a driver's message goes on with the SQL and a link to its docs."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 #: Attempts of a storage call made while a study runs: a database server restarting (a checkpoint on a busy
 #: machine) can take longer than a quarter of a minute, and a worker should ride it out (about 64 s in all).
 RESTART_ATTEMPTS = 8
@@ -247,8 +253,7 @@ def retrying(fn: Callable[[], T], *, what: str, attempts: int = RESTART_ATTEMPTS
                 raise
             if attempt == attempts:
                 raise StorageError(
-                    f"study.storage: cannot {what} after {attempts} attempts: {type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}"
+                    f"study.storage: cannot {what} after {attempts} attempts: {storage_error_summary(exc)}"
                 ) from None
             log.warning("storage error (attempt %d/%d, retrying in %.1fs): %s", attempt, attempts, wait, exc)
             time.sleep(wait)  # backoff before reconnecting, not synchronisation
