@@ -156,6 +156,11 @@ def run_workers(raw: dict, folder: Path, n: int, pg: str) -> tuple[float, float]
         raise SystemExit(f"worker study: trial states {[t.state.name for t in done]}")
     first = min(t.datetime_start for t in done if t.datetime_start)
     last = max(t.datetime_complete for t in done if t.datetime_complete)
+    if os.environ.get("BENCH_TIMELINE"):
+        for t in done:
+            assert t.datetime_start and t.datetime_complete
+            start, end = (t.datetime_start - first).total_seconds(), (t.datetime_complete - first).total_seconds()
+            print(f"  trial {t.number:2d}: {start:6.2f} -> {end:6.2f} s  {t.user_attrs.get('worker', '')}")
     return (last - first).total_seconds(), wall
 
 
@@ -280,6 +285,8 @@ def _profile(spec: StudySpec, dataset: Dataset, n: int, top: int) -> int:
         wall = run_packed(spec, dataset, n)
         profiler.disable()
     print(f"packed, 1 process, under cProfile: {wall:.2f} s for {n} trials")
+    if os.environ.get("BENCH_PROFILE_OUT"):
+        profiler.dump_stats(os.environ["BENCH_PROFILE_OUT"])
     stats = pstats.Stats(profiler)
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(top)

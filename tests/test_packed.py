@@ -335,20 +335,21 @@ def test_a_restart_while_one_member_is_judged_loses_that_member_alone(tmp_path, 
     # Its pack mates are still training: failing them too for one lost connection would repeat their work.
     from sqlalchemy.exc import OperationalError
 
+    from tuner import study as study_module
     from tuner.worker import RETRY_OF
 
     raw = {**PACKED_STUDY, "study": {**PACKED_STUDY["study"], "name": "lost-member", "n_trials": 3, "pack": 3}}
     spec = spec_from_dict(stored_in(raw, tmp_path, plots=False))
-    real_set_user_attr = optuna.Trial.set_user_attr
+    real_set_user_attrs = study_module.set_user_attrs
     lost: list[int] = []
 
-    def set_user_attr_losing_the_first_judged(self, key, value):
-        if key == "best_epoch" and not lost:
-            lost.append(self.number)
+    def set_user_attrs_losing_the_first_judged(trial, attrs):
+        if "best_epoch" in attrs and not lost:
+            lost.append(trial.number)
             raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
-        return real_set_user_attr(self, key, value)
+        return real_set_user_attrs(trial, attrs)
 
-    monkeypatch.setattr(optuna.Trial, "set_user_attr", set_user_attr_losing_the_first_judged)
+    monkeypatch.setattr(study_module, "set_user_attrs", set_user_attrs_losing_the_first_judged)
     study = run_study(spec, device="cpu").study
     [number] = lost
     states = [t.state.name for t in study.trials]

@@ -624,3 +624,27 @@ def test_a_queued_trial_lost_before_it_drew_its_parameters_is_retried_with_them(
     assert enqueue_retry(study, lost, max_retries=3)
     retry = study.ask()
     assert retry.suggest_float("x", 0, 1) == 0.25 and retry.user_attrs[RETRY_OF] == lost.number
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
+def test_user_attributes_written_at_once_are_read_back_as_if_written_one_by_one(tmp_path, pg_database, backend):
+    from tuner.worker import set_user_attrs
+
+    url = {"memory": None, "sqlite": f"sqlite:///{tmp_path}/attrs.db"}.get(backend) or pg_database()
+    study = optuna.create_study(study_name="attrs", storage=url)
+    trial = study.ask()
+    trial.set_user_attr("epochs", 1)
+    attrs = {"epochs": 5, "stop_reason": "patience", "fold_epochs": [3, 4], "manifest": {"seed": 7, "x": None}}
+    set_user_attrs(trial, attrs)
+    assert trial.user_attrs == attrs  # the trial object sees them at once, the earlier value replaced
+    study.tell(trial, 0.5)
+    again = optuna.load_study(study_name="attrs", storage=url) if url else study
+    assert again.trials[0].user_attrs == attrs
+    # A finished trial is not changed, as with Optuna's own call, and nothing of the refused batch is stored.
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_user_attrs(trial, {"epochs": 6, "late": True})
+    reread = optuna.load_study(study_name="attrs", storage=url) if url else study
+    assert reread.trials[0].user_attrs == attrs
+    backend_storage = getattr(study._storage, "_backend", None)
+    if backend_storage is not None:
+        backend_storage.engine.dispose()

@@ -62,6 +62,7 @@ from tuner.worker import (
     is_transient,
     make_storage,
     retrying,
+    set_user_attrs,
     sqlite_single_process,
     stale_trial_handler,
     state_counts,
@@ -943,12 +944,12 @@ def trial_manifest(
     }
 
 
-def _record_health(trial: optuna.Trial, verdict: Verdict | None, tags: dict[str, str]) -> None:
-    """The verdict on the Optuna trial (user attributes) and on its run (tags, searchable in MLflow)."""
+def _record_health(attrs: dict[str, Any], verdict: Verdict | None, tags: dict[str, str]) -> None:
+    """The verdict for the Optuna trial (user attributes) and for its run (tags, searchable in MLflow)."""
     if verdict is None:
         return
-    trial.set_user_attr("gradient_health", verdict.name)
-    trial.set_user_attr("gradient_health_detail", verdict.detail)
+    attrs["gradient_health"] = verdict.name
+    attrs["gradient_health_detail"] = verdict.detail
     tags["gradient_health"] = verdict.name
     tags["gradient_health_detail"] = verdict.detail
 
@@ -1118,10 +1119,8 @@ class Objective:
         """Draw the trial's parameters, record its seed and manifest, open its MLflow run."""
         params = suggest(trial, self.spec.search_space)
         seed = self.spec.study.seed + trial.number
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("engine", self.engine)
         manifest = trial_manifest(self.spec, self.dataset, params, seed, trial.number, self.engine)
-        trial.set_user_attr("manifest", manifest)
+        attrs: dict[str, Any] = {"seed": seed, "engine": self.engine, "manifest": manifest}
         run_id = self.tracker.start_trial(
             trial.number,
             params.as_record(self.max_layers),
@@ -1133,7 +1132,8 @@ class Objective:
             },
         )
         if run_id is not None:
-            trial.set_user_attr("mlflow_run_id", run_id)
+            attrs["mlflow_run_id"] = run_id
+        set_user_attrs(trial, attrs)
         return TrialRun(
             trial=trial,
             params=params,
@@ -1182,6 +1182,7 @@ class Objective:
         state: str = "FAIL"
         final: dict[str, float] = {}
         tags: dict[str, str] = {}
+        attrs: dict[str, Any] = {}  # the trial's user attributes, written at once on every path
         if isinstance(run.pruning, GuardPruningCallback) and run.pruning.guard is not None:
             # Stored whatever the trial's end (the median rule reads the complete trials'); a failed write must not
             # hide the error that ended the trial.
@@ -1192,10 +1193,9 @@ class Objective:
                 state = "PRUNED"
                 tags = {"stop_reason": str(error)}
                 final = {"epochs": float(len(tracking.history))}
-                trial.set_user_attr("stop_reason", str(error))
-                trial.set_user_attr("epochs", len(tracking.history))
+                attrs.update(stop_reason=str(error), epochs=len(tracking.history))
                 if self.config.health:
-                    _record_health(trial, judge(tracking.history, self.config.health_thresholds), tags)
+                    _record_health(attrs, judge(tracking.history, self.config.health_thresholds), tags)
                 raise error
             if isinstance(error, torch.OutOfMemoryError):
                 tags = {"stop_reason": f"out of memory: {error}"}
@@ -1203,28 +1203,25 @@ class Objective:
             if error is not None:
                 raise error
             assert model is not None and result is not None
-            trial.set_user_attr("stop_reason", result.stop_reason)
-            trial.set_user_attr("epochs", result.epochs)
-            trial.set_user_attr("best_epoch", result.best_epoch)
+            attrs.update(stop_reason=result.stop_reason, epochs=result.epochs, best_epoch=result.best_epoch)
             tags = {"stop_reason": result.stop_reason}
-            _record_health(trial, result.health, tags)
+            _record_health(attrs, result.health, tags)
             final = {"epochs": float(result.epochs), "best_epoch": float(result.best_epoch or 0)}
             if result.failed:
                 if len(tracking.history) < result.epochs:
                     # The epoch that ended the fit reached no callback: log it, so the curves show the blow-up.
                     self.tracker.log_epoch(run_id, result.epochs - 1, result.history[-1])
-                trial.set_user_attr("fail_reason", result.stop_reason)
+                attrs["fail_reason"] = result.stop_reason
                 raise TrialFailed(result.stop_reason)
             ev = evaluate(model, self.dataset, self.spec, result)
             bad = [(m, v) for m, v in zip(self.spec.objective.metrics, ev.values, strict=True) if not math.isfinite(v)]
             if bad:
                 reason = "non-finite objective " + ", ".join(f"{m}={v}" for m, v in bad)
-                trial.set_user_attr("fail_reason", reason)
+                attrs["fail_reason"] = reason
                 tags["stop_reason"] = reason
                 raise TrialFailed(reason)
             final.update(ev.final_metrics())
-            for key, value in ev.final_metrics().items():
-                trial.set_user_attr(key, value)
+            attrs.update(ev.final_metrics())
             if self.spec.tracking.enabled:
                 artifacts.update(trial_model_files(model, run.params, self.dataset, self.spec, ev, trial.number))
                 if self.spec.tracking.plots:
@@ -1233,8 +1230,14 @@ class Objective:
             state = "COMPLETE"
             return list(ev.values) if self.spec.objective.multi else ev.objective
         finally:
-            # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
-            self.tracker.end_trial(run_id, state, final, tags, artifacts, plots)
+            try:
+                set_user_attrs(trial, attrs)
+            except BaseException:
+                state = "FAIL"  # a trial whose figures were not stored is not complete
+                raise
+            finally:
+                # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
+                self.tracker.end_trial(run_id, state, final, tags, artifacts, plots)
 
     def _plots(self, result: FitResult, ev: AnyEvaluation, number: int) -> dict[str, str | bytes]:
         from tuner.report import regression_artifacts, trial_artifacts
@@ -1336,6 +1339,7 @@ class Objective:
         trackers = [FoldTrackingCallback(self.tracker, run_id, i) for i in range(k)]
         done: list[FoldOutcome] = []
         state, final, tags = "FAIL", {}, {}
+        attrs: dict[str, Any] = {}  # the trial's user attributes, written at once on every path
 
         def after_fold(outcome: FoldOutcome) -> None:
             done.append(outcome)
@@ -1352,10 +1356,10 @@ class Objective:
                 )
 
         def record_folds(results: Sequence[FitResult]) -> None:
-            trial.set_user_attr("fold_objectives", [o.objective for o in done])
-            trial.set_user_attr("fold_epochs", [r.epochs for r in results])
-            trial.set_user_attr("fold_best_epochs", [r.best_epoch for r in results])
-            trial.set_user_attr("epochs", sum(r.epochs for r in results))
+            attrs["fold_objectives"] = [o.objective for o in done]
+            attrs["fold_epochs"] = [r.epochs for r in results]
+            attrs["fold_best_epochs"] = [r.best_epoch for r in results]
+            attrs["epochs"] = sum(r.epochs for r in results)
             final["epochs"] = float(sum(r.epochs for r in results))
             for i, r in enumerate(results):
                 tags[f"fold{i}_stop_reason"] = r.stop_reason
@@ -1368,10 +1372,10 @@ class Objective:
             except optuna.TrialPruned as exc:
                 state = "PRUNED"
                 tags["stop_reason"] = str(exc)
-                trial.set_user_attr("stop_reason", str(exc))
+                attrs["stop_reason"] = str(exc)
                 record_folds([o.result for o in done])
                 if self.config.health:
-                    _record_health(trial, folds_verdict([o.result.health for o in done]), tags)
+                    _record_health(attrs, folds_verdict([o.result.health for o in done]), tags)
                 raise
             except torch.OutOfMemoryError as exc:
                 tags["stop_reason"] = f"out of memory: {exc}"
@@ -1382,25 +1386,24 @@ class Objective:
                 f"{k} folds; epochs per fold {', '.join(str(r.epochs) for r in results)}, restored "
                 f"{', '.join(str(r.best_epoch) for r in results)}"
             )
-            trial.set_user_attr("stop_reason", fits.failure or summary)
+            attrs["stop_reason"] = fits.failure or summary
             tags["stop_reason"] = fits.failure or summary
-            _record_health(trial, fits.health, tags)
+            _record_health(attrs, fits.health, tags)
             if fits.failure:
                 failed = fits.failed_result
                 if failed is not None and len(trackers[len(fits.folds)].history) < failed.epochs:
                     # The epoch that ended the fit reached no callback: log it, so the curves show the blow-up.
                     trackers[len(fits.folds)].on_epoch_end(failed.epochs - 1, failed.history[-1])
-                trial.set_user_attr("fail_reason", fits.failure)
+                attrs["fail_reason"] = fits.failure
                 raise TrialFailed(fits.failure)
             cv = evaluate_folds(fits.folds, self.dataset, self.spec)
             if not math.isfinite(cv.objective):
                 reason = f"non-finite objective {self.spec.objective.metric}={cv.objective}"
-                trial.set_user_attr("fail_reason", reason)
+                attrs["fail_reason"] = reason
                 tags["stop_reason"] = reason
                 raise TrialFailed(reason)
             final.update(cv.final_metrics())
-            for key, value in cv.final_metrics().items():
-                trial.set_user_attr(key, value)
+            attrs.update(cv.final_metrics())
             if self.spec.tracking.enabled:
                 artifacts.update(crossval_model_files(fits, run.params, self.dataset, self.spec, cv, trial.number))
                 if self.spec.tracking.plots:
@@ -1408,8 +1411,14 @@ class Objective:
             state = "COMPLETE"
             return cv.objective
         finally:
-            # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
-            self.tracker.end_trial(run_id, state, final, tags, artifacts, plots)
+            try:
+                set_user_attrs(trial, attrs)
+            except BaseException:
+                state = "FAIL"  # a trial whose figures were not stored is not complete
+                raise
+            finally:
+                # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
+                self.tracker.end_trial(run_id, state, final, tags, artifacts, plots)
 
     def _crossval_plots(self, fits: FoldFits, cv: CrossValidation, number: int) -> dict[str, str | bytes]:
         from tuner.report import crossval_trial_artifacts

@@ -381,6 +381,46 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
+def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    """Store several user attributes of a running trial at once, as ``trial.set_user_attr`` does one by one.
+
+    Optuna writes one attribute per transaction: 2 to 4 ms each on SQLite or PostgreSQL, some 20 per trial. In a
+    SQLite or PostgreSQL study they go in one statement and one commit here; elsewhere one by one.
+    """
+    if not attrs:
+        return
+    storage = trial.storage
+    backend = getattr(storage, "_backend", storage)
+    dialect = backend.engine.dialect.name if isinstance(backend, optuna.storages.RDBStorage) else None
+    if dialect not in ("sqlite", "postgresql"):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    import json
+
+    from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
+    from sqlalchemy import select
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    trial_id = trial._trial_id
+    rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(TrialUserAttributeModel).values(rows)
+    upsert = insert.on_conflict_do_update(
+        index_elements=[TrialUserAttributeModel.trial_id, TrialUserAttributeModel.key],
+        set_={"value_json": insert.excluded.value_json},
+    )
+    assert isinstance(backend, optuna.storages.RDBStorage)
+    with backend.engine.begin() as conn:
+        state = conn.scalar(select(TrialModel.state).where(TrialModel.trial_id == trial_id))
+        if state is None:
+            raise KeyError(f"no trial with id {trial_id}")
+        # Optuna refuses to change a finished trial: so does this, before anything is written.
+        backend.check_trial_is_updatable(trial_id, TrialState(state))
+        conn.execute(upsert)
+    # What trial.set_user_attr does after its write: the trial object answers user_attrs from this copy.
+    trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
 def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> bool:
     """Queue a trial's parameters again, unless it has been retried ``max_retries`` times already.
 
