@@ -115,7 +115,7 @@ def run_packed(spec: StudySpec, dataset: Dataset, n: int) -> float:
     return wall
 
 
-def run_workers(raw: dict, folder: Path, n: int, pg: str) -> tuple[float, float]:
+def run_workers(raw: dict, folder: Path, n: int, pg: str, timeline: bool = False) -> tuple[float, float]:
     """(span, wall) seconds of two 1-thread worker processes on one PostgreSQL study."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with scratch_database(pg) as storage, scratch_database(pg) as tracking:
@@ -156,11 +156,11 @@ def run_workers(raw: dict, folder: Path, n: int, pg: str) -> tuple[float, float]
         raise SystemExit(f"worker study: trial states {[t.state.name for t in done]}")
     first = min(t.datetime_start for t in done if t.datetime_start)
     last = max(t.datetime_complete for t in done if t.datetime_complete)
-    if os.environ.get("BENCH_TIMELINE"):
+    if timeline:
         for t in done:
             assert t.datetime_start and t.datetime_complete
             start, end = (t.datetime_start - first).total_seconds(), (t.datetime_complete - first).total_seconds()
-            print(f"  trial {t.number:2d}: {start:6.2f} -> {end:6.2f} s  {t.user_attrs.get('worker', '')}")
+            print(f"  trial {t.number:2d}: {start:6.2f} -> {end:6.2f} s")
     return (last - first).total_seconds(), wall
 
 
@@ -197,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="instead of the comparison: the packed 1-process side once under cProfile, its N costliest calls",
     )
+    parser.add_argument("--profile-out", help="with --profile: also save the raw profile here (for pstats)")
+    parser.add_argument(
+        "--timeline", action="store_true", help="print when each of the workers' trials started and ended"
+    )
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cores = os.cpu_count() or 1
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         with threads(1):
             run_packed(_spec(args, folder, "warm-p", args.pack, warm), packed_data, 1)
         if args.profile:
-            return _profile(_spec(args, folder, "profiled", args.pack, trials), packed_data, len(trials), args.profile)
+            profiled = _spec(args, folder, "profiled", args.pack, trials)
+            return _profile(profiled, packed_data, len(trials), args.profile, args.profile_out)
         for repeat in range(args.repeats):
             name = f"r{repeat}"
             with threads(base_threads):
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if not args.no_workers:
                 raw = raw_study(args, folder, name=STUDY_NAME, pack=args.pack, trials=trials)
-                span, wall = run_workers(raw, folder, len(trials), args.pg)
+                span, wall = run_workers(raw, folder, len(trials), args.pg, args.timeline)
                 rate = 60 * len(trials) / span
                 rates["packed-2w"].append(rate)
                 ratios["packed-2w"].append(rate / base_rate)
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _profile(spec: StudySpec, dataset: Dataset, n: int, top: int) -> int:
+def _profile(spec: StudySpec, dataset: Dataset, n: int, top: int, out: str | None = None) -> int:
     """The packed in-process study under cProfile: wall time, then the ``top`` calls by cumulative and own time."""
     import cProfile
     import pstats
@@ -285,8 +290,8 @@ def _profile(spec: StudySpec, dataset: Dataset, n: int, top: int) -> int:
         wall = run_packed(spec, dataset, n)
         profiler.disable()
     print(f"packed, 1 process, under cProfile: {wall:.2f} s for {n} trials")
-    if os.environ.get("BENCH_PROFILE_OUT"):
-        profiler.dump_stats(os.environ["BENCH_PROFILE_OUT"])
+    if out:
+        profiler.dump_stats(out)
     stats = pstats.Stats(profiler)
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(top)
