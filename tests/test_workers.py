@@ -648,3 +648,37 @@ def test_user_attributes_written_at_once_are_read_back_as_if_written_one_by_one(
     backend_storage = getattr(study._storage, "_backend", None)
     if backend_storage is not None:
         backend_storage.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
+def test_the_budget_counted_in_the_database_equals_the_one_counted_from_the_trials(tmp_path, pg_database, backend):
+    from tuner.worker import budget, budget_of_trials, enqueue_retry
+
+    url = f"sqlite:///{tmp_path}/budget.db" if backend == "sqlite" else pg_database()
+    study = optuna.create_study(study_name="budget", storage=url)
+
+    def run(state: optuna.trial.TrialState | None) -> optuna.trial.FrozenTrial:
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        if state is None:
+            return study._storage.get_trial(trial._trial_id)
+        return study.tell(trial, 0.5 if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+
+    states = optuna.trial.TrialState
+    seen = []
+    for state in (states.COMPLETE, states.PRUNED, states.FAIL, states.FAIL):
+        seen.append(run(state))
+    enqueue_retry(study, seen[2], max_retries=3)  # a failed trial retried: the retry counts, it no longer does
+    retry = study.ask()  # the retry taken, and failed again: retried once more
+    retry = study.tell(retry, state=states.FAIL)
+    enqueue_retry(study, retry, max_retries=3)
+    run(None)  # the second retry taken: running
+    study.enqueue_trial({"x": 0.25})  # one queued by hand
+    for total in (3, 20):
+        counted = budget(study, total)
+        assert counted == budget_of_trials(study.get_trials(deepcopy=False), total)
+    # 4 finished + 1 failed retry, less the 2 failures that were retried; 1 running; 1 queued.
+    assert (counted.used, counted.running, counted.waiting) == (3, 1, 1)
+    backend_storage = getattr(study._storage, "_backend", None)
+    if backend_storage is not None:
+        backend_storage.engine.dispose()

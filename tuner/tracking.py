@@ -248,6 +248,7 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment
         self._buffers: dict[str, list[Any]] = {}
+        self._artifact_uris: dict[str, str] = {}  # each open trial run's, as create_run answered
         self.parent_run_id: str | None = None
         self.failed_writes = 0
         self._count_lock = threading.Lock()  # the writer thread counts failures too
@@ -326,6 +327,7 @@ class MlflowTracker:
             self._warn(f"start of trial {number}", exc)
             return None
         run_id: str = run.info.run_id
+        self._artifact_uris[run_id] = run.info.artifact_uri
         items = [Param(k, str(v)) for k, v in params.items()]
         self._writer.submit(f"parameters of run {run_id}", lambda: self._describe(run_id, items, []))
         self._buffers[run_id] = []
@@ -367,6 +369,7 @@ class MlflowTracker:
         if run_id is None:
             return
         now = int(time.time() * 1000)
+        artifact_uri = self._artifact_uris.pop(run_id, None)
         items = self._buffers.pop(run_id, []) + [Metric(k, float(v), now, 0) for k, v in metrics.items()]
         run_tags = [RunTag(k, str(v)) for k, v in tags.items()]
         status = RUN_STATUS.get(state, "FAILED")
@@ -380,7 +383,7 @@ class MlflowTracker:
                         files.update(build_artifacts())
                     except Exception as exc:  # a figure that cannot be drawn must not lose the other files
                         self._warn(f"drawing the plots of run {run_id}", exc)
-                self._log_files(run_id, files)
+                self._log_files(run_id, files, artifact_uri)
             except (MlflowException, OSError) as exc:
                 self._warn(f"logging of run {run_id}", exc)
             finally:
@@ -415,7 +418,7 @@ class MlflowTracker:
         except MlflowException as exc:
             self._warn(f"closing lost run {run_id}", exc)
 
-    def _log_files(self, run_id: str, artifacts: dict[str, str | bytes]) -> None:
+    def _log_files(self, run_id: str, artifacts: dict[str, str | bytes], artifact_uri: str | None = None) -> None:
         import tempfile
 
         if not artifacts:
@@ -429,7 +432,14 @@ class MlflowTracker:
                     path.write_text(content, encoding="utf-8")
                 else:
                     path.write_bytes(content)
-            self.client.log_artifacts(run_id, tmp)
+            if artifact_uri is None or self.tracking_uri.startswith("databricks"):
+                self.client.log_artifacts(run_id, tmp)
+                return
+            # The client would read the whole run back (its metrics, parameters, tags) to learn where its files
+            # go, which create_run already said: 9 ms per trial on PostgreSQL.
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri).log_artifacts(tmp)
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
         from mlflow.entities import Metric
