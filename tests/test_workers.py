@@ -626,11 +626,18 @@ def test_a_queued_trial_lost_before_it_drew_its_parameters_is_retried_with_them(
     assert retry.suggest_float("x", 0, 1) == 0.25 and retry.user_attrs[RETRY_OF] == lost.number
 
 
+def _study_url(backend: str, tmp_path: Path, pg_database: Callable[[], str]) -> str | None:
+    """A fresh study storage of the kind named: None (in memory), an SQLite file or a PostgreSQL database."""
+    if backend == "memory":
+        return None
+    return f"sqlite:///{tmp_path}/study.db" if backend == "sqlite" else pg_database()
+
+
 @pytest.mark.parametrize("backend", ["memory", "sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
 def test_user_attributes_written_at_once_are_read_back_as_if_written_one_by_one(tmp_path, pg_database, backend):
     from tuner.worker import set_user_attrs
 
-    url = {"memory": None, "sqlite": f"sqlite:///{tmp_path}/attrs.db"}.get(backend) or pg_database()
+    url = _study_url(backend, tmp_path, pg_database)
     study = optuna.create_study(study_name="attrs", storage=url)
     trial = study.ask()
     trial.set_user_attr("epochs", 1)
@@ -654,7 +661,7 @@ def test_user_attributes_written_at_once_are_read_back_as_if_written_one_by_one(
 def test_the_budget_counted_in_the_database_equals_the_one_counted_from_the_trials(tmp_path, pg_database, backend):
     from tuner.worker import budget, budget_of_trials, enqueue_retry
 
-    url = f"sqlite:///{tmp_path}/budget.db" if backend == "sqlite" else pg_database()
+    url = _study_url(backend, tmp_path, pg_database)
     study = optuna.create_study(study_name="budget", storage=url)
 
     def run(state: optuna.trial.TrialState | None) -> optuna.trial.FrozenTrial:
@@ -679,6 +686,55 @@ def test_the_budget_counted_in_the_database_equals_the_one_counted_from_the_tria
         assert counted == budget_of_trials(study.get_trials(deepcopy=False), total)
     # 4 finished + 1 failed retry, less the 2 failures that were retried; 1 running; 1 queued.
     assert (counted.used, counted.running, counted.waiting) == (3, 1, 1)
+    backend_storage = getattr(study._storage, "_backend", None)
+    if backend_storage is not None:
+        backend_storage.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
+def test_parameters_stored_at_once_are_what_optuna_stores_one_by_one(tmp_path, pg_database, backend):
+    from tuner.worker import params_stored_at_once
+
+    url = _study_url(backend, tmp_path, pg_database)
+    study = optuna.create_study(study_name="params", storage=url, sampler=optuna.samplers.RandomSampler(seed=3))
+
+    def draw(trial: optuna.Trial) -> None:
+        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_int("width", 8, 256, log=True)
+        trial.suggest_categorical("optimizer", ["sgd", "adam"])
+        trial.suggest_float("dropout", 0.0, 0.5, step=0.1)
+
+    one_by_one = study.ask()
+    draw(one_by_one)
+    at_once = study.ask()
+    with params_stored_at_once(at_once):
+        draw(at_once)
+        if backend != "memory":  # held back until the block ends
+            assert study._storage.get_trial(at_once._trial_id).params == {}
+    assert at_once.params.keys() == one_by_one.params.keys()
+    for trial in (one_by_one, at_once):
+        study.tell(trial, 0.5)
+    reread = optuna.load_study(study_name="params", storage=url) if url else study
+    first, second = reread.trials
+    assert second.params == at_once.params and second.distributions == first.distributions
+    # A distribution that does not fit the study's earlier one is refused, as Optuna refuses it; stored at
+    # once, the block's other parameters are refused with it.
+    bad = study.ask()
+    with pytest.raises(ValueError), params_stored_at_once(bad):
+        bad.suggest_float("momentum", 0.0, 0.99)
+        bad.suggest_categorical("width", ["narrow", "wide"])
+    stored = study._storage.get_trial(bad._trial_id).params
+    assert set(stored) == ({"momentum"} if backend == "memory" else set())
+    study.tell(bad, state=optuna.trial.TrialState.FAIL)
+    # A block that fails for another reason keeps what it drew, as one-by-one storing would have.
+    broken = study.ask()
+    with pytest.raises(RuntimeError), params_stored_at_once(broken):
+        broken.suggest_float("momentum", 0.0, 0.99)
+        raise RuntimeError("the search space could not be read")
+    assert set(study._storage.get_trial(broken._trial_id).params) == {"momentum"}
+    # A finished trial is not changed.
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError), params_stored_at_once(bad):
+        bad.suggest_float("late", 0.0, 1.0)
     backend_storage = getattr(study._storage, "_backend", None)
     if backend_storage is not None:
         backend_storage.engine.dispose()

@@ -61,6 +61,7 @@ from tuner.worker import (
     is_sqlite,
     is_transient,
     make_storage,
+    params_stored_at_once,
     retrying,
     set_user_attrs,
     sqlite_single_process,
@@ -1117,7 +1118,8 @@ class Objective:
 
     def begin(self, trial: optuna.Trial) -> TrialRun:
         """Draw the trial's parameters, record its seed and manifest, open its MLflow run."""
-        params = suggest(trial, self.spec.search_space)
+        with params_stored_at_once(trial):
+            params = suggest(trial, self.spec.search_space)
         seed = self.spec.study.seed + trial.number
         manifest = trial_manifest(self.spec, self.dataset, params, seed, trial.number, self.engine)
         attrs: dict[str, Any] = {"seed": seed, "engine": self.engine, "manifest": manifest}
