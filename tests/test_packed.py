@@ -340,16 +340,16 @@ def test_a_restart_while_one_member_is_judged_loses_that_member_alone(tmp_path, 
 
     raw = {**PACKED_STUDY, "study": {**PACKED_STUDY["study"], "name": "lost-member", "n_trials": 3, "pack": 3}}
     spec = spec_from_dict(stored_in(raw, tmp_path, plots=False))
-    real_set_user_attrs = study_module.set_user_attrs
+    real_record_trial = study_module.record_trial
     lost: list[int] = []
 
-    def set_user_attrs_losing_the_first_judged(trial, attrs):
+    def record_trial_losing_the_first_judged(trial, attrs, intermediate_values=None):
         if "best_epoch" in attrs and not lost:
             lost.append(trial.number)
             raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
-        return real_set_user_attrs(trial, attrs)
+        return real_record_trial(trial, attrs, intermediate_values)
 
-    monkeypatch.setattr(study_module, "set_user_attrs", set_user_attrs_losing_the_first_judged)
+    monkeypatch.setattr(study_module, "record_trial", record_trial_losing_the_first_judged)
     study = run_study(spec, device="cpu").study
     [number] = lost
     states = [t.state.name for t in study.trials]

@@ -424,3 +424,18 @@ def test_a_database_restart_during_an_epochs_report_is_ridden_out_not_the_trials
     callback.on_epoch_end(0, {"val_objective": 0.75, "val_loss": 0.3})
     assert attempts == [0, 0]
     assert study.get_trials()[0].intermediate_values == {0: 0.75}
+
+
+def test_without_a_pruner_each_trials_reports_are_stored_with_its_end(tmp_path, tiny_dataset, monkeypatch):
+    # Nothing reads them before the trial ends: one transaction at its end instead of one per epoch.
+    reports: list[int] = []
+    real_report = optuna.Trial.report
+    monkeypatch.setattr(optuna.Trial, "report", lambda self, v, s: reports.append(s) or real_report(self, v, s))
+    study = run_study(tiny_spec(tmp_path), dataset=tiny_dataset).study
+    assert reports == []
+    for trial in study.trials:
+        assert trial.state.name == "COMPLETE"
+        assert sorted(trial.intermediate_values) == list(range(trial.user_attrs["epochs"]))
+    # With a pruner they are reported as each epoch ends, for the pruner to judge.
+    pruned = run_study(tiny_spec(tmp_path / "pruned"), dataset=tiny_dataset, pruner=PruneAfterFirst()).study
+    assert reports and all(t.intermediate_values for t in pruned.trials)

@@ -7,6 +7,7 @@ machine without PostgreSQL they skip with the reason.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -634,24 +635,29 @@ def _study_url(backend: str, tmp_path: Path, pg_database: Callable[[], str]) -> 
 
 
 @pytest.mark.parametrize("backend", ["memory", "sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
-def test_user_attributes_written_at_once_are_read_back_as_if_written_one_by_one(tmp_path, pg_database, backend):
-    from tuner.worker import set_user_attrs
+def test_a_trial_recorded_at_once_reads_back_as_if_written_one_by_one(tmp_path, pg_database, backend):
+    from tuner.worker import record_trial
 
     url = _study_url(backend, tmp_path, pg_database)
     study = optuna.create_study(study_name="attrs", storage=url)
     trial = study.ask()
     trial.set_user_attr("epochs", 1)
     attrs = {"epochs": 5, "stop_reason": "patience", "fold_epochs": [3, 4], "manifest": {"seed": 7, "x": None}}
-    set_user_attrs(trial, attrs)
-    assert trial.user_attrs == attrs  # the trial object sees them at once, the earlier value replaced
+    steps = {0: 0.5, 1: 0.75, 2: float("nan"), 3: float("inf")}
+    record_trial(trial, attrs, steps)
+    # The trial object sees them at once, the earlier value replaced.
+    assert trial.user_attrs == attrs and trial._cached_frozen_trial.intermediate_values.keys() == steps.keys()
     study.tell(trial, 0.5)
     again = optuna.load_study(study_name="attrs", storage=url) if url else study
-    assert again.trials[0].user_attrs == attrs
-    # A finished trial is not changed, as with Optuna's own call, and nothing of the refused batch is stored.
+    stored = again.trials[0]
+    assert stored.user_attrs == attrs
+    assert stored.intermediate_values.keys() == steps.keys() and stored.intermediate_values[1] == 0.75
+    assert math.isnan(stored.intermediate_values[2]) and stored.intermediate_values[3] == float("inf")
+    # A finished trial is not changed, as with Optuna's own calls, and nothing of the refused batch is stored.
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
-        set_user_attrs(trial, {"epochs": 6, "late": True})
+        record_trial(trial, {"epochs": 6, "late": True}, {4: 1.0})
     reread = optuna.load_study(study_name="attrs", storage=url) if url else study
-    assert reread.trials[0].user_attrs == attrs
+    assert reread.trials[0].user_attrs == attrs and 4 not in reread.trials[0].intermediate_values
     backend_storage = getattr(study._storage, "_backend", None)
     if backend_storage is not None:
         backend_storage.engine.dispose()

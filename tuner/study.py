@@ -62,8 +62,8 @@ from tuner.worker import (
     is_transient,
     make_storage,
     params_stored_at_once,
+    record_trial,
     retrying,
-    set_user_attrs,
     sqlite_single_process,
     stale_trial_handler,
     state_counts,
@@ -658,16 +658,25 @@ def _check_folds(spec: StudySpec, dataset: Dataset) -> None:
 
 
 class PruningCallback:
-    """Reports the validation objective to Optuna each epoch and raises ``TrialPruned`` when told to."""
+    """Reports the validation objective to Optuna each epoch and raises ``TrialPruned`` when told to.
 
-    def __init__(self, trial: optuna.Trial, key: str = "val_objective") -> None:
+    With ``hold`` (a study without a pruner, where nothing reads a trial's reports before it ends) the values
+    are kept in ``held`` instead, for the trial's end to store with its attributes in one transaction.
+    """
+
+    def __init__(self, trial: optuna.Trial, key: str = "val_objective", *, hold: bool = False) -> None:
         self.trial = trial
         self.key = key
         self.pruned_at: int | None = None
+        self.hold = hold
+        self.held: dict[int, float] = {}
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         value = metrics.get(self.key, metrics["val_loss"])
         if not math.isfinite(value):
+            return
+        if self.hold:
+            self.held[epoch] = value
             return
         # Retried in place: a database restart would otherwise lose the trial's epochs, and in a pack its
         # members' too. Reporting the same step again stores nothing new.
@@ -1135,7 +1144,7 @@ class Objective:
         )
         if run_id is not None:
             attrs["mlflow_run_id"] = run_id
-        set_user_attrs(trial, attrs)
+        record_trial(trial, attrs)
         return TrialRun(
             trial=trial,
             params=params,
@@ -1150,7 +1159,7 @@ class Objective:
     def _pruning(self, trial: optuna.Trial) -> PruningCallback | GuardPruningCallback:
         objective, study = self.spec.objective, self.spec.study
         if not objective.multi:
-            return PruningCallback(trial)
+            return PruningCallback(trial, hold=isinstance(trial.study.pruner, optuna.pruners.NopPruner))
         options = study.pruner_options
         return GuardPruningCallback(
             trial,
@@ -1232,8 +1241,9 @@ class Objective:
             state = "COMPLETE"
             return list(ev.values) if self.spec.objective.multi else ev.objective
         finally:
+            held = run.pruning.held if isinstance(run.pruning, PruningCallback) else None
             try:
-                set_user_attrs(trial, attrs)
+                record_trial(trial, attrs, held)
             except BaseException:
                 state = "FAIL"  # a trial whose figures were not stored is not complete
                 raise
@@ -1414,7 +1424,7 @@ class Objective:
             return cv.objective
         finally:
             try:
-                set_user_attrs(trial, attrs)
+                record_trial(trial, attrs)
             except BaseException:
                 state = "FAIL"  # a trial whose figures were not stored is not complete
                 raise
