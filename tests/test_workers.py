@@ -744,3 +744,12 @@ def test_parameters_stored_at_once_are_what_optuna_stores_one_by_one(tmp_path, p
     backend_storage = getattr(study._storage, "_backend", None)
     if backend_storage is not None:
         backend_storage.engine.dispose()
+    if url is not None:
+        # The study deleted and made again (its id may be reused): what the old one stored binds nothing.
+        optuna.delete_study(study_name="params", storage=url)
+        remade = optuna.create_study(study_name="params", storage=url)
+        trial = remade.ask()
+        with params_stored_at_once(trial):
+            trial.suggest_categorical("width", ["narrow", "wide"])
+        assert remade._storage.get_trial(trial._trial_id).params == {"width": trial.params["width"]}
+        remade._storage._backend.engine.dispose()

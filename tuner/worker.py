@@ -26,6 +26,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
@@ -505,9 +506,12 @@ class _ParamsHeldBack:
         return getattr(self._storage, name)
 
 
-#: Per study (engine URL, study id): the distribution each parameter name was first stored with. A name's
-#: distribution must stay compatible for the life of a study, so one look at the database per name suffices.
-_STORED_DISTRIBUTIONS: dict[tuple[str, int], dict[str, Any]] = {}
+#: Per storage object and study id: the distribution each parameter name was first stored with. A name's
+#: distribution must stay compatible for the life of a study, so one look at the database per name suffices; kept
+#: as long as the storage object, as Optuna's own cache is (a study deleted and made again gets a new one).
+_STORED_DISTRIBUTIONS: weakref.WeakKeyDictionary[optuna.storages.RDBStorage, dict[int, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @contextmanager
@@ -557,7 +561,7 @@ def _store_params(
         if found is None:
             raise KeyError(f"no trial with id {trial_id}")
         backend.check_trial_is_updatable(trial_id, TrialState(found.state))
-        known = _STORED_DISTRIBUTIONS.setdefault((str(backend.engine.url), found.study_id), {})
+        known = _STORED_DISTRIBUTIONS.setdefault(backend, {}).setdefault(found.study_id, {})
         unseen = sorted({name for name, _, _ in drawn} - set(known))
         if unseen:
             # One statement for all names: any one stored distribution per name (all must be compatible).
