@@ -753,3 +753,30 @@ def test_parameters_stored_at_once_are_what_optuna_stores_one_by_one(tmp_path, p
             trial.suggest_categorical("width", ["narrow", "wide"])
         assert remade._storage.get_trial(trial._trial_id).params == {"width": trial.params["width"]}
         remade._storage._backend.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
+def test_a_told_trial_is_returned_as_the_storage_holds_it(tmp_path, pg_database, backend):
+    from tuner.worker import _tell, record_trial
+
+    url = _study_url(backend, tmp_path, pg_database)
+    study = optuna.create_study(study_name="tell", storage=url)
+    study.enqueue_trial({"x": 0.25}, user_attrs={RETRY_OF: 0})
+    told = []
+    for state, values in ((None, 0.5), (optuna.trial.TrialState.PRUNED, None), (optuna.trial.TrialState.FAIL, None)):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        trial.report(0.75, 0)
+        record_trial(trial, {"epochs": 1}, {1: 0.8})
+        told.append(_tell(study, trial, state=state, values=values))
+        # Told again, as after a lost reply: nothing changes.
+        assert _tell(study, trial, state=state, values=values).state == told[-1].state
+    stored = study.get_trials(deepcopy=False)
+    fields = ("number", "state", "values", "params", "distributions", "user_attrs", "intermediate_values")
+    for mine, theirs in zip(told, stored, strict=True):
+        assert {f: getattr(mine, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
+        assert mine.system_attrs == theirs.system_attrs
+    assert [t.state.name for t in told] == ["COMPLETE", "PRUNED", "FAIL"] and told[1].values == [0.8]
+    backend_storage = getattr(study._storage, "_backend", None)
+    if backend_storage is not None:
+        backend_storage.engine.dispose()
