@@ -459,12 +459,14 @@ class _Pack:
         if self._row_views is None:
             tensors = [params, *self.state.values()]
             self._row_views = [[[t[row] for t in ts] for ts in tensors] for row in range(len(self.settings))]
+        # Each member's rows of the gradients: one unbind per tensor, not one indexing per member and tensor.
+        grad_rows = list(zip(*(g.unbind(0) for g in grads), strict=True))
         if self.family == "sgd":
             for row, (lr, momentum, decay, nesterov) in enumerate(self.settings):
                 member_params, buffers = self._row_views[row]
                 torch._fused_sgd_(
                     member_params,
-                    [t[row] for t in grads],
+                    list(grad_rows[row]),
                     # Zero buffers make the first step's momentum the gradient itself, as torch.optim.SGD's does.
                     buffers if momentum > 0 else [],
                     weight_decay=decay,
@@ -483,7 +485,7 @@ class _Pack:
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
             kernel(
                 member_params,
-                [t[row] for t in grads],
+                list(grad_rows[row]),
                 exp_avg,
                 exp_avg_sq,
                 [],
@@ -584,6 +586,9 @@ def fit_pack(
     ]
     active = list(slots)
     pos_weight = None if config.pos_weight is None else torch.tensor(config.pos_weight, device=device)
+    # The binary and multilabel losses take float targets: converted once here, not at every step.
+    float_targets = config.task in ("binary", "multilabel")
+    train_y = train.y.to(pack.weights[0].dtype) if float_targets else train.y
     thresholds = config.health_thresholds
     n = train.x.shape[0]
     batch = pack.batch_size
@@ -599,7 +604,7 @@ def fit_pack(
             sampled = config.health and (step == 0 if config.health_every == 0 else step % config.health_every == 0)
             watched: list[torch.Tensor] | None = [] if sampled else None
             logits = pack.forward(train.x[idx], training=True, watch=watched)
-            losses = _losses(logits, train.y[idx], config, pos_weight, pack)
+            losses = _losses(logits, train_y[idx], config, pos_weight, pack)
             # The L1 penalty trains the weights but stays out of the reported loss, as in tuner.train.fit.
             (losses.sum() + (pack.l1 * pack.l1_norms()).sum() if pack.any_l1 else losses.sum()).backward()
             pack.clip_gradients()
