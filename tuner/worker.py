@@ -299,12 +299,39 @@ def sqlite_single_process(url: str) -> Iterator[None]:
         handle.close()
 
 
+def _rdb_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
+    """The database storage behind Optuna's caching layer; None for another kind of storage."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
+
+
+#: Databases whose upsert tuner writes itself, to store a trial's records in one statement each.
+_BATCHED_DIALECTS = ("sqlite", "postgresql")
+
+
+def _batched_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
+    backend = _rdb_backend(storage)
+    return backend if backend is not None and backend.engine.dialect.name in _BATCHED_DIALECTS else None
+
+
+def _updatable_trial(conn: Any, backend: optuna.storages.RDBStorage, trial_id: int) -> Any:
+    """The trial's row (state, study_id), after Optuna's check that a finished trial is not changed."""
+    from optuna.storages._rdb.models import TrialModel
+    from sqlalchemy import select
+
+    found = conn.execute(select(TrialModel.state, TrialModel.study_id).where(TrialModel.trial_id == trial_id))
+    row = found.one_or_none()
+    if row is None:
+        raise KeyError(f"no trial with id {trial_id}")
+    backend.check_trial_is_updatable(trial_id, TrialState(row.state))
+    return row
+
+
 @contextmanager
 def budget_lock(study: optuna.Study) -> Iterator[None]:
     """Serialise "is there a slot left? then take a trial" across processes (PostgreSQL advisory lock)."""
-    # Optuna wraps an RDBStorage in a caching layer: the engine is on the storage behind it.
-    backend = getattr(study._storage, "_backend", study._storage)
-    engine = getattr(backend, "engine", None)
+    backend = _rdb_backend(study._storage)
+    engine = backend.engine if backend is not None else None
     if engine is None or engine.dialect.name != "postgresql":
         yield
         return
@@ -353,8 +380,8 @@ class Budget:
 def budget(study: optuna.Study, total: int) -> Budget:
     """The budget's state. In a database it is counted there: loading the trials a worker checks it against
     cost 5 to 20 ms per trial taken, and grows with the study."""
-    backend = getattr(study._storage, "_backend", study._storage)
-    if isinstance(backend, optuna.storages.RDBStorage):
+    backend = _rdb_backend(study._storage)
+    if backend is not None:
         return _budget_in_sql(study, backend, total)
     return budget_of_trials(study.get_trials(deepcopy=False), total)
 
@@ -405,8 +432,8 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     In a database the rows are counted there: loading 10,000 trials to count them took 4 s on SQLite.
     """
     counts = {state.name: 0 for state in TrialState}
-    backend = getattr(study._storage, "_backend", study._storage)
-    if isinstance(backend, optuna.storages.RDBStorage):
+    backend = _rdb_backend(study._storage)
+    if backend is not None:
         from optuna.storages._rdb.models import TrialModel
         from sqlalchemy import func, select
 
@@ -437,10 +464,8 @@ def record_trial(
     steps = intermediate_values or {}
     if not user_attrs and not steps:
         return
-    storage = trial.storage
-    backend = getattr(storage, "_backend", storage)
-    dialect = backend.engine.dialect.name if isinstance(backend, optuna.storages.RDBStorage) else None
-    if dialect not in ("sqlite", "postgresql"):
+    backend = _batched_backend(trial.storage)
+    if backend is None:
         for key, value in user_attrs.items():
             trial.set_user_attr(key, value)
         for step, reported in sorted(steps.items()):
@@ -448,11 +473,10 @@ def record_trial(
         return
     import json
 
-    from optuna.storages._rdb.models import TrialIntermediateValueModel, TrialModel, TrialUserAttributeModel
-    from sqlalchemy import select
+    from optuna.storages._rdb.models import TrialIntermediateValueModel, TrialUserAttributeModel
     from sqlalchemy.dialects import postgresql, sqlite
 
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = postgresql.insert if backend.engine.dialect.name == "postgresql" else sqlite.insert
     trial_id = trial._trial_id
     statements = []
     if user_attrs:
@@ -480,13 +504,8 @@ def record_trial(
                 },
             )
         )
-    assert isinstance(backend, optuna.storages.RDBStorage)
     with backend.engine.begin() as conn:
-        state = conn.scalar(select(TrialModel.state).where(TrialModel.trial_id == trial_id))
-        if state is None:
-            raise KeyError(f"no trial with id {trial_id}")
-        # Optuna refuses to change a finished trial: so does this, before anything is written.
-        backend.check_trial_is_updatable(trial_id, TrialState(state))
+        _updatable_trial(conn, backend, trial_id)  # before anything is written
         for statement in statements:
             conn.execute(statement)
     # What Optuna's own calls do after their writes: the trial object answers from this copy.
@@ -527,12 +546,10 @@ def params_stored_at_once(trial: optuna.Trial) -> Iterator[None]:
     study's (ValueError, as from Optuna) is refused with the block's others.
     """
     storage = trial.storage
-    backend = getattr(storage, "_backend", storage)
-    dialect = backend.engine.dialect.name if isinstance(backend, optuna.storages.RDBStorage) else None
-    if dialect not in ("sqlite", "postgresql"):
+    backend = _batched_backend(storage)
+    if backend is None:
         yield
         return
-    assert isinstance(backend, optuna.storages.RDBStorage)
     drawn: list[tuple[str, float, Any]] = []
     trial.storage = _ParamsHeldBack(storage, drawn)  # type: ignore[assignment]
     try:
@@ -557,12 +574,7 @@ def _store_params(
 
     trial_id = trial._trial_id
     with backend.engine.begin() as conn:
-        found = conn.execute(
-            select(TrialModel.state, TrialModel.study_id).where(TrialModel.trial_id == trial_id)
-        ).one_or_none()
-        if found is None:
-            raise KeyError(f"no trial with id {trial_id}")
-        backend.check_trial_is_updatable(trial_id, TrialState(found.state))
+        found = _updatable_trial(conn, backend, trial_id)
         known = _STORED_DISTRIBUTIONS.setdefault(backend, {}).setdefault(found.study_id, {})
         unseen = sorted({name for name, _, _ in drawn} - set(known))
         if unseen:
@@ -625,8 +637,8 @@ def fail_unstarted_trials(study: optuna.Study, first_seen: dict[int, float], gra
     of different machines are never compared. The stale-trial callback runs for each, as for a lost heartbeat.
     """
     storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    if not grace or not isinstance(backend, optuna.storages.RDBStorage):
+    backend = _rdb_backend(storage)
+    if not grace or backend is None:
         return []
     from optuna.storages._rdb.models import TrialHeartbeatModel, TrialModel
     from sqlalchemy import exists, select
@@ -716,10 +728,8 @@ class Heartbeat:
 
 def heartbeat_settings(study: optuna.Study) -> tuple[int, float]:
     """(heartbeat interval, grace period) in seconds; interval 0 when the storage keeps no heartbeats."""
-    storage = study._storage
-    # Optuna wraps an RDBStorage in a caching layer: look through it for the settings.
-    backend = getattr(storage, "_backend", storage)
-    interval = backend.get_heartbeat_interval() if isinstance(backend, optuna.storages.RDBStorage) else None
+    backend = _rdb_backend(study._storage)
+    interval = backend.get_heartbeat_interval() if backend is not None else None
     if not interval:
         return 0, 0.0
     grace = getattr(backend, "grace_period", None) or 2 * interval
