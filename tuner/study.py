@@ -1241,15 +1241,27 @@ class Objective:
             state = "COMPLETE"
             return list(ev.values) if self.spec.objective.multi else ev.objective
         finally:
-            held = run.pruning.held if isinstance(run.pruning, PruningCallback) else None
-            try:
-                record_trial(trial, attrs, held)
-            except BaseException:
-                state = "FAIL"  # a trial whose figures were not stored is not complete
-                raise
-            finally:
-                # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
-                self.tracker.end_trial(run_id, state, final, tags, artifacts, plots)
+            self._close(run, state, attrs, final, tags, plots)
+
+    def _close(
+        self,
+        run: TrialRun,
+        state: str,
+        attrs: dict[str, Any],
+        final: dict[str, float],
+        tags: dict[str, str],
+        plots: Callable[[], dict[str, str | bytes]] | None,
+    ) -> None:
+        """Store the trial's attributes (and held reports) at once, then close its run, on every path."""
+        held = run.pruning.held if isinstance(run.pruning, PruningCallback) else None
+        try:
+            record_trial(run.trial, attrs, held)
+        except BaseException:
+            state = "FAIL"  # a trial whose figures were not stored is not complete
+            raise
+        finally:
+            # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
+            self.tracker.end_trial(run.run_id, state, final, tags, run.artifacts, plots)
 
     def _plots(self, result: FitResult, ev: AnyEvaluation, number: int) -> dict[str, str | bytes]:
         from tuner.report import regression_artifacts, trial_artifacts
@@ -1423,14 +1435,7 @@ class Objective:
             state = "COMPLETE"
             return cv.objective
         finally:
-            try:
-                record_trial(trial, attrs)
-            except BaseException:
-                state = "FAIL"  # a trial whose figures were not stored is not complete
-                raise
-            finally:
-                # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
-                self.tracker.end_trial(run_id, state, final, tags, artifacts, plots)
+            self._close(run, state, attrs, final, tags, plots)
 
     def _crossval_plots(self, fits: FoldFits, cv: CrossValidation, number: int) -> dict[str, str | bytes]:
         from tuner.report import crossval_trial_artifacts
