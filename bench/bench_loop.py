@@ -39,7 +39,7 @@ Equal work: every trial trains exactly ``--epochs`` epochs on every side (pruner
   with that engine its per-epoch train loss, validation loss and objective equal tuner's bit for bit; tuner's
   default packed engine starts from the same weights and takes the same batches, but draws its own dropout masks
   and updates with its own fused code, so its histories differ (printed as "same model and batches").
-- tuner: :func:`tuner.study.run_study` (``device="cpu"``, ``dataset=`` the prebuilt data, sampler random,
+- tuner: :func:`tuner.study.run_study` (``device=`` ``--device``, ``dataset=`` the prebuilt data, sampler random,
   pruner none, the trials passed as ``enqueue``), tracking off, then the same study with tracking on (an SQLite
   MLflow store in the scratch folder; ``tracking.plots`` true unless ``--no-plots``).
 - baseline: the loop a user writes from the official examples (own code, in this file): ``optuna.create_study``
@@ -53,6 +53,9 @@ Optuna storage (``--storage``): a SQLite file in the scratch folder for tuner an
 user runs it), or in memory (takes the disk's commit latency out; the MLflow stores stay SQLite). The SQLite
 commit latency of the scratch folder is printed before and after: on a disk shared with other jobs it varies
 from under 1 ms to over 10 ms, and tuner and the baseline each commit some 55 times per 5-epoch trial.
+
+Device (``--device``, default ``cpu``): floor and tuner train on it with the data resident there; the baseline
+keeps its ``DataLoader`` over the CPU tensors and moves each batch to the device, as the official examples do.
 
 Threads: floor and tuner run with ``torch.set_num_threads(--tuner-threads)`` (1: the CLI's default
 ``--threads 1``); the baseline once per ``--baseline-threads`` entry (0: torch's default, the number of cores).
@@ -225,9 +228,10 @@ def floor_trial(dataset: Dataset, params: TrialParams, seed: int, epochs: int) -
     x, y = dataset.train.x, dataset.train.y
     xv, yv = dataset.validation.x, dataset.validation.y
     yv_pos = dataset.validation.y_numpy == dataset.positive_index
-    model = build_mlp(x.shape[1], params, 1, generator=torch.Generator().manual_seed(seed))
+    device = x.device
+    model = build_mlp(x.shape[1], params, 1, generator=torch.Generator().manual_seed(seed)).to(device)
     torch.manual_seed(seed)
-    shuffle = torch.Generator().manual_seed(seed)
+    shuffle = torch.Generator(device=device).manual_seed(seed)
     optimizer = make_optimizer(model, params)
     bce = nn.BCEWithLogitsLoss()
     n, batch = x.shape[0], params.batch_size
@@ -235,8 +239,8 @@ def floor_trial(dataset: Dataset, params: TrialParams, seed: int, epochs: int) -
     history = []
     for _ in range(epochs):
         model.train()
-        order = torch.randperm(n, generator=shuffle)
-        loss_sum = torch.zeros(())
+        order = torch.randperm(n, generator=shuffle, device=device)
+        loss_sum = torch.zeros((), device=device)
         for start in range(0, end, batch):
             idx = order[start : start + batch]
             logits = model(x[idx])
@@ -249,7 +253,7 @@ def floor_trial(dataset: Dataset, params: TrialParams, seed: int, epochs: int) -
         with torch.no_grad():
             val_logits = model(xv)
         val_loss = float(bce(val_logits[:, 0], yv.to(val_logits.dtype)))
-        scores = torch.sigmoid(val_logits[:, 0]).numpy()
+        scores = torch.sigmoid(val_logits[:, 0]).cpu().numpy()
         objective = choose_operating_point(yv_pos, scores, TARGET_CONTAMINATION).completeness
         history.append({"train_loss": float(loss_sum) / n, "val_loss": val_loss, "val_objective": objective})
     return history
@@ -292,7 +296,7 @@ TRACKING_WORK = (
 
 def run_tuner(spec: StudySpec, dataset: Dataset, trials: Sequence[TrialParams], storage: str = "sqlite") -> Timing:
     """run_study, timed whole; inside it, timed by wrappers: Objective.train_trial (model build + fit), the
-    per-epoch callbacks, and the tracking work (:data:`TRACKING_WORK`)."""
+    per-epoch callbacks, and the tracking work (:data:`TRACKING_WORK`). On the device of ``dataset``'s tensors."""
     import importlib
 
     fits: list[tuple[float, list[dict[str, float]]]] = []
@@ -334,7 +338,7 @@ def run_tuner(spec: StudySpec, dataset: Dataset, trials: Sequence[TrialParams], 
             spec,
             storage=optuna.storages.InMemoryStorage() if storage == "memory" else None,
             n_trials=len(trials),
-            device="cpu",
+            device=dataset.train.x.device,
             enqueue=[enqueue_entry(p) for p in trials],
             dataset=dataset,
         )
@@ -442,15 +446,17 @@ def run_baseline(
     folder: Path,
     storage: str,
     tracking_uri: str | None = None,
+    device: str = "cpu",
 ) -> Timing:
     """The hand-wired study: Optuna + MLflowCallback(track_in_mlflow) + DataLoader + mlflow.log_metric; MLflow in
-    ``tracking_uri`` (default: a SQLite file in ``folder``)."""
+    ``tracking_uri`` (default: a SQLite file in ``folder``). The data stay on the CPU (``dataset`` is the CPU
+    copy); on another ``device`` the network lives there and each batch is moved to it, as the examples do."""
     import mlflow
     from optuna_integration.mlflow import MLflowCallback
     from torch.utils.data import DataLoader, TensorDataset
 
     x, y = dataset.train.x, dataset.train.y.float()
-    xv, yv = dataset.validation.x, dataset.validation.y.float()
+    xv, yv = dataset.validation.x.to(device), dataset.validation.y.float().to(device)
     yv_np = dataset.validation.y_numpy == dataset.positive_index
     epochs = spec.train.max_epochs
     fits: list[tuple[float, list[dict[str, float]]]] = []
@@ -468,7 +474,7 @@ def run_baseline(
             started = time.perf_counter()
             params = baseline_params(trial, spec.search_space)
             torch.manual_seed(trial.number)
-            net = baseline_net(x.shape[1], params)
+            net = baseline_net(x.shape[1], params).to(device)
             optimizer = baseline_optimizer(net, params)
             loss_fn = nn.BCEWithLogitsLoss()
             batch = params["batch_size"]
@@ -484,6 +490,7 @@ def run_baseline(
                 net.train()
                 total = 0.0
                 for xb, yb in loader:
+                    xb, yb = xb.to(device), yb.to(device)
                     optimizer.zero_grad()
                     loss = loss_fn(net(xb).squeeze(1), yb)
                     loss.backward()
@@ -493,7 +500,8 @@ def run_baseline(
                 with torch.no_grad():
                     logits = net(xv).squeeze(1)
                     val_loss = loss_fn(logits, yv).item()
-                    value = completeness_at_contamination(yv_np, torch.sigmoid(logits).numpy(), TARGET_CONTAMINATION)
+                    scores = torch.sigmoid(logits).cpu().numpy()
+                    value = completeness_at_contamination(yv_np, scores, TARGET_CONTAMINATION)
                 mlflow.log_metric("val_loss", val_loss, step=epoch)
                 mlflow.log_metric("val_objective", value, step=epoch)
                 history.append({"train_loss": total / len(x), "val_loss": val_loss, "val_objective": value})
@@ -556,6 +564,8 @@ def bench_dataset(name: str, args: argparse.Namespace, folder: Path) -> list[str
     base = make_spec(data, args, name="draw", folder=folder, tracking=False)
     built = time.perf_counter()
     dataset = build_dataset(base, "cpu")
+    # floor and tuner take their tensors on the device; the baseline moves CPU batches to it
+    on_device = dataset if args.device == "cpu" else build_dataset(base, args.device)
     built = time.perf_counter() - built
     trials = draw_trials(base, args.batch_sizes, args.draw_seed)
     n_trials, epochs = len(trials), args.epochs
@@ -576,12 +586,12 @@ def bench_dataset(name: str, args: argparse.Namespace, folder: Path) -> list[str
     def tuner_side(tracking: bool) -> Callable[[str], Timing]:
         def run(study_name: str) -> Timing:
             spec = make_spec(data, args, name=study_name, folder=folder, tracking=tracking)
-            return run_tuner(spec, dataset, trials, args.storage)
+            return run_tuner(spec, on_device, trials, args.storage)
 
         return run
 
     sides = [
-        Side("floor", "floor (bare loop)", args.tuner_threads, lambda _: run_floor(dataset, trials, epochs)),
+        Side("floor", "floor (bare loop)", args.tuner_threads, lambda _: run_floor(on_device, trials, epochs)),
         Side("off", "tuner, tracking off", args.tuner_threads, tuner_side(False)),
         Side("on", "tuner, tracking on", args.tuner_threads, tuner_side(True)),
     ]
@@ -600,6 +610,7 @@ def bench_dataset(name: str, args: argparse.Namespace, folder: Path) -> list[str
                     folder=folder,
                     storage=args.storage,
                     tracking_uri=args.tracking_uri,
+                    device=args.device,
                 ),
             )
         )
@@ -608,10 +619,10 @@ def bench_dataset(name: str, args: argparse.Namespace, folder: Path) -> list[str
     warm_args = argparse.Namespace(**{**vars(args), "epochs": 1, "batch_sizes": [512]})
     warm_trials = trials[-1:]
     with threads(args.tuner_threads):
-        floor_trial(dataset, warm_trials[0], 0, 1)
+        floor_trial(on_device, warm_trials[0], 0, 1)
         for tracking in (False, True):
             spec = make_spec(data, warm_args, name=fresh("warm"), folder=folder, tracking=tracking)
-            run_tuner(spec, dataset, warm_trials, args.storage)
+            run_tuner(spec, on_device, warm_trials, args.storage)
         warm_spec = make_spec(data, warm_args, name="warm", folder=folder, tracking=False)
         run_baseline(
             warm_spec,
@@ -621,6 +632,7 @@ def bench_dataset(name: str, args: argparse.Namespace, folder: Path) -> list[str
             folder=folder,
             storage=args.storage,
             tracking_uri=args.tracking_uri,
+            device=args.device,
         )
 
     results: dict[str, list[Timing]] = {s.key: [] for s in sides}
@@ -746,6 +758,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="auto",
         help="tuner's tracking.writes (default auto: background for a server, inline for SQLite)",
     )
+    parser.add_argument(
+        "--device", default="cpu", help="device of every side, e.g. cuda (the baseline moves CPU batches to it)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (stores) and print its path")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1:
@@ -753,7 +768,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     lines = [
         f"torch {torch.__version__}, optuna {optuna.__version__}, cores {os.cpu_count()}, "
-        f"torch default threads {torch.get_num_threads()}; Optuna storage {args.storage}"
+        f"torch default threads {torch.get_num_threads()}; Optuna storage {args.storage}; device {args.device}"
+        + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else "")
     ]
     folder = Path(tempfile.mkdtemp(prefix="bench-loop-"))
     try:

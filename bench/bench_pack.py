@@ -7,8 +7,10 @@ pruning), validation loss and objective every epoch, MLflow tracking on. Sides:
 - baseline: the hand-wired loop of bench/bench_loop.py (Optuna + optuna-integration's ``MLflowCallback`` with
   ``track_in_mlflow``, ``DataLoader(TensorDataset, shuffle=True)``, ``mlflow.log_metric`` per epoch), in one
   process with torch's default threads (all cores) — what a user's script does on this machine
-  (``--baseline-threads 1`` gives it one thread: on a busy machine the fairer comparison);
-- packed, 1 process: :func:`tuner.study.run_study` with ``study.pack = --pack`` and 1 torch thread;
+  (``--baseline-threads 1`` gives it one thread: on a busy machine the fairer comparison); its network on
+  ``--baseline-device`` (default the CPU; on a GPU each batch is moved there, as the examples do);
+- packed, 1 process: :func:`tuner.study.run_study` with ``study.pack = --pack`` and 1 torch thread, on
+  ``--device`` (data resident there);
 - packed, 2 workers: ``tuner create`` then two ``tuner worker`` processes (1 torch thread each) on one study
   in a scratch PostgreSQL database, MLflow in another (the many-workers topology), ``study.pack = --pack``.
 
@@ -182,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--draw-seed", type=int, default=0)
     parser.add_argument("--no-workers", action="store_true", help="skip the two-worker side (no PostgreSQL)")
-    parser.add_argument("--device", default="cpu", help="device of the tuner sides (the baseline stays on the CPU)")
+    parser.add_argument("--device", default="cpu", help="device of the tuner sides")
+    parser.add_argument(
+        "--baseline-device",
+        default="cpu",
+        help="device of the baseline's network (its DataLoader moves each CPU batch there), e.g. cuda",
+    )
     parser.add_argument(
         "--baseline-threads",
         type=int,
@@ -207,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     base_threads = args.baseline_threads or cores
     print(
         f"bench_pack: {args.dataset}, {args.space} space, {args.trials} trials x {args.epochs} epochs, pack "
-        f"{args.pack}; {cores} cores, baseline {base_threads} thread(s); load average {os.getloadavg()[0]:.2f} at start"
+        f"{args.pack}; {cores} cores, baseline {base_threads} thread(s); load average {os.getloadavg()[0]:.2f} at "
+        f"start; tuner on {args.device}, baseline on {args.baseline_device}"
     )
     rates: dict[str, list[float]] = {"baseline": [], "packed-1": [], "packed-2w": []}
     ratios: dict[str, list[float]] = {"packed-1": [], "packed-2w": []}
@@ -224,7 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         warm = trials[:1]
         with threads(base_threads):
             run_baseline(
-                _spec(args, folder, "warm-b", 1, warm), dataset, warm, name="warm-b", folder=folder, storage="sqlite"
+                _spec(args, folder, "warm-b", 1, warm),
+                dataset,
+                warm,
+                name="warm-b",
+                folder=folder,
+                storage="sqlite",
+                device=args.baseline_device,
             )
         with threads(1):
             run_packed(_spec(args, folder, "warm-p", args.pack, warm), packed_data, 1)
@@ -241,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     name=f"b-{name}",
                     folder=folder,
                     storage="sqlite",
+                    device=args.baseline_device,
                 )
             base_rate = 60 * len(trials) / base.study_s
             with threads(1):

@@ -1,17 +1,37 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: install what is needed, run the quickstart study on CUDA, then the P1 and P4
-# benchmarks on the GPU, and print the figures. Meant to finish in under 10 minutes.
+# On a machine with a CUDA GPU: install what is needed, check the engines on the GPU (packed equals solo, no
+# host sync per step), run the quickstart study on CUDA, then the P1 and P4 benchmarks on the GPU, and print the
+# figures. Meant to finish in under 10 minutes; each step has its own time limit, a failed step does not stop
+# the next ones, and the script exits 1 if any step failed.
 #
 #   bash bench/gpu_check.sh            # from the repository root; ../shared/data holds the SDSS file
 #
-# Set TUNER_GPU_PYTHON to an interpreter that already has torch with CUDA (and the project's dependencies) to
-# skip the install, e.g. on a machine without a package index.
-set -euo pipefail
+# Environment (all optional):
+#   TUNER_GPU_PYTHON  an interpreter that already has torch with CUDA: no virtualenv is made.
+#   TUNER_GPU_WHEELS  a folder of wheels of the project's other dependencies, for a machine without a package
+#                     index: installed with `pip --no-index --no-deps` into a scratch folder put on PYTHONPATH
+#                     (the interpreter's own packages serve the rest).
+#   TUNER_GPU_SDSS    the SDSS file (default ../shared/data/sdss_dr14_10k.csv.gz).
+#   TUNER_GPU_DEVICE  cuda (default) or cuda:N; cpu rehearses the script on a machine without a GPU.
+#   OUT               where each step's output is written (default gpu-check/).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 out=${OUT:-gpu-check}
 mkdir -p "$out"
-if [[ -n "${TUNER_GPU_PYTHON:-}" ]]; then
+device=${TUNER_GPU_DEVICE:-cuda}
+sdss=${TUNER_GPU_SDSS:-../shared/data/sdss_dr14_10k.csv.gz}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+if [[ -n "${TUNER_GPU_WHEELS:-}" ]]; then
+    py=${TUNER_GPU_PYTHON:-python3}
+    "$py" -m pip install --quiet --no-index --no-deps --no-compile --target "$work/site" "$TUNER_GPU_WHEELS"/*.whl \
+        || { echo "installing the wheels of $TUNER_GPU_WHEELS failed"; exit 2; }
+    export PYTHONPATH="$root:$work/site"
+elif [[ -n "${TUNER_GPU_PYTHON:-}" ]]; then
     py=$TUNER_GPU_PYTHON
+    export PYTHONPATH="$root"
 else
     python3 -m venv .venv-gpu
     py=.venv-gpu/bin/python
@@ -20,25 +40,70 @@ else
     "$py" -m pip install --quiet "torch==2.13.0"
     "$py" -m pip install --quiet -e '.[dev]'
 fi
-"$py" - <<'EOF'
+export PYTHONUNBUFFERED=1
+
+failed=()
+# step NAME SECONDS COMMAND...: run it with a time limit, its output shown and kept in $out/NAME.txt.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo
+    echo "== $name (limit ${limit} s)"
+    local started=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+    local code=${PIPESTATUS[0]}
+    echo "-- $name: exit $code after $((SECONDS - started)) s" | tee -a "$out/$name.txt"
+    [[ $code -eq 0 ]] || failed+=("$name (exit $code)")
+}
+
+step environment 60 "$py" - "$device" <<'EOF'
+import sys
+
+import mlflow
+import optuna
 import torch
-assert torch.cuda.is_available(), "no CUDA device visible to torch"
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
+
+device = torch.device(sys.argv[1])
+if device.type == "cuda":
+    assert torch.cuda.is_available(), "no CUDA device visible to torch"
+    name = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+else:
+    name = "CPU rehearsal"
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, optuna {optuna.__version__}, "
+      f"mlflow {mlflow.__version__}; {name}")
 EOF
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 
-echo "== quickstart on CUDA (study.pack auto: packed on the GPU)"
-start=$(date +%s)
-"$py" -m tuner.cli run studies/quickstart.yaml --device cuda --quiet --study-name quickstart-gpu \
-    --storage "sqlite:///$work/optuna.db" --tracking-uri "sqlite:///$work/mlflow.db" | tee "$out/quickstart.txt"
-echo "quickstart wall: $(( $(date +%s) - start )) s" | tee -a "$out/quickstart.txt"
-"$py" -m tuner.cli best quickstart-gpu --storage "sqlite:///$work/optuna.db" | tee -a "$out/quickstart.txt"
+# The pack engine's tests on the GPU (packed equals solo to 1e-5, one NaN trial fails alone) and the host-sync check.
+step tests 120 env TUNER_TEST_DEVICE="$device" "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    tests/test_packed.py
 
-echo "== P1 (one trial at a time) and P4 (packed): tuner on CUDA against the hand-wired loop on the CPU"
-# bench_pack.py keeps the hand-wired baseline on the CPU (bench_loop.py measures CPU only): on a GPU machine the
-# figures say how far tuner on the GPU is ahead of the hand-wired loop as it runs on this machine's CPU.
-for pack in 1 16; do
-    "$py" bench/bench_pack.py --device cuda --dataset simulated --trials 16 --epochs 3 --pack "$pack" \
-        --repeats 3 --no-workers | tee "$out/pack-$pack.txt"
-done
+step quickstart 150 bash -c '
+    "$1" -m tuner.cli run studies/quickstart.yaml --device "$2" --quiet --study-name quickstart-gpu \
+        --storage "sqlite:///$3/optuna.db" --tracking-uri "sqlite:///$3/mlflow.db" &&
+    "$1" -m tuner.cli best quickstart-gpu --storage "sqlite:///$3/optuna.db"' _ "$py" "$device" "$work"
+
+# P1: one trial at a time on the GPU against the bare loop on the GPU and the hand-wired loop (its DataLoader's
+# batches moved to the GPU, as the examples do); one torch thread each.
+step p1-sdss 90 "$py" bench/bench_loop.py --device "$device" --datasets sdss --sdss "$sdss" --epochs 3 \
+    --repeats 3 --baseline-threads 1
+step p1-simulated 120 "$py" bench/bench_loop.py --device "$device" --datasets simulated --epochs 2 --repeats 3 \
+    --batch-sizes 64 256 512 --baseline-threads 1
+
+# P4: 16 trials as one pack on the GPU against the hand-wired loop on the GPU.
+step p4-sdss 90 "$py" bench/bench_pack.py --device "$device" --baseline-device "$device" --dataset sdss \
+    --sdss "$sdss" --trials 16 --epochs 5 --pack 16 --repeats 3 --no-workers --baseline-threads 1
+step p4-simulated 120 "$py" bench/bench_pack.py --device "$device" --baseline-device "$device" \
+    --dataset simulated --batch-size 256 --trials 16 --epochs 2 --pack 16 --repeats 3 --no-workers \
+    --baseline-threads 1
+
+# Where the packed study's time goes on the GPU: the 25 costliest calls.
+step p4-profile 90 "$py" bench/bench_pack.py --device "$device" --dataset sdss --sdss "$sdss" --trials 16 \
+    --epochs 5 --pack 16 --profile 25
+
+echo
+if [[ ${#failed[@]} -eq 0 ]]; then
+    echo "gpu_check: every step passed; outputs in $out/"
+else
+    echo "gpu_check: failed steps: ${failed[*]}; outputs in $out/"
+    exit 1
+fi

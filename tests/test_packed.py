@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import optuna
 import pytest
@@ -15,6 +16,9 @@ from tuner.packed import PackMember, fit_pack, pack_key
 from tuner.space import TrialParams
 from tuner.study import pack_size, replay_trial, run_study
 from tuner.train import FitConfig, predict_logits
+
+# The pack engine's tests run on the CPU; TUNER_TEST_DEVICE=cuda runs them on a GPU (bench/gpu_check.sh does).
+DEVICE = torch.device(os.environ.get("TUNER_TEST_DEVICE", "cpu"))
 
 # Packed and solo runs differ only in the matmul kernels' blocking for padded shapes: rounding-level.
 TOLERANCE = 1e-5
@@ -69,7 +73,7 @@ CONFIG = FitConfig(max_epochs=6, patience=3)
     ids=lambda shared: "-".join(f"{k}={v}" for k, v in shared.items()) or "adam-relu",
 )
 def test_a_packed_trial_has_the_history_and_weights_it_has_alone(shared):
-    train, validation = toy_parts()
+    train, validation = toy_parts(device=DEVICE)
     trials = varied(**shared)
     if shared.get("optimizer") == "adamw":
         trials[1] = params(**{**shared, "optimizer": "adam", "widths": (32, 4), "lr": 0.003})
@@ -88,7 +92,7 @@ def test_a_packed_trial_has_the_history_and_weights_it_has_alone(shared):
 
 
 def test_the_returned_network_holds_the_best_epoch_and_is_an_ordinary_mlp():
-    train, validation = toy_parts()
+    train, validation = toy_parts(device=DEVICE)
     config = FitConfig(max_epochs=12, patience=12)
     outcomes = fit_pack([PackMember(p, 3 + i) for i, p in enumerate(varied())], train, validation, config, n_out=1)
     for outcome in outcomes:
@@ -101,7 +105,7 @@ def test_the_returned_network_holds_the_best_epoch_and_is_an_ordinary_mlp():
 
 
 def test_a_pack_with_one_non_finite_trial_fails_only_that_trial():
-    train, validation = toy_parts()
+    train, validation = toy_parts(device=DEVICE)
     trials = varied()
     trials[1] = params(widths=(32, 4), lr=1e6)  # blows up on the first step
     packed = fit_pack([PackMember(p, 20 + i) for i, p in enumerate(trials)], train, validation, CONFIG, n_out=1)
@@ -132,7 +136,7 @@ class StopAt:
 
 
 def test_a_callback_that_ends_one_trial_leaves_the_others_training():
-    train, validation = toy_parts()
+    train, validation = toy_parts(device=DEVICE)
     config = FitConfig(max_epochs=5, patience=5)
     callbacks = [StopAt(99), StopAt(1), StopAt(99)]
     members = [PackMember(p, 30 + i, [callbacks[i]]) for i, p in enumerate(varied())]
@@ -146,7 +150,7 @@ def test_a_callback_that_ends_one_trial_leaves_the_others_training():
 
 
 def test_padded_units_stay_zero_and_differently_shaped_trials_are_refused():
-    train, validation = toy_parts()
+    train, validation = toy_parts(device=DEVICE)
     trials = [params(widths=(4, 4), dropout=0.0), params(widths=(16, 12), dropout=0.0)]
     packed = fit_pack([PackMember(p, i) for i, p in enumerate(trials)], train, validation, CONFIG, n_out=1)
     small = packed[0].result.state_dict
@@ -319,14 +323,14 @@ def test_the_fused_update_agrees_with_the_foreach_update(optimizer, monkeypatch)
     # the same update; a momentum of 0 (no momentum buffer) included.
     import tuner.packed as packed_mod
 
-    train, validation = toy_parts()
+    train, validation = toy_parts(device=DEVICE)
     trials = [*varied(optimizer=optimizer), params(optimizer=optimizer, momentum=0.0)]
     members = [PackMember(p, 5 + i) for i, p in enumerate(trials)]
     runs = {}
-    for devices in (("cpu",), ()):
+    for devices in ((DEVICE.type,), ()):
         monkeypatch.setattr(packed_mod, "_FUSED_DEVICES", devices)
         runs[devices] = fit_pack(members, train, validation, CONFIG, n_out=1)
-    for fused, plain in zip(runs[("cpu",)], runs[()], strict=True):
+    for fused, plain in zip(runs[(DEVICE.type,)], runs[()], strict=True):
         assert histories_close(fused.result.history, plain.result.history) <= TOLERANCE
         assert fused.result.best_epoch == plain.result.best_epoch
 

@@ -37,11 +37,12 @@ class Part:
         self.x, self.y = x, y
 
 
-def toy_parts(seed: int = 0) -> tuple[Part, Part]:
-    """A noisy, learnable binary problem in four features: 400 training and 200 validation rows."""
+def toy_parts(seed: int = 0, device: torch.device | str = "cpu") -> tuple[Part, Part]:
+    """A noisy, learnable binary problem in four features: 400 training and 200 validation rows, on ``device``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(600, 4, generator=g)
     y = ((x[:, 0] + 0.5 * x[:, 1] + 0.8 * torch.randn(600, generator=g)) > 1.0).long()
+    x, y = x.to(device), y.to(device)
     return Part(x[:400], y[:400]), Part(x[400:], y[400:])
 
 
