@@ -102,6 +102,7 @@ def raw_study(args: argparse.Namespace, folder: Path, *, name: str, pack: int, t
             "uri": f"sqlite:///{folder}/tuner-mlflow.db",
             "artifact_location": str(folder / "tuner-artifacts"),
             "plots": False,
+            "writes": args.tracking_writes,
         },
     }
 
@@ -117,8 +118,11 @@ def run_packed(spec: StudySpec, dataset: Dataset, n: int) -> float:
     return wall
 
 
-def run_workers(raw: dict, folder: Path, n: int, pg: str, timeline: bool = False) -> tuple[float, float]:
-    """(span, wall) seconds of two 1-thread worker processes on one PostgreSQL study."""
+def run_workers(
+    raw: dict, folder: Path, n: int, pg: str, timeline: bool = False, profiles: Path | None = None
+) -> tuple[float, float]:
+    """(span, wall) seconds of two 1-thread worker processes on one PostgreSQL study; each under cProfile, its
+    profile saved in ``profiles``, if given."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with scratch_database(pg) as storage, scratch_database(pg) as tracking:
         study_raw = {**raw, "tracking": {**raw["tracking"], "uri": tracking}}
@@ -141,6 +145,7 @@ def run_workers(raw: dict, folder: Path, n: int, pg: str, timeline: bool = False
                 env={**env, "TUNER_WORKER_INDEX": str(i)},
                 cwd=folder,
                 log=folder / f"worker-{i}.log",
+                profile=profiles / f"worker-{i}.prof" if profiles else None,
             )
             for i in range(2)
         ]
@@ -196,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch threads of the baseline: 0 (default) = torch's default, all cores, as a user's script runs",
     )
+    parser.add_argument(
+        "--tracking-writes",
+        choices=["auto", "background", "inline"],
+        default="auto",
+        help="tuner's tracking.writes (default auto: background for a server, inline for a database URL)",
+    )
     parser.add_argument("--pg", default="host=127.0.0.1 port=5432 user=postgres")
     parser.add_argument(
         "--profile",
@@ -205,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the comparison: the packed 1-process side once under cProfile, its N costliest calls",
     )
     parser.add_argument("--profile-out", help="with --profile: also save the raw profile here (for pstats)")
+    parser.add_argument(
+        "--profile-workers",
+        metavar="DIR",
+        help="run the two workers under cProfile, saving worker-0.prof and worker-1.prof of the last repetition here",
+    )
     parser.add_argument(
         "--timeline", action="store_true", help="print when each of the workers' trials started and ended"
     )
@@ -270,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             if not args.no_workers:
                 raw = raw_study(args, folder, name=STUDY_NAME, pack=args.pack, trials=trials)
-                span, wall = run_workers(raw, folder, len(trials), args.pg, args.timeline)
+                profiles = Path(args.profile_workers) if args.profile_workers else None
+                if profiles:
+                    profiles.mkdir(parents=True, exist_ok=True)
+                span, wall = run_workers(raw, folder, len(trials), args.pg, args.timeline, profiles)
                 rate = 60 * len(trials) / span
                 rates["packed-2w"].append(rate)
                 ratios["packed-2w"].append(rate / base_rate)

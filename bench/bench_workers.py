@@ -107,10 +107,18 @@ def scratch_database(pg: str):
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def tuner(*args: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+def tuner(
+    *args: str, env: dict[str, str], cwd: Path, log: Path, profile: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``tuner ARGS`` in a new process, its output in ``log``; under cProfile, saved to ``profile``, if given."""
+    profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "tuner.cli", *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, *profiler, "-m", "tuner.cli", *args],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
 

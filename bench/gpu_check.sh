@@ -10,7 +10,7 @@
 #   TUNER_GPU_PYTHON  an interpreter that already has torch with CUDA: no virtualenv is made.
 #   TUNER_GPU_WHEELS  a folder of wheels of the project's other dependencies, for a machine without a package
 #                     index: installed with `pip --no-index --no-deps` into a scratch folder put on PYTHONPATH
-#                     (the interpreter's own packages serve the rest).
+#                     (the interpreter's own packages serve the rest); bench/gpu_wheels.sh DIR downloads them.
 #   TUNER_GPU_SDSS    the SDSS file (default ../shared/data/sdss_dr14_10k.csv.gz).
 #   TUNER_GPU_DEVICE  cuda (default) or cuda:N; cpu rehearses the script on a machine without a GPU.
 #   OUT               where each step's output is written (default gpu-check/).

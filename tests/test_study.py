@@ -181,6 +181,28 @@ def test_enqueued_parameters_run_first(tmp_path, tiny_dataset):
     assert params["lr"] == 0.01 and params["log2_batch_size"] == 7 and params["optimizer"] == "adam"
 
 
+def test_a_warm_start_entry_is_queued_once_however_often_the_study_is_run(tmp_path):
+    from tuner.study import enqueue_new
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/warm.db")
+    ran = study.ask()
+    ran.suggest_float("lr", 1e-3, 1.0, log=True)
+    ran.suggest_categorical("optimizer", ["adam", "sgd"])
+    study.tell(ran, 0.5)
+    entries = [
+        {"lr": 0.1, "optimizer": "adam"},
+        {"lr": 0.1, "optimizer": "adam"},  # the same entry twice
+        {"lr": ran.params["lr"], "optimizer": ran.params["optimizer"]},  # a trial that ran holds these
+        {"lr": 0.1, "optimizer": "sgd"},
+        {"lr": 0.1},  # other names: another trial
+    ]
+    assert enqueue_new(study, entries) == 3
+    # Run again (a restarted study): nothing new.
+    assert enqueue_new(optuna.load_study(study_name=study.study_name, storage=study._storage), entries) == 0
+    queued = [t.system_attrs["fixed_params"] for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+    assert queued == [entries[0], entries[3], entries[4]]
+
+
 def test_bad_enqueue_entry_is_a_config_error(tmp_path, tiny_dataset):
     spec = tiny_spec(tmp_path, **{"study.enqueue": [{"lr": 5.0, "wdith": 3}]})
     with pytest.raises(ConfigError) as info:

@@ -558,17 +558,17 @@ def test_a_trial_taken_as_the_database_went_away_is_failed_and_run_again(tmp_pat
     on_stale = worker.stale_trial_handler(NullTracker(), max_retries=3, grace_period=2)
     storage = worker.make_storage(url, heartbeat_interval=1, grace_period=2, on_stale=on_stale)
     study = optuna.create_study(study_name="orphan", storage=storage)
-    real_ask = optuna.Study.ask
+    real_ask = worker._ask
     asked: list[int] = []
 
-    def ask_and_lose_the_reply(self, *args, **kwargs):
-        trial = real_ask(self, *args, **kwargs)
+    def ask_and_lose_the_reply(study):
+        trial = real_ask(study)
         asked.append(trial.number)
         if len(asked) == 1:
             raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
         return trial
 
-    monkeypatch.setattr(optuna.Study, "ask", ask_and_lose_the_reply)
+    monkeypatch.setattr(worker, "_ask", ask_and_lose_the_reply)
     monkeypatch.setattr(worker.time, "sleep", lambda seconds: None)  # the retry's backoff only
     result = worker.work(study, lambda trial: trial.suggest_float("x", 0, 1), total=3, timeout=30, poll_interval=0.05)
     trials = study.get_trials(deepcopy=False)
@@ -661,6 +661,70 @@ def test_a_trial_recorded_at_once_reads_back_as_if_written_one_by_one(tmp_path, 
     backend_storage = getattr(study._storage, "_backend", None)
     if backend_storage is not None:
         backend_storage.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
+def test_a_pack_is_taken_at_once_within_the_budget_each_trial_with_its_heartbeat(tmp_path, pg_database, backend):
+    from tuner.worker import _take_trials, make_storage, record_heartbeats
+
+    url = _study_url(backend, tmp_path, pg_database)
+    storage = make_storage(url, heartbeat_interval=60, grace_period=120) if url else None
+    study = optuna.create_study(study_name="take", storage=storage)
+    study.tell(study.ask(), 1.0)  # one slot of the five already spent
+    for x in (0.1, 0.2, 0.3):
+        study.enqueue_trial({"x": x})
+    taken = _take_trials(study, total=5, most=8)
+    # Four slots left: four taken, the three queued first (in order), then a fresh one.
+    assert [t.number for t in taken] == [1, 2, 3, 4]
+    assert [t.suggest_float("x", 0, 1) for t in taken[:3]] == [0.1, 0.2, 0.3]
+    assert _take_trials(study, total=5, most=8) == []
+    if url is None:
+        return
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+    from sqlalchemy import select
+
+    backend_storage = study._storage._backend
+    beats = select(TrialHeartbeatModel.trial_id, TrialHeartbeatModel.heartbeat)
+    with backend_storage.engine.connect() as conn:
+        first = dict(conn.execute(beats).all())
+    assert sorted(first) == [t._trial_id for t in taken]
+    # None of them is stale for Optuna's own check: the beats carry the database's clock, as its own do.
+    assert backend_storage._get_stale_trial_ids(study._study_id) == []
+    # Beating again updates the rows (the first trial's too), as Optuna's record_heartbeat does.
+    record_heartbeats(study._storage, [taken[0]._trial_id, taken[1]._trial_id])
+    with backend_storage.engine.connect() as conn:
+        again = dict(conn.execute(beats).all())
+    assert again.keys() == first.keys() and again[taken[0]._trial_id] >= first[taken[0]._trial_id]
+    backend_storage.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
+def test_two_workers_asking_at_once_never_take_the_same_queued_trial(tmp_path, pg_database, backend):
+    from tuner.worker import _ask
+
+    url = _study_url(backend, tmp_path, pg_database)
+    first = optuna.create_study(study_name="queue", storage=url)
+    for x in (0.1, 0.2):
+        first.enqueue_trial({"x": x})
+    second = optuna.load_study(study_name="queue", storage=url)
+    claim = second._storage.set_trial_state_values
+    taken_meanwhile: list[optuna.Trial] = []
+
+    def first_worker_wins(trial_id, state, values=None):
+        # The second worker has read the queue; the first takes its head before the second claims it.
+        if not taken_meanwhile:
+            taken_meanwhile.append(_ask(first))
+        return claim(trial_id, state=state, values=values)
+
+    second._storage.set_trial_state_values = first_worker_wins
+    late = _ask(second)
+    (early,) = taken_meanwhile
+    assert (early.number, late.number) == (0, 1)
+    assert (early.suggest_float("x", 0, 1), late.suggest_float("x", 0, 1)) == (0.1, 0.2)
+    # The queue is empty: a new trial.
+    assert _ask(first).number == 2
+    for study in (first, second):
+        study._storage._backend.engine.dispose()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import math
+import numbers
 import os
 import platform
 import subprocess
@@ -118,6 +119,41 @@ def make_pruner(name: str, options: dict[str, Any] | None = None) -> optuna.prun
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.pruners.WilcoxonPruner(**options)
     return factories[name](**options)
+
+
+def enqueue_new(study: optuna.Study, entries: Sequence[dict[str, Any]]) -> int:
+    """Queue each warm-start entry unless a trial of the study (any state) already holds its parameters, or an
+    entry before it does; returns how many were queued.
+
+    What ``enqueue_trial(..., skip_if_exists=True)`` does, with the study read once: Optuna reads every trial
+    again for each entry, and the entries just queued each time among them.
+    """
+    seen = [t.system_attrs.get("fixed_params", t.params) for t in study.get_trials(deepcopy=False)]
+    queued = 0
+    for params in entries:
+        if any(_same_params(params, other) for other in seen):
+            continue
+        study.enqueue_trial(params)
+        seen.append(params)
+        queued += 1
+    return queued
+
+
+def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Same names and values; numbers equal to rounding (a stored float may come back through JSON)."""
+    if a.keys() != b.keys():
+        return False
+    for name, value in a.items():
+        other = b[name]
+        if isinstance(value, bool) or isinstance(other, bool) or isinstance(value, str) or isinstance(other, str):
+            if type(value) is not type(other) or value != other:
+                return False
+        elif isinstance(value, numbers.Real) and isinstance(other, numbers.Real):
+            if not math.isclose(float(value), float(other), rel_tol=1e-9, abs_tol=0.0):
+                return False
+        elif value != other:
+            return False
+    return True
 
 
 def check_spec(spec: StudySpec, extra_enqueue: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
@@ -1646,8 +1682,7 @@ def run_study(
             study.set_user_attr("tuner.spec", masked_spec(spec))
             study.set_user_attr("tuner.data", dataset.facts())
         if mode != "worker":
-            for params in entries:
-                study.enqueue_trial(params, skip_if_exists=True)
+            enqueue_new(study, entries)
         if url and is_sqlite(url):
             # The lock proves no other process is running: any RUNNING trial was left by a crash.
             _fail_orphans(study, tracker, spec)
