@@ -149,6 +149,55 @@ def test_a_callback_that_ends_one_trial_leaves_the_others_training():
         assert histories_close(packed[i].result.history, alone.result.history) <= TOLERANCE
 
 
+def test_members_that_leave_at_one_epoch_are_handed_off_together_after_every_callback_of_it():
+    train, validation = toy_parts(device=DEVICE)
+    config = FitConfig(max_epochs=5, patience=5)
+    callbacks = [StopAt(99), StopAt(1), StopAt(1), StopAt(99)]
+    trials = [*varied(), params(widths=(8, 8), lr=0.02)]
+    batches: list[list[int]] = []
+    seen_at_hand_off: list[list[list[int]]] = []
+
+    def hand_off(calls):
+        seen_at_hand_off.append([list(c.seen) for c in callbacks])
+        for call in calls:
+            call()
+        batches.append(finished[len(finished) - len(calls) :])
+
+    finished: list[int] = []
+    members = [
+        PackMember(p, 40 + i, [callbacks[i]], on_finish=lambda out, i=i: finished.append(i))
+        for i, p in enumerate(trials)
+    ]
+    fit_pack(members, train, validation, config, n_out=1, hand_off=hand_off)
+    # Two left at epoch 1 (pruned), two at the last epoch: two hand-offs, each after the epoch's every callback.
+    assert [sorted(b) for b in batches] == [[1, 2], [0, 3]]
+    assert seen_at_hand_off[0] == [[0, 1], [0, 1], [0, 1], [0, 1]]
+
+
+def test_settling_together_runs_the_calls_at_once_and_raises_the_first_error_after_all():
+    import threading
+
+    from tuner.study import SettleTogether
+
+    settle = SettleTogether(2)
+    both_running = threading.Barrier(2, timeout=10)  # broken (an error) if the calls ran one after another
+    done: list[str] = []
+
+    def call(name: str, fail: bool = False) -> None:
+        both_running.wait()
+        done.append(name)
+        if fail:
+            raise ValueError(name)
+
+    settle([lambda: call("a"), lambda: call("b")])
+    assert sorted(done) == ["a", "b"]
+    both_running.reset()
+    with pytest.raises(ValueError, match="c"):
+        settle([lambda: call("c", fail=True), lambda: call("d")])
+    assert sorted(done) == ["a", "b", "c", "d"]  # d ran to its end before the error was raised
+    settle.close()
+
+
 def test_padded_units_stay_zero_and_differently_shaped_trials_are_refused():
     train, validation = toy_parts(device=DEVICE)
     trials = [params(widths=(4, 4), dropout=0.0), params(widths=(16, 12), dropout=0.0)]

@@ -23,6 +23,7 @@ This module imports neither optuna nor mlflow.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -540,6 +541,12 @@ def _losses(
     return row_losses(logits, y, config.task, loss=loss, delta=pack.delta, pos_weight=pos_weight).mean(dim=1)
 
 
+def run_in_order(calls: Sequence[Callable[[], None]]) -> None:
+    """The default hand-off of :func:`fit_pack`: each call in turn."""
+    for call in calls:
+        call()
+
+
 def fit_pack(
     members: Sequence[PackMember],
     train: Part,
@@ -548,6 +555,7 @@ def fit_pack(
     *,
     n_out: int,
     score_validation: Callable[[np.ndarray], dict[str, float]] | None = None,
+    hand_off: Callable[[Sequence[Callable[[], None]]], None] = run_in_order,
 ) -> list[PackOutcome]:
     """Train several trials of one :func:`pack_key` together; each ends on its own.
 
@@ -558,6 +566,9 @@ def fit_pack(
         config: Epochs, patience, monitor, task, gradient-health sampling (as for :func:`tuner.train.fit`).
         n_out: Units of the last layer (see tuner.tasks.n_outputs).
         score_validation: Extra validation metrics from one member's (n, classes) probabilities.
+        hand_off: Runs the ``on_finish`` calls of the members that leave at one epoch's end, and returns when all
+            have returned (default: one after another). Every member's callbacks of that epoch have run by then,
+            and none of the next epoch's: so running them at once changes nothing the others see.
 
     Returns:
         One outcome per member, in order: its history, best epoch, stop reason, verdict and best-epoch network;
@@ -656,8 +667,7 @@ def fit_pack(
             if leaves:
                 leaving.append(row)
         if leaving:
-            for row in leaving:
-                _leave(active[row], pack, config)
+            _leave([active[row] for row in leaving], pack, config, hand_off)
             stay = [r for r in range(len(active)) if r not in leaving]
             active = [active[r] for r in stay]
             if not active:
@@ -665,7 +675,7 @@ def fit_pack(
             pack.keep(stay)
     for slot in active:
         slot.result.stop_reason = f"max_epochs reached ({config.max_epochs})"
-        _leave(slot, pack, config)
+    _leave(active, pack, config, hand_off)
     return [_outcome(s, device) for s in slots]
 
 
@@ -673,11 +683,17 @@ def _outcome(slot: _Slot, device: torch.device) -> PackOutcome:
     return PackOutcome(result=slot.result, model=slot.model.to(device), error=slot.error)
 
 
-def _leave(slot: _Slot, pack: _Pack, config: FitConfig) -> None:
-    """A member leaves the pack: its best weights restored, and its outcome handed to ``on_finish`` at once."""
-    _finish(slot, pack, config)
-    if slot.member.on_finish is not None:
-        slot.member.on_finish(_outcome(slot, pack.device))
+def _leave(
+    slots: Sequence[_Slot], pack: _Pack, config: FitConfig, hand_off: Callable[[Sequence[Callable[[], None]]], None]
+) -> None:
+    """Members leave the pack: their best weights restored, and their outcomes handed to ``on_finish`` at once."""
+    calls = []
+    for slot in slots:
+        _finish(slot, pack, config)
+        if slot.member.on_finish is not None:
+            calls.append(functools.partial(slot.member.on_finish, _outcome(slot, pack.device)))
+    if calls:
+        hand_off(calls)
 
 
 def _epoch_health(

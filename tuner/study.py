@@ -11,6 +11,7 @@ the fold models' mean.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -47,7 +48,7 @@ from tuner.evaluation import (
 )
 from tuner.health import VERDICTS, Verdict, judge
 from tuner.model import build_mlp
-from tuner.packed import PackMember, fit_pack, pack_key, split_by_cost
+from tuner.packed import PackMember, fit_pack, pack_key, run_in_order, split_by_cost
 from tuner.space import OPTIONAL_PARAMS, TrialParams, enqueue_params, max_layers, suggest
 from tuner.tasks import REGRESSION, SINGLE_LABEL
 from tuner.tracking import MlflowTracker, NullTracker, Tracker, mask_password
@@ -56,6 +57,7 @@ from tuner.worker import (
     Terminated,
     TrialFailed,
     TrialLost,
+    behind_a_server,
     budget,
     check_terminated,
     find_study,
@@ -1021,6 +1023,31 @@ class TrialRun:
         return [self.tracking, self.pruning]
 
 
+#: Threads that settle the trials leaving a pack together (see Objective.run_pack).
+SETTLE_THREADS = 4
+
+
+class SettleTogether:
+    """Runs a batch of calls on a few threads and returns when all have returned, raising the first error."""
+
+    def __init__(self, threads: int) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="settle")
+
+    def __call__(self, calls: Sequence[Callable[[], None]]) -> None:
+        if len(calls) == 1:
+            calls[0]()
+            return
+        futures = [self._pool.submit(call) for call in calls]
+        concurrent.futures.wait(futures)
+        for future in futures:
+            error = future.exception()
+            if error is not None:
+                raise error
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 class Objective:
     """The function Optuna calls: one trial, tracked, judged on validation, measured on the holdout.
 
@@ -1105,6 +1132,10 @@ class Objective:
             if on_settled is not None:
                 on_settled(i, outcome)
 
+        # Trials that leave a pack together (the same epoch's end) are settled at once when each settling waits on
+        # a database server (Optuna's tell, the trial's records): their round trips overlap instead of adding up.
+        together = len(runs) > 1 and behind_a_server(trials[0].storage) and self.tracker.closes_from_threads
+        hand_off = SettleTogether(min(len(runs), SETTLE_THREADS)) if together else None
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, run in enumerate(runs):
             groups.setdefault(pack_key(run.params), []).append(i)
@@ -1135,17 +1166,23 @@ class Objective:
                         self.config,
                         n_out=self.n_out,
                         score_validation=self.score_validation,
+                        hand_off=hand_off or run_in_order,
                     )
                 except torch.OutOfMemoryError as exc:
                     for i in rows:
                         if outcomes[i] is None:
                             settle(i, None, None, exc)
         except BaseException as exc:
+            if hand_off is not None:
+                hand_off.close()  # settlings under way end first (Ctrl-C or SIGTERM while waiting for them)
             for i, run in enumerate(runs):
                 if outcomes[i] is None:
                     with contextlib.suppress(BaseException):
                         self.finish(run, None, None, exc)
             raise
+        finally:
+            if hand_off is not None:
+                hand_off.close()
         return [o for o in outcomes if o is not None]
 
     def _settle(

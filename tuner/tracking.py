@@ -52,6 +52,9 @@ def mask_password(url: str) -> str:
 class Tracker(Protocol):
     """Where a study's runs are recorded; :class:`MlflowTracker` or :class:`NullTracker`."""
 
+    #: Whether ``end_trial`` may be called from several threads at once.
+    closes_from_threads: bool
+
     def start_study(
         self, study_name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None
     ) -> str | None:
@@ -102,6 +105,8 @@ class Tracker(Protocol):
 
 class NullTracker:
     """Tracks nothing; for tests and ``tracking.enabled: false``."""
+
+    closes_from_threads = True
 
     def start_study(
         self, study_name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None
@@ -254,6 +259,9 @@ class MlflowTracker:
         self._count_lock = threading.Lock()  # the writer thread counts failures too
         in_background = writes_in_background(tracking_uri) if background is None else background
         self._writer = BackgroundWriter(WRITE_QUEUE_LIMIT, self._warn, inline=not in_background)
+        # In the background every close is queued to the one writer thread; in line the callers' threads would
+        # write to the store at once (a local SQLite file takes one writer at a time).
+        self.closes_from_threads = in_background
         sqlite_dir = _local_sqlite_dir(tracking_uri)
         if sqlite_dir is not None:
             sqlite_dir.mkdir(parents=True, exist_ok=True)

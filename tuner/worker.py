@@ -309,6 +309,12 @@ def _rdb_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBSto
 _BATCHED_DIALECTS = ("sqlite", "postgresql")
 
 
+def behind_a_server(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether the study lives in a database server (PostgreSQL, MySQL): each call waits on a round trip."""
+    backend = _rdb_backend(storage)
+    return backend is not None and backend.engine.dialect.name != "sqlite"
+
+
 def _batched_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
     backend = _rdb_backend(storage)
     return backend if backend is not None and backend.engine.dialect.name in _BATCHED_DIALECTS else None
@@ -885,14 +891,15 @@ def _ask(study: optuna.Study) -> optuna.Trial:
         try:
             # False, or UpdateFinishedTrialError, when another worker took it first.
             if study._storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                _cache_taken_trial(study, backend, trial_id)
-                return optuna.Trial(study, trial_id)
+                trial = optuna.Trial(study, trial_id)
+                _cache_taken_trial(study, trial)
+                return trial
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
 
 
-def _cache_taken_trial(study: optuna.Study, backend: optuna.storages.RDBStorage, trial_id: int) -> None:
+def _cache_taken_trial(study: optuna.Study, trial: optuna.Trial) -> None:
     """Enter a trial taken from the queue in Optuna's storage cache, as its ``create_new_trial`` does for a trial
     it makes: the cache's ``set_trial_param`` looks the trial up there (Optuna's ask enters it by reading the
     study)."""
@@ -901,7 +908,7 @@ def _cache_taken_trial(study: optuna.Study, backend: optuna.storages.RDBStorage,
     storage = study._storage
     if not isinstance(storage, _CachedStorage):
         return
-    frozen = backend.get_trial(trial_id)
+    frozen = copy.deepcopy(trial._cached_frozen_trial)  # the trial object's own copy changes as it runs
     with storage._lock:
         storage._studies.setdefault(study._study_id, _StudyInfo())
         storage._add_trials_to_cache(study._study_id, [frozen])
