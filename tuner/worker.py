@@ -320,6 +320,13 @@ def _batched_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RD
     return backend if backend is not None and backend.engine.dialect.name in _BATCHED_DIALECTS else None
 
 
+def _upsert_insert(backend: optuna.storages.RDBStorage) -> Any:
+    """The dialect's ``insert``, whose statements take ``on_conflict_do_update`` (a batched backend's)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if backend.engine.dialect.name == "postgresql" else sqlite.insert
+
+
 def _updatable_trial(conn: Any, backend: optuna.storages.RDBStorage, trial_id: int) -> Any:
     """The trial's row (state, study_id), after Optuna's check that a finished trial is not changed."""
     from optuna.storages._rdb.models import TrialModel
@@ -480,9 +487,8 @@ def record_trial(
     import json
 
     from optuna.storages._rdb.models import TrialIntermediateValueModel, TrialUserAttributeModel
-    from sqlalchemy.dialects import postgresql, sqlite
 
-    insert = postgresql.insert if backend.engine.dialect.name == "postgresql" else sqlite.insert
+    insert = _upsert_insert(backend)
     trial_id = trial._trial_id
     statements = []
     if user_attrs:
@@ -924,9 +930,8 @@ def record_heartbeats(storage: optuna.storages.BaseStorage, trial_ids: Sequence[
         return
     from optuna.storages._rdb.models import TrialHeartbeatModel
     from sqlalchemy import func
-    from sqlalchemy.dialects import postgresql, sqlite
 
-    insert = postgresql.insert if backend.engine.dialect.name == "postgresql" else sqlite.insert
+    insert = _upsert_insert(backend)
     # The database's clock, as Optuna's own beats and its stale check use.
     beats = insert(TrialHeartbeatModel).values(
         [{"trial_id": trial_id, "heartbeat": func.current_timestamp()} for trial_id in trial_ids]
