@@ -665,12 +665,12 @@ def test_a_trial_recorded_at_once_reads_back_as_if_written_one_by_one(tmp_path, 
 
 @pytest.mark.parametrize("backend", ["memory", "sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
 def test_a_pack_is_taken_at_once_within_the_budget_each_trial_with_its_heartbeat(tmp_path, pg_database, backend):
-    from tuner.worker import _take_trials, make_storage, record_heartbeats
+    from tuner.worker import _ask, _take_trials, make_storage, record_heartbeats
 
     url = _study_url(backend, tmp_path, pg_database)
     storage = make_storage(url, heartbeat_interval=60, grace_period=120) if url else None
     study = optuna.create_study(study_name="take", storage=storage)
-    study.tell(study.ask(), 1.0)  # one slot of the five already spent
+    study.tell(_ask(study), 1.0)  # one slot of the five already spent
     for x in (0.1, 0.2, 0.3):
         study.enqueue_trial({"x": x})
     taken = _take_trials(study, total=5, most=8)
