@@ -698,6 +698,50 @@ def test_a_pack_is_taken_at_once_within_the_budget_each_trial_with_its_heartbeat
     backend_storage.engine.dispose()
 
 
+@postgres
+@needs_pg
+def test_workers_that_wait_for_the_budget_lock_together_share_the_free_slots(pg_database):
+    # Two packing workers arrive while a third holds the lock: the first served leaves the other its share,
+    # instead of taking every free slot while it stands idle.
+    import threading
+
+    from tuner.worker import _take_trials, budget_lock, make_storage, workers_waiting
+
+    url = pg_database()
+    optuna.create_study(study_name="share", storage=url)
+
+    def worker_study() -> optuna.Study:
+        return optuna.load_study(study_name="share", storage=make_storage(url, heartbeat_interval=60, grace_period=120))
+
+    holder, watcher = worker_study(), worker_study()
+    taken: dict[str, int] = {}
+    release = threading.Event()
+    held = threading.Event()
+
+    def hold() -> None:
+        with budget_lock(holder):
+            held.set()
+            release.wait(timeout=60)
+
+    def take(name: str) -> None:
+        taken[name] = len(_take_trials(worker_study(), total=8, most=8))
+
+    threads = [threading.Thread(target=hold)]
+    threads[0].start()
+    assert held.wait(timeout=60)
+    threads += [threading.Thread(target=take, args=(name,)) for name in ("a", "b")]
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while workers_waiting(watcher) < 2:  # both queued behind the holder (the database's lock table says so)
+        assert time.monotonic() < deadline, "the two workers never queued for the lock"
+    release.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(taken.values()) == [4, 4]
+    assert workers_waiting(watcher) == 0
+
+
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
 def test_two_workers_asking_at_once_never_take_the_same_queued_trial(tmp_path, pg_database, backend):
     from tuner.worker import _ask

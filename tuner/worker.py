@@ -340,6 +340,28 @@ def _updatable_trial(conn: Any, backend: optuna.storages.RDBStorage, trial_id: i
     return row
 
 
+def _budget_lock_key(study: optuna.Study) -> int:
+    return int.from_bytes(study.study_name.encode()[:8].ljust(8, b"\0"), "big", signed=True)
+
+
+def workers_waiting(study: optuna.Study) -> int:
+    """How many other workers wait for the study's budget lock now (PostgreSQL; 0 elsewhere)."""
+    backend = _rdb_backend(study._storage)
+    if backend is None or backend.engine.dialect.name != "postgresql":
+        return 0
+    from sqlalchemy import text
+
+    # pg_locks shows a 64-bit advisory key as its high and low 32 bits.
+    key = _budget_lock_key(study) & 0xFFFF_FFFF_FFFF_FFFF
+    waiting = text(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1"
+        " AND classid::bigint = :high AND objid::bigint = :low"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    with backend.engine.connect() as conn:
+        return int(conn.scalar(waiting, {"high": key >> 32, "low": key & 0xFFFF_FFFF}) or 0)
+
+
 @contextmanager
 def budget_lock(study: optuna.Study) -> Iterator[None]:
     """Serialise "is there a slot left? then take a trial" across processes (PostgreSQL advisory lock)."""
@@ -350,7 +372,7 @@ def budget_lock(study: optuna.Study) -> Iterator[None]:
         return
     from sqlalchemy import text
 
-    key = int.from_bytes(study.study_name.encode()[:8].ljust(8, b"\0"), "big", signed=True)
+    key = _budget_lock_key(study)
     _, grace = heartbeat_settings(study)
     with engine.connect() as conn:
         if grace:
@@ -865,10 +887,14 @@ def work(
 
 def _take_trials(study: optuna.Study, total: int, most: int) -> list[optuna.Trial]:
     """Up to ``most`` trials, as many as the budget has slots for, under one hold of the budget lock: a pack's
-    trials taken one by one made the other workers wait for the lock once per trial."""
+    trials taken one by one made the other workers wait for the lock once per trial. Workers waiting for the
+    lock meanwhile get their share of the free slots: a worker does not take them all while others stand idle."""
     with budget_lock(study):
         state = budget(study, total)
-        trials = [_ask(study) for _ in range(min(most, state.total - state.used - state.running))]
+        free = state.total - state.used - state.running
+        if min(most, free) > 1:
+            most = min(most, math.ceil(free / (1 + workers_waiting(study))))
+        trials = [_ask(study) for _ in range(min(most, free))]
         # Beating at once tells other workers they are taken (see fail_unstarted_trials), before the slow start-up.
         if trials and heartbeat_settings(study)[0]:
             record_heartbeats(study._storage, [trial._trial_id for trial in trials])
