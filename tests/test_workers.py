@@ -105,6 +105,14 @@ def write_study(
     return path
 
 
+def one_shape(study: Path) -> None:
+    """One shape for every trial of the study file, so the packs fill: widths, learning rates, optimizers vary."""
+    raw = yaml.safe_load(study.read_text())
+    raw["search_space"].update({"n_layers": {"value": 2}, "batch_size": {"value": 128}})
+    raw["search_space"]["optimizer"] = {"choices": ["adam", "adamw"]}
+    study.write_text(yaml.safe_dump(raw))
+
+
 _LOGS: dict[int, Path] = {}
 
 
@@ -252,11 +260,7 @@ def test_three_workers_share_one_study_with_exact_totals(tmp_path, pg_database):
 def test_packed_workers_take_several_trials_at_a_time_and_keep_the_total_exact(tmp_path, pg_database):
     storage, tracking = pg_database(), pg_database()
     study = write_study(tmp_path, n_trials=11, tracking=tracking, pack=4)
-    raw = yaml.safe_load(study.read_text())
-    # One shape for every trial, so the packs fill: widths, learning rates and optimizers still vary.
-    raw["search_space"].update({"n_layers": {"value": 2}, "batch_size": {"value": 128}})
-    raw["search_space"]["optimizer"] = {"choices": ["adam", "adamw"]}
-    study.write_text(yaml.safe_dump(raw))
+    one_shape(study)
     assert finish(tuner("create", str(study), "--storage", storage, cwd=tmp_path))[0] == 0
     workers = [tuner("worker", str(study), "--storage", storage, "--quiet", cwd=tmp_path) for _ in range(2)]
     results = [finish(w) for w in workers]
@@ -312,9 +316,13 @@ def _pg_cluster() -> tuple[str, str] | None:
     return (versions[-1], "main") if versions else None
 
 
-def _restart_mid_study(tmp_path: Path, storage: str, n_trials: int, restart_after: Sequence[int]) -> None:
+def _restart_mid_study(
+    tmp_path: Path, storage: str, n_trials: int, restart_after: Sequence[int], pack: int | None = None
+) -> None:
     """Two workers on one study; PostgreSQL restarted once each listed number of trials has completed."""
-    study = write_study(tmp_path, n_trials=n_trials)
+    study = write_study(tmp_path, n_trials=n_trials, **({"pack": pack} if pack else {}))
+    if pack:
+        one_shape(study)
     assert finish(tuner("create", str(study), "--storage", storage, cwd=tmp_path))[0] == 0
     workers = [tuner("worker", str(study), "--storage", storage, "--quiet", cwd=tmp_path) for _ in range(2)]
     version, cluster = _pg_cluster()  # type: ignore[misc]
@@ -346,6 +354,15 @@ def test_a_database_restart_mid_study_loses_and_doubles_nothing(tmp_path, pg_dat
 def test_many_database_restarts_lose_double_and_strand_nothing(tmp_path, pg_database):
     # Twelve restarts over 300 short trials: enough that some meet a worker mid-ask, whose trial nobody runs.
     _restart_mid_study(tmp_path, pg_database(), 300, restart_after=range(20, 260, 20))
+
+
+@pytest.mark.slow
+@postgres
+@needs_pg
+@pytest.mark.skipif(_pg_cluster() is None, reason="needs root and pg_ctlcluster to restart the local PostgreSQL")
+def test_many_database_restarts_with_packing_workers_lose_double_and_strand_nothing(tmp_path, pg_database):
+    # Packs are taken, beaten and settled several trials at once: restarts meet those writes too.
+    _restart_mid_study(tmp_path, pg_database(), 200, restart_after=range(20, 180, 20), pack=4)
 
 
 @postgres
