@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile-workers",
         metavar="DIR",
-        help="run the two workers under cProfile, saving worker-0.prof and worker-1.prof of the last repetition here",
+        help="run the two workers under cProfile (which slows them) and save worker-0.prof and worker-1.prof here "
+        "(the last repetition's)",
     )
     parser.add_argument(
         "--timeline", action="store_true", help="print when each of the workers' trials started and ended"
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.pack}; {cores} cores, baseline {base_threads} thread(s); load average {os.getloadavg()[0]:.2f} at "
         f"start; tuner on {args.device}, baseline on {args.baseline_device}"
     )
+    profiles = Path(args.profile_workers) if args.profile_workers else None
+    if profiles:
+        profiles.mkdir(parents=True, exist_ok=True)
     rates: dict[str, list[float]] = {"baseline": [], "packed-1": [], "packed-2w": []}
     ratios: dict[str, list[float]] = {"packed-1": [], "packed-2w": []}
     with tempfile.TemporaryDirectory(prefix="bench-pack-") as tmp:
@@ -286,9 +290,6 @@ def main(argv: list[str] | None = None) -> int:
             )
             if not args.no_workers:
                 raw = raw_study(args, folder, name=STUDY_NAME, pack=args.pack, trials=trials)
-                profiles = Path(args.profile_workers) if args.profile_workers else None
-                if profiles:
-                    profiles.mkdir(parents=True, exist_ok=True)
                 span, wall = run_workers(raw, folder, len(trials), args.pg, args.timeline, profiles)
                 rate = 60 * len(trials) / span
                 rates["packed-2w"].append(rate)
