@@ -9,8 +9,8 @@ pruning), validation loss and objective every epoch, MLflow tracking on. Sides:
   process with torch's default threads (all cores) — what a user's script does on this machine
   (``--baseline-threads 1`` gives it one thread: on a busy machine the fairer comparison); its network on
   ``--baseline-device`` (default the CPU; on a GPU each batch is moved there, as the examples do);
-- packed, 1 process: :func:`tuner.study.run_study` with ``study.pack = --pack`` and 1 torch thread, on
-  ``--device`` (data resident there);
+- packed, 1 process: :func:`tuner.study.run_study` with ``study.pack = --pack`` and ``--tuner-threads`` torch
+  threads (default 1), on ``--device`` (data resident there);
 - packed, 2 workers: ``tuner create`` then two ``tuner worker`` processes (1 torch thread each) on one study
   in a scratch PostgreSQL database, MLflow in another (the many-workers topology), ``study.pack = --pack``.
 
@@ -202,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads of the baseline: 0 (default) = torch's default, all cores, as a user's script runs",
     )
     parser.add_argument(
+        "--tuner-threads",
+        type=int,
+        default=1,
+        help="torch threads of the packed 1-process side (default 1, the CLI's; the workers keep 1 each)",
+    )
+    parser.add_argument(
         "--tracking-writes",
         choices=["auto", "background", "inline"],
         default="auto",
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 storage="sqlite",
                 device=args.baseline_device,
             )
-        with threads(1):
+        with threads(args.tuner_threads):
             run_packed(_spec(args, folder, "warm-p", args.pack, warm), packed_data, 1)
         if args.profile:
             profiled = _spec(args, folder, "profiled", args.pack, trials)
@@ -278,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                     device=args.baseline_device,
                 )
             base_rate = 60 * len(trials) / base.study_s
-            with threads(1):
+            with threads(args.tuner_threads):
                 packed_s = run_packed(_spec(args, folder, f"p-{name}", args.pack, trials), packed_data, len(trials))
             packed_rate = 60 * len(trials) / packed_s
             rates["baseline"].append(base_rate)
