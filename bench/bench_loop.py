@@ -724,6 +724,17 @@ def commit_latency(folder: Path, n: int = 20) -> float:
         conn.close()
 
 
+def add_tracking_writes(parser: argparse.ArgumentParser) -> None:
+    """The ``--tracking-writes`` option: tuner's ``tracking.writes`` for the benchmark's studies."""
+    parser.add_argument(
+        "--tracking-writes",
+        choices=["auto", "background", "inline"],
+        default="auto",
+        help="tuner's tracking.writes (default auto: in the background for a server or a database server, in line "
+        "for a local SQLite file)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", choices=["sdss", "simulated"], default=["sdss", "simulated"])
@@ -752,12 +763,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="MLflow store of tuner and baseline, e.g. http://127.0.0.1:5000 (default: SQLite files in scratch)",
     )
-    parser.add_argument(
-        "--tracking-writes",
-        choices=["auto", "background", "inline"],
-        default="auto",
-        help="tuner's tracking.writes (default auto: background for a server, inline for SQLite)",
-    )
+    add_tracking_writes(parser)
     parser.add_argument(
         "--device", default="cpu", help="device of every side, e.g. cuda (the baseline moves CPU batches to it)"
     )

@@ -53,7 +53,15 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loop import data_section, draw_trials, enqueue_entry, run_baseline, study_section, threads
+from bench_loop import (
+    add_tracking_writes,
+    data_section,
+    draw_trials,
+    enqueue_entry,
+    run_baseline,
+    study_section,
+    threads,
+)
 from bench_workers import scratch_database, tuner
 
 from tuner.config import StudySpec, spec_from_dict
@@ -207,12 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads of the packed 1-process side (default 1, the CLI's; the workers keep 1 each)",
     )
-    parser.add_argument(
-        "--tracking-writes",
-        choices=["auto", "background", "inline"],
-        default="auto",
-        help="tuner's tracking.writes (default auto: background for a server, inline for a database URL)",
-    )
+    add_tracking_writes(parser)
     parser.add_argument("--pg", default="host=127.0.0.1 port=5432 user=postgres")
     parser.add_argument(
         "--profile",
