@@ -283,6 +283,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_trial(study: Any, trial: Any) -> None:
         now = time.monotonic()
         seconds, last[0] = now - last[0], now
+        if trial.datetime_start is not None and trial.datetime_complete is not None:
+            # The trial's own wall time: members of a pack end together, so the gap since the last line is 0.
+            seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
         best = "-"
         if len(study.directions) > 1:
             best = f"front of {len(study.best_trials)}"
