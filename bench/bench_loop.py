@@ -148,6 +148,8 @@ def make_spec(data: dict[str, Any], args: argparse.Namespace, *, name: str, fold
             "pruner": "none",
             "n_trials": len(args.batch_sizes),
             "seed": 0,
+            # P1 is one trial at a time: on a GPU the default (auto) would pack them.
+            "pack": 1,
         },
         "tracking": {
             "enabled": tracking,

@@ -59,9 +59,14 @@ def packed(batch_size: int) -> Callable[[], object]:
 
 
 @pytest.mark.parametrize("engine", [eager, packed], ids=["eager", "packed"])
-def test_an_epoch_of_many_steps_waits_for_the_device_as_often_as_an_epoch_of_one(engine):
+def test_the_host_waits_for_the_device_per_epoch_not_per_step(engine):
     engine(400)()  # warm-up: first-call allocations and library loading are not the loop's
     one_step = synchronisations(engine(400))  # 400 training rows: one step per epoch
     many_steps = synchronisations(engine(25))  # sixteen steps per epoch
+    more_steps = synchronisations(engine(10))  # forty steps per epoch
     assert one_step > 0, "the sync debug mode saw nothing: the check would pass vacuously"
-    assert many_steps == one_step, f"{many_steps} waits with 16 steps per epoch against {one_step} with 1"
+    # A wait per step would add at least 15 (or 39). The epoch's own few waits need not be equal across batch
+    # sizes: an H200 showed 10 with one step and 9 with sixteen.
+    assert max(many_steps, more_steps) <= one_step + 2, (
+        f"waits per epoch: {one_step} with 1 step, {many_steps} with 16, {more_steps} with 40"
+    )
