@@ -445,8 +445,13 @@ def test_each_trials_line_gives_its_own_wall_time_also_when_a_pack_ends_together
         {
             **PACKED_STUDY,
             # One shape: the four trials train as one pack and leave it together.
-            "search_space": {**PACKED_STUDY["search_space"], "width": {"value": 16}},
-            "train": {"max_epochs": 40, "patience": 40},
+            "search_space": {
+                **PACKED_STUDY["search_space"],
+                "width": {"value": 16},
+                "activation": {"value": "relu"},
+                "batch_norm": {"value": False},
+            },
+            "train": {"max_epochs": 80, "patience": 80},
             "study": {
                 **{k: v for k, v in PACKED_STUDY["study"].items() if k != "pruner_options"},
                 "name": "timed",
@@ -462,7 +467,7 @@ def test_each_trials_line_gives_its_own_wall_time_also_when_a_pack_ends_together
     assert main(["run", str(path), "--quiet", "--device", "cpu"]) == 0
     printed = {
         int(number): float(seconds)
-        for number, seconds in re.findall(r"trial\s+(\d+) COMPLETE .*?epochs 40\s+([\d.]+)s", capsys.readouterr().out)
+        for number, seconds in re.findall(r"trial\s+(\d+) COMPLETE .*?epochs 80\s+([\d.]+)s", capsys.readouterr().out)
     }
     study = optuna.load_study(study_name="timed", storage=raw["study"]["storage"])
     own = {t.number: t.duration.total_seconds() for t in study.trials if t.duration is not None}
@@ -470,3 +475,30 @@ def test_each_trials_line_gives_its_own_wall_time_also_when_a_pack_ends_together
     assert min(own.values()) > 0.3, "the trials ran too fast for their times to tell the two readings apart"
     for number, seconds in printed.items():
         assert seconds == pytest.approx(own[number], abs=0.15)
+
+
+def test_each_members_dropout_masks_drop_its_own_rate_of_its_own_units():
+    import tuner.packed as packed_mod
+
+    rates = [0.0, 0.1, 0.3, 0.5]
+    members = [PackMember(params(widths=(16 + 8 * i, 8), dropout=p), i) for i, p in enumerate(rates)]
+    pack = packed_mod._Pack(members, 4, 1, DEVICE)
+    steps = 3 * pack.dropout_chunk  # three refills of every member's masks
+    seen: list[list[torch.Tensor]] = [[] for _ in range(pack.depth)]
+    for _ in range(steps):
+        pack.next_dropout()
+        for layer in range(pack.depth):
+            seen[layer].append(pack._dropout_masks[layer][pack._dropout_step].clone())
+    for layer in range(pack.depth):
+        masks = torch.stack(seen[layer]).cpu()  # (steps, K, rows, widest)
+        for row, p in enumerate(rates):
+            width = members[row].params.widths[layer]
+            own, padded = masks[:, row, :, :width], masks[:, row, :, width:]
+            assert torch.all(padded == 1.0), "padded units are never dropped nor scaled"
+            dropped = float((own == 0).float().mean())
+            n = own.numel()
+            assert abs(dropped - p) <= 4 * math.sqrt(max(p * (1 - p), 1e-12) / n) + 1e-9, (layer, p, dropped, n)
+            kept = own[own != 0]
+            assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-4), (layer, p)
+    # The refills draw anew: a member's masks of one step and of a later chunk differ.
+    assert not torch.equal(seen[0][0][3], seen[0][pack.dropout_chunk][3])

@@ -62,6 +62,8 @@ _ADAM_EPS = 1e-8
 _FUSED_DEVICES = ("cpu", "cuda")
 # Dropout draws are made for this many rows ahead (per trial, per layer), so a step costs no draw of its own.
 _DROPOUT_ROWS_AHEAD = 1024
+# Dropout decisions compare 16 random bits (a signed int16) with the drop probability's cut.
+_DROPOUT_LEVELS = 65536
 # Offset between a trial's shuffling seed and its dropout seed: two independent streams per trial.
 _DROPOUT_SEED_OFFSET = 1_000_003
 
@@ -383,11 +385,16 @@ class _Pack:
                 if p <= 0:
                     continue
                 w = self.widths_of[row][layer]
-                draw = torch.rand(s, b, w, generator=self.dropout_streams[row], device=self.device)
+                # 16 random bits per unit, four from each 64-bit draw: a third of the time of a float per unit.
+                # The drop probability is p to the nearest 1/65536; the kept units are scaled by its exact inverse.
+                cut = min(round(p * _DROPOUT_LEVELS), _DROPOUT_LEVELS - 1)
+                words = torch.empty(-(-s * b * w // 4), dtype=torch.int64, device=self.device)
+                words.random_(-(2**63), None, generator=self.dropout_streams[row])
+                draw = words.view(torch.int16)[: s * b * w].view(s, b, w)
                 # Written straight into the mask: no temporary per member, a third of this call's time.
                 kept = mask[:, row, :, :w]
-                torch.ge(draw, p, out=kept)
-                kept.mul_(1.0 / (1.0 - p))
+                torch.ge(draw, cut - _DROPOUT_LEVELS // 2, out=kept)
+                kept.mul_(_DROPOUT_LEVELS / (_DROPOUT_LEVELS - cut))
 
     def l1_norms(self) -> torch.Tensor:
         """(K,) each member's sum of absolute weights (padded weights are zero and add nothing)."""
