@@ -62,6 +62,8 @@ _ADAM_EPS = 1e-8
 _FUSED_DEVICES = ("cpu", "cuda")
 # Dropout draws are made for this many rows ahead (per trial, per layer), so a step costs no draw of its own.
 _DROPOUT_ROWS_AHEAD = 1024
+# Training rows gathered ahead, per member: one indexing of the data per this many rows.
+_ROWS_AHEAD = 8192
 # Dropout decisions compare 16 random bits (a signed int16) with the drop probability's cut.
 _DROPOUT_LEVELS = 65536
 # Offset between a trial's shuffling seed and its dropout seed: two independent streams per trial.
@@ -612,17 +614,25 @@ def fit_pack(
     batch = pack.batch_size
     drop_last_single = pack.batch_norm and n % batch == 1
     starts = range(0, n - 1 if drop_last_single else n, batch)
+    # Each member's rows for the next steps are gathered in one indexing per chunk of steps, not two per step.
+    chunk_rows = max(batch, _ROWS_AHEAD // batch * batch)
     for epoch in range(config.max_epochs):
         orders = torch.stack([torch.randperm(n, generator=g, device=device) for g in pack.shuffles])
         loss_sum = torch.zeros(len(active), device=device)
         health_rows: list[torch.Tensor] = []
+        chunk_start = -chunk_rows
         for step, start in enumerate(starts):
-            idx = orders[:, start : start + batch]
+            if start >= chunk_start + chunk_rows:
+                chunk_start = start
+                chunk = orders[:, start : start + chunk_rows]
+                chunk_x, chunk_y = train.x[chunk], train_y[chunk]
+            x_batch = chunk_x[:, start - chunk_start : start - chunk_start + batch]
+            y_batch = chunk_y[:, start - chunk_start : start - chunk_start + batch]
             pack.next_dropout()
             sampled = config.health and (step == 0 if config.health_every == 0 else step % config.health_every == 0)
             watched: list[torch.Tensor] | None = [] if sampled else None
-            logits = pack.forward(train.x[idx], training=True, watch=watched)
-            losses = _losses(logits, train_y[idx], config, pos_weight, pack)
+            logits = pack.forward(x_batch, training=True, watch=watched)
+            losses = _losses(logits, y_batch, config, pos_weight, pack)
             # The L1 penalty trains the weights but stays out of the reported loss, as in tuner.train.fit.
             (losses.sum() + (pack.l1 * pack.l1_norms()).sum() if pack.any_l1 else losses.sum()).backward()
             pack.clip_gradients()
@@ -641,7 +651,7 @@ def fit_pack(
                 )
                 acts = pack.activation_stats(watched)
                 health_rows.append(torch.cat([norms, ratios] + ([acts] if acts is not None else []), dim=1))
-            loss_sum += losses.detach() * idx.shape[1]
+            loss_sum += losses.detach() * x_batch.shape[1]
         with torch.no_grad():
             val_logits = torch.cat(
                 [
