@@ -472,9 +472,10 @@ def test_each_trials_line_gives_its_own_wall_time_also_when_a_pack_ends_together
     study = optuna.load_study(study_name="timed", storage=raw["study"]["storage"])
     own = {t.number: t.duration.total_seconds() for t in study.trials if t.duration is not None}
     assert sorted(printed) == sorted(own) == [0, 1, 2, 3]
-    assert min(own.values()) > 0.3, "the trials ran too fast for their times to tell the two readings apart"
+    # Printed to 0.1 s; the storage's end differs from the callback's by the tell's few milliseconds.
+    assert min(own.values()) > 0.15, "the trials ran too fast for their times to tell the two readings apart"
     for number, seconds in printed.items():
-        assert seconds == pytest.approx(own[number], abs=0.15)
+        assert seconds == pytest.approx(own[number], abs=0.08)
 
 
 def test_each_members_dropout_masks_drop_its_own_rate_of_its_own_units():
