@@ -905,3 +905,56 @@ def test_a_told_trial_is_returned_as_the_storage_holds_it(tmp_path, pg_database,
     backend_storage = getattr(study._storage, "_backend", None)
     if backend_storage is not None:
         backend_storage.engine.dispose()
+
+
+@postgres
+@needs_pg
+def test_a_study_counts_only_its_own_workers_waiting_for_its_budget_lock(pg_database):
+    # Two studies whose names share their first eight bytes: a worker queued on one's lock is not the other's.
+    import threading
+
+    from tuner.worker import budget_lock, make_storage, workers_waiting
+
+    url = pg_database()
+
+    def worker_study(name: str) -> optuna.Study:
+        return optuna.load_study(study_name=name, storage=make_storage(url, heartbeat_interval=60, grace_period=120))
+
+    for name in ("sdss-qso-a", "sdss-qso-b"):
+        optuna.create_study(study_name=name, storage=url)
+    release, held = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with budget_lock(worker_study("sdss-qso-a")):
+            held.set()
+            release.wait(timeout=60)
+
+    def wait_in_line() -> None:
+        with budget_lock(worker_study("sdss-qso-a")):
+            pass
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(timeout=60)
+    waiter = threading.Thread(target=wait_in_line)
+    waiter.start()
+    threads = [holder, waiter]
+    deadline = time.monotonic() + 60
+    try:
+        while workers_waiting(worker_study("sdss-qso-a")) < 1:
+            assert time.monotonic() < deadline, "the second worker never queued for the lock"
+        assert workers_waiting(worker_study("sdss-qso-b")) == 0
+        # Nor does the other study wait for this one's lock to take its trials.
+        got_other = threading.Event()
+
+        def take_other() -> None:
+            with budget_lock(worker_study("sdss-qso-b")):
+                got_other.set()
+
+        threads.append(threading.Thread(target=take_other))
+        threads[-1].start()
+        assert got_other.wait(timeout=30), "study sdss-qso-b waited for sdss-qso-a's lock"
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(timeout=60)

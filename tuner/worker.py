@@ -21,6 +21,7 @@ import copy
 import datetime
 import fcntl
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -341,7 +342,10 @@ def _updatable_trial(conn: Any, backend: optuna.storages.RDBStorage, trial_id: i
 
 
 def _budget_lock_key(study: optuna.Study) -> int:
-    return int.from_bytes(study.study_name.encode()[:8].ljust(8, b"\0"), "big", signed=True)
+    # From the whole name: studies of one database whose names share a prefix neither serialise each other's
+    # takes nor count each other's waiting workers.
+    digest = hashlib.sha256(study.study_name.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def workers_waiting(study: optuna.Study) -> int:
