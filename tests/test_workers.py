@@ -715,6 +715,13 @@ def test_a_pack_is_taken_at_once_within_the_budget_each_trial_with_its_heartbeat
     backend_storage.engine.dispose()
 
 
+def worker_study_of(url: str, name: str) -> optuna.Study:
+    """The study as a worker opens it: tuner's storage, with heartbeats."""
+    from tuner.worker import make_storage
+
+    return optuna.load_study(study_name=name, storage=make_storage(url, heartbeat_interval=60, grace_period=120))
+
+
 @postgres
 @needs_pg
 def test_workers_that_wait_for_the_budget_lock_together_share_the_free_slots(pg_database):
@@ -722,13 +729,13 @@ def test_workers_that_wait_for_the_budget_lock_together_share_the_free_slots(pg_
     # instead of taking every free slot while it stands idle.
     import threading
 
-    from tuner.worker import _take_trials, budget_lock, make_storage, workers_waiting
+    from tuner.worker import _take_trials, budget_lock, workers_waiting
 
     url = pg_database()
     optuna.create_study(study_name="share", storage=url)
 
     def worker_study() -> optuna.Study:
-        return optuna.load_study(study_name="share", storage=make_storage(url, heartbeat_interval=60, grace_period=120))
+        return worker_study_of(url, "share")
 
     holder, watcher = worker_study(), worker_study()
     taken: dict[str, int] = {}
@@ -913,12 +920,12 @@ def test_a_study_counts_only_its_own_workers_waiting_for_its_budget_lock(pg_data
     # Two studies whose names share their first eight bytes: a worker queued on one's lock is not the other's.
     import threading
 
-    from tuner.worker import budget_lock, make_storage, workers_waiting
+    from tuner.worker import budget_lock, workers_waiting
 
     url = pg_database()
 
     def worker_study(name: str) -> optuna.Study:
-        return optuna.load_study(study_name=name, storage=make_storage(url, heartbeat_interval=60, grace_period=120))
+        return worker_study_of(url, name)
 
     for name in ("sdss-qso-a", "sdss-qso-b"):
         optuna.create_study(study_name=name, storage=url)

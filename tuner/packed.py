@@ -626,8 +626,8 @@ def fit_pack(
                 chunk_start = start
                 chunk = orders[:, start : start + chunk_rows]
                 chunk_x, chunk_y = train.x[chunk], train_y[chunk]
-            x_batch = chunk_x[:, start - chunk_start : start - chunk_start + batch]
-            y_batch = chunk_y[:, start - chunk_start : start - chunk_start + batch]
+            at = start - chunk_start
+            x_batch, y_batch = chunk_x[:, at : at + batch], chunk_y[:, at : at + batch]
             pack.next_dropout()
             sampled = config.health and (step == 0 if config.health_every == 0 else step % config.health_every == 0)
             watched: list[torch.Tensor] | None = [] if sampled else None
