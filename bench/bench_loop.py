@@ -99,6 +99,7 @@ import yaml
 from torch import nn
 
 from tuner import study as study_mod
+from tuner import tracking as tracking_mod
 from tuner.config import StudySpec, spec_from_dict
 from tuner.data.dataset import Dataset, build_dataset
 from tuner.metrics import choose_operating_point
@@ -622,6 +623,11 @@ def bench_dataset(name: str, args: argparse.Namespace, folder: Path) -> list[str
     warm_trials = trials[-1:]
     with threads(args.tuner_threads):
         floor_trial(on_device, warm_trials[0], 0, 1)
+        writes = args.tracking_writes if args.tracking_writes != "auto" else tracking_mod.writes_for(base.tracking.uri)
+        if writes == "process":
+            # tuner's MLflow writer process: started (its imports) before the warm-up study, whose writes then
+            # open its store, as the first study of a session would.
+            tracking_mod.ProcessWriter.shared().wait_ready(timeout=60)
         for tracking in (False, True):
             spec = make_spec(data, warm_args, name=fresh("warm"), folder=folder, tracking=tracking)
             run_tuner(spec, on_device, warm_trials, args.storage)
@@ -730,10 +736,10 @@ def add_tracking_writes(parser: argparse.ArgumentParser) -> None:
     """The ``--tracking-writes`` option: tuner's ``tracking.writes`` for the benchmark's studies."""
     parser.add_argument(
         "--tracking-writes",
-        choices=["auto", "background", "inline"],
+        choices=["auto", "process", "background", "inline"],
         default="auto",
-        help="tuner's tracking.writes (default auto: in the background for a server or a database server, in line "
-        "for a local SQLite file)",
+        help="tuner's tracking.writes (default auto: on a background thread for a server or a database server, in "
+        "a writer process for a local SQLite file)",
     )
 
 

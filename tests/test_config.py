@@ -55,11 +55,11 @@ def test_spec_is_frozen() -> None:
         spec.search_space.lr.low = 1.0  # type: ignore[misc]
 
 
-def test_tracking_writes_is_one_of_three_words() -> None:
+def test_tracking_writes_is_one_of_four_words() -> None:
     assert spec_from_dict({}).tracking.writes == "auto"
     assert spec_from_dict({"tracking": {"writes": "inline"}}).tracking.writes == "inline"
     problem = one_problem({"tracking": {"writes": "sometimes"}})
-    assert problem == "tracking.writes: Input should be 'auto', 'background' or 'inline', got 'sometimes'"
+    assert problem == "tracking.writes: Input should be 'auto', 'process', 'background' or 'inline', got 'sometimes'"
 
 
 def test_not_a_mapping() -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -271,7 +272,7 @@ def test_tracker_closes_a_run_even_when_interrupted(tmp_path, tiny_dataset, monk
 
 
 def test_tracking_batches_epoch_metrics(tmp_path, monkeypatch):
-    tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "batched", str(tmp_path / "a"))
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "batched", str(tmp_path / "a"), writes="inline")
     calls = []
     real = tracker.client.log_batch
 
@@ -331,7 +332,7 @@ def test_best_and_status_read_a_study_not_made_by_tuner(tmp_path, capsys):
 
 
 def test_a_trials_closing_writes_go_out_in_the_background_and_a_drain_waits_for_them(tmp_path, monkeypatch, caplog):
-    tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "background", str(tmp_path / "a"), background=True)
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "background", str(tmp_path / "a"), writes="background")
     tracker.start_study("s", {}, {}, None)
     run_id = tracker.start_trial(0, {"lr": 0.1}, {})
     assert tracker.drain() == 0  # its parameters went out
@@ -358,19 +359,28 @@ def test_a_trials_closing_writes_go_out_in_the_background_and_a_drain_waits_for_
 
 def test_the_background_writer_keeps_order_counts_failures_and_bounds_its_queue():
     errors: list[str] = []
-    writer = BackgroundWriter(2, lambda what, exc: errors.append(f"{what}: {exc}"))
+    client = object()
+    writer = BackgroundWriter(client, 2, lambda what, exc: errors.append(f"{what}: {exc}"))
     done: list[int] = []
     gate = threading.Event()
 
-    def broken() -> None:
+    def broken(given: object) -> list[tuple[str, str]]:
         raise RuntimeError("store gone")
 
-    writer.submit("held", gate.wait)
+    def append(value: int) -> Callable[[object], list[tuple[str, str]]]:
+        def job(given: object) -> list[tuple[str, str]]:
+            assert given is client
+            done.append(value)
+            return [("a part of it", "refused")] if value == 2 else []
+
+        return job
+
+    writer.submit("held", lambda given: (gate.wait(), [])[1])
     writer.submit("broken", broken)
-    writer.submit("first", lambda: done.append(1))
+    writer.submit("first", append(1))
     assert len(writer.drain(timeout=0)) == 3  # "held" running, two queued: the queue is full
     entered = threading.Event()
-    blocked = threading.Thread(target=lambda: (entered.set(), writer.submit("second", lambda: done.append(2))))
+    blocked = threading.Thread(target=lambda: (entered.set(), writer.submit("second", append(2))))
     blocked.start()
     entered.wait()
     assert len(writer.drain(timeout=0)) == 3  # "second" waits in submit for room
@@ -378,7 +388,7 @@ def test_the_background_writer_keeps_order_counts_failures_and_bounds_its_queue(
     gate.set()
     blocked.join()
     assert writer.drain() == []
-    assert done == [1, 2] and errors == ["broken: store gone"]
+    assert done == [1, 2] and errors == ["broken: store gone", "a part of it: refused"]
 
 
 def test_a_study_drains_its_writes_before_it_returns(tmp_path, tiny_dataset, monkeypatch):
@@ -393,7 +403,7 @@ def test_a_study_drains_its_writes_before_it_returns(tmp_path, tiny_dataset, mon
         return real_drain(self, timeout)
 
     def submit(self, what, job):
-        return real_submit(self, what, lambda: (drained.wait(), job()))
+        return real_submit(self, what, lambda client: (drained.wait(), job(client))[1])
 
     monkeypatch.setattr(BackgroundWriter, "drain", drain)
     monkeypatch.setattr(BackgroundWriter, "submit", submit)
@@ -408,18 +418,21 @@ def test_a_study_drains_its_writes_before_it_returns(tmp_path, tiny_dataset, mon
 
 
 @pytest.mark.parametrize(
-    ("uri", "background"),
+    ("uri", "writes"),
     [
-        ("http://mlflow:5000", True),
-        ("https://mlflow.example.org", True),
-        ("postgresql+psycopg://u@db/mlflow", True),
-        ("sqlite:///mlruns/mlflow.db", False),
-        ("file:///tmp/mlruns", False),
-        ("mlruns", False),
+        ("http://mlflow:5000", "background"),
+        ("https://mlflow.example.org", "background"),
+        ("postgresql+psycopg://u@db/mlflow", "background"),
+        ("sqlite:///mlruns/mlflow.db", "process"),
+        ("file:///tmp/mlruns", "process"),
+        ("mlruns", "process"),
     ],
 )
-def test_writes_go_to_the_background_only_across_the_network(uri, background):
-    assert tracking_mod.writes_in_background(uri) is background
+def test_writes_go_to_a_thread_across_the_network_and_to_a_process_for_a_local_store(uri, writes, monkeypatch):
+    monkeypatch.setattr(tracking_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert tracking_mod.writes_for(uri) == writes
+    monkeypatch.setattr(tracking_mod.os, "sched_getaffinity", lambda pid: {0})
+    assert tracking_mod.writes_for(uri) == ("background" if writes == "background" else "inline")
 
 
 def test_a_database_restart_during_an_epochs_report_is_ridden_out_not_the_trials_end(monkeypatch):

@@ -430,7 +430,7 @@ def test_a_second_process_on_an_sqlite_study_is_refused(tmp_path):
     assert code == 0, out
 
 
-@pytest.mark.parametrize("writes", ["inline", "background"])
+@pytest.mark.parametrize("writes", ["inline", "background", "process"])
 def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_path, writes):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     study = write_study(tmp_path, n_trials=3, big=True, tracking=tracking, writes=writes)

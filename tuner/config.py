@@ -680,9 +680,9 @@ class TrackingSpec(_Frozen):
     experiment: str | None = None
     plots: bool = True
     plotlyjs: Literal["cdn", "embed"] = "cdn"
-    # How trials' closing writes go out: auto = on a background thread for a store across the network, in line
-    # for a local one (tuner.tracking.writes_in_background); background or inline to choose.
-    writes: Literal["auto", "background", "inline"] = "auto"
+    # How the writes after a run's creation go out: auto = on a background thread for a store across the network,
+    # in a writer process for a local one (in line on one core; tuner.tracking.writes_for); or one of them.
+    writes: Literal["auto", "process", "background", "inline"] = "auto"
 
 
 class ValidationSpec(_Frozen):

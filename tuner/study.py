@@ -51,7 +51,7 @@ from tuner.model import build_mlp
 from tuner.packed import PackMember, fit_pack, pack_key, run_in_order, split_by_cost
 from tuner.space import OPTIONAL_PARAMS, TrialParams, enqueue_params, max_layers, suggest
 from tuner.tasks import REGRESSION, SINGLE_LABEL
-from tuner.tracking import MlflowTracker, NullTracker, Tracker, mask_password
+from tuner.tracking import MlflowTracker, NullTracker, Tracker, call_by_name, mask_password
 from tuner.train import FitConfig, FitResult, fit, mean_probabilities, predict_logits, probabilities
 from tuner.worker import (
     Terminated,
@@ -1309,8 +1309,8 @@ class Objective:
             if self.spec.tracking.enabled:
                 artifacts.update(trial_model_files(model, run.params, self.dataset, self.spec, ev, trial.number))
                 if self.spec.tracking.plots:
-                    # Drawn on the tracker's writer thread, while the next trial trains.
-                    plots = functools.partial(self._plots, result, ev, trial.number)
+                    # Drawn where the tracker's writes go, while the next trial trains.
+                    plots = self._plots(result, ev, trial.number)
             state = "COMPLETE"
             return list(ev.values) if self.spec.objective.multi else ev.objective
         finally:
@@ -1336,9 +1336,9 @@ class Objective:
             # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
             self.tracker.end_trial(run.run_id, state, final, tags, run.artifacts, plots)
 
-    def _plots(self, result: FitResult, ev: AnyEvaluation, number: int) -> dict[str, str | bytes]:
-        from tuner.report import regression_artifacts, trial_artifacts
-
+    def _plots(self, result: FitResult, ev: AnyEvaluation, number: int) -> Callable[[], dict[str, str | bytes]]:
+        """The trial's plots as a call the tracker makes where its writes go (another process, another thread):
+        only the figures' inputs travel, and this process need not import the plotting code."""
         label, plotlyjs = f"trial {number}", self.spec.tracking.plotlyjs
         if isinstance(ev, RegressionEvaluation):
             parts = {
@@ -1346,7 +1346,9 @@ class Objective:
                 "holdout": (self.dataset.holdout.y_numpy, ev.holdout_predictions),
             }
             name = self.dataset.catalogue.target_names[0]
-            return dict(regression_artifacts(result.history, result.best_epoch, parts, name, label, plotlyjs))
+            return call_by_name(
+                "tuner.report:regression_artifacts", result.history, result.best_epoch, parts, name, label, plotlyjs
+            )
         if isinstance(ev, MultilabelEvaluation):
             # One curve per label on the holdout, each label's frozen operating point marked.
             y_hold = self.dataset.holdout.y_numpy
@@ -1362,16 +1364,15 @@ class Objective:
                 "validation": (ev.val_point.completeness, ev.val_point.contamination),
                 "holdout": (ev.holdout.completeness, ev.holdout.contamination),
             }
-        return dict(
-            trial_artifacts(
-                result.history,
-                result.best_epoch,
-                curves,
-                points,
-                self.spec.objective.target_contamination,
-                label,
-                plotlyjs,
-            )
+        return call_by_name(
+            "tuner.report:trial_artifacts",
+            result.history,
+            result.best_epoch,
+            curves,
+            points,
+            self.spec.objective.target_contamination,
+            label,
+            plotlyjs,
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -1504,15 +1505,13 @@ class Objective:
             if self.spec.tracking.enabled:
                 artifacts.update(crossval_model_files(fits, run.params, self.dataset, self.spec, cv, trial.number))
                 if self.spec.tracking.plots:
-                    plots = functools.partial(self._crossval_plots, fits, cv, trial.number)
+                    plots = self._crossval_plots(fits, cv, trial.number)
             state = "COMPLETE"
             return cv.objective
         finally:
             self._close(run, state, attrs, final, tags, plots)
 
-    def _crossval_plots(self, fits: FoldFits, cv: CrossValidation, number: int) -> dict[str, str | bytes]:
-        from tuner.report import crossval_trial_artifacts
-
+    def _crossval_plots(self, fits: FoldFits, cv: CrossValidation, number: int) -> Callable[[], dict[str, str | bytes]]:
         ev = cv.evaluation
         y_hold = self.dataset.holdout.y_numpy == self.dataset.positive_index
         oof, hold = "out-of-fold", "holdout (mean of the fold models)"
@@ -1521,16 +1520,15 @@ class Objective:
             oof: (ev.val_point.completeness, ev.val_point.contamination),
             hold: (ev.holdout.completeness, ev.holdout.contamination),
         }
-        return dict(
-            crossval_trial_artifacts(
-                [f.result.history for f in fits.folds],
-                [f.result.best_epoch for f in fits.folds],
-                curves,
-                points,
-                self.spec.objective.target_contamination,
-                f"trial {number}",
-                self.spec.tracking.plotlyjs,
-            )
+        return call_by_name(
+            "tuner.report:crossval_trial_artifacts",
+            [f.result.history for f in fits.folds],
+            [f.result.best_epoch for f in fits.folds],
+            curves,
+            points,
+            self.spec.objective.target_contamination,
+            f"trial {number}",
+            self.spec.tracking.plotlyjs,
         )
 
 
@@ -1614,7 +1612,7 @@ def make_tracker(spec: StudySpec, tracking_uri: str | None = None) -> Tracker:
         tracking_uri or spec.tracking.uri,
         spec.tracking.experiment or spec.study.name,
         spec.tracking.artifact_location,
-        background={"auto": None, "background": True, "inline": False}[spec.tracking.writes],
+        writes=None if spec.tracking.writes == "auto" else spec.tracking.writes,
     )
 
 

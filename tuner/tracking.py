@@ -2,24 +2,38 @@
 
 One parent run per study and one child run per trial, through ``MlflowClient`` with explicit run ids (the fluent
 ``mlflow.start_run`` is process-global state that breaks with threads and worker processes). Per-epoch metrics
-are buffered and sent with ``log_batch``: one call per trial instead of one per value. With a store across the
-network (a tracking server, a database server) a trial's closing writes (its parameters, metrics, tags, plots,
-files and end) go out on a background thread while the next trial trains: they wait on the network, not on the
-CPU. :meth:`MlflowTracker.drain` waits for them, and a study calls it before it ends. With a local SQLite store
-they are written in line: there they cost CPU, and a second thread, contending for the interpreter lock, gained
-nothing consistent (bench/README.md).
+are buffered and sent with ``log_batch``: one call per trial instead of one per value. A trial's run is created
+in line (its id is recorded with the trial); its other writes (parameters, metrics, tags, plots, files and end)
+are jobs that go out while the next trial trains:
+
+- with a local store (an SQLite file, a folder) in a writer process (:class:`ProcessWriter`), one per Python
+  process, shared by its trackers: there the writes cost CPU, which a second thread would take from the training
+  under the interpreter lock, and a second process takes from a free core;
+- with a store across the network (a tracking server, a database server) on a background thread: they wait on
+  the network, not on the CPU.
+
+:meth:`MlflowTracker.drain` waits for them, and a study calls it before it ends.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import logging
 import os
+import pickle
+import queue
+import signal
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from tuner.errors import TrackingError
@@ -162,20 +176,42 @@ def _write_ahead_log(path: Path) -> None:
         log.warning("could not switch %s to write-ahead logging: %s", path, exc)
 
 
-def writes_in_background(tracking_uri: str) -> bool:
-    """Whether a store's writes go out on a background thread: yes across the network, not for local files."""
-    return "://" in tracking_uri and not tracking_uri.startswith(("sqlite:", "file:"))
+#: How a tracker's writes go out (``tracking.writes``, ``auto`` resolved by :func:`writes_for`).
+Writes = Literal["process", "background", "inline"]
+
+#: A write: given the store's ``MlflowClient``, it writes and returns what failed, as (what, error) pairs; it
+#: may also raise. Picklable (a ``functools.partial`` of a module-level function) to run in the writer process.
+Job = Callable[[Any], list[tuple[str, str]]]
+
+
+def writes_for(tracking_uri: str) -> Writes:
+    """How ``auto`` sends a store's writes: on a background thread across the network, in a writer process for a
+    local store when a second core is free to run it, else in line."""
+    if "://" in tracking_uri and not tracking_uri.startswith(("sqlite:", "file:")):
+        return "background"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return "process" if cores > 1 else "inline"
+
+
+def _run_job(what: str, job: Job, client: Any, on_error: Callable[[str, str], None]) -> None:
+    try:
+        failures = job(client)
+    except Exception as exc:  # a defect in one job must not stop the writes after it
+        failures = [(what, str(exc))]
+    for failed, error in failures:
+        on_error(failed, error)
 
 
 class BackgroundWriter:
     """Runs jobs one at a time, in the order given, on one daemon thread (or at once, in line, with ``inline``).
 
-    A job reports its own failures (a job that raises is logged and counted by ``on_error``). ``submit`` waits
-    while ``limit`` jobs are queued, so a slow store slows the study down instead of filling the memory.
+    A job's failures (what it returns, or its exception) go to ``on_error``. ``submit`` waits while ``limit``
+    jobs are queued, so a slow store slows the study down instead of filling the memory.
     """
 
-    def __init__(self, limit: int, on_error: Callable[[str, Exception], None], *, inline: bool = False) -> None:
-        self._jobs: deque[tuple[str, Callable[[], None]]] = deque()
+    def __init__(self, client: Any, limit: int, on_error: Callable[[str, str], None], *, inline: bool = False) -> None:
+        self._client = client
+        self._jobs: deque[tuple[str, Job]] = deque()
         self._busy = False
         self._limit = limit
         self._on_error = on_error
@@ -184,9 +220,9 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._running = ""
 
-    def submit(self, what: str, job: Callable[[], None]) -> None:
+    def submit(self, what: str, job: Job) -> None:
         if self._inline:
-            self._guarded(what, job)
+            _run_job(what, job, self._client, self._on_error)
             return
         with self._changed:
             self._changed.wait_for(lambda: len(self._jobs) < self._limit)
@@ -211,17 +247,327 @@ class BackgroundWriter:
                 self._busy, self._running = True, what
                 self._changed.notify_all()
             try:
-                self._guarded(what, job)
+                _run_job(what, job, self._client, self._on_error)
             finally:
                 with self._changed:
                     self._busy = False
                     self._changed.notify_all()
 
-    def _guarded(self, what: str, job: Callable[[], None]) -> None:
+
+# --- the writer process ---------------------------------------------------------------------------------------
+# Frames on its pipes: an 8-byte little-endian length, then a pickle. In: (sequence number, tracking URI, what,
+# the pickled job). Out: "ready" once it has imported what jobs need, then (sequence number, failures) per job.
+
+_FRAME_HEADER = struct.Struct("<Q")
+
+
+def _write_frame(stream: IO[bytes], message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_FRAME_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _read_frame(stream: IO[bytes]) -> bytes | None:
+    """The next frame's pickle, or None at the end of the stream (a frame cut short counts as the end)."""
+    header = stream.read(_FRAME_HEADER.size)
+    if len(header) < _FRAME_HEADER.size:
+        return None
+    (size,) = _FRAME_HEADER.unpack(header)
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+class _Lane:
+    """One tracker's entry to the shared writer process: its store, its client for writes done here, its
+    failure count."""
+
+    def __init__(self, writer: ProcessWriter, tracking_uri: str, client: Any, on_error: Callable[[str, str], None]):
+        self.writer = writer
+        self.tracking_uri = tracking_uri
+        self.client = client
+        self.on_error = on_error
+
+    def submit(self, what: str, job: Job) -> None:
+        self.writer.submit(self, what, job)
+
+    def drain(self, timeout: float | None = None) -> list[str]:
+        return self.writer.drain(timeout)
+
+
+class ProcessWriter:
+    """Runs jobs in order in a child Python process (``serve_writes``), one per Python process.
+
+    Until the child has imported MLflow (a second or two, on the other core) and after it has stopped, jobs run
+    in line here instead, so a study never waits for it to start. Jobs sent and not yet answered when it stops
+    (killed, crashed) are run again here, in order: MLflow drops metrics logged twice and keeps a parameter
+    logged twice with the same value. ``submit`` waits while ``limit`` jobs are unanswered. The child runs in its
+    own session, so a Ctrl-C meant for the study does not cut its writes short; at the end of its input (this
+    process gone) it finishes the jobs it holds and exits.
+    """
+
+    _shared: ProcessWriter | None = None
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> ProcessWriter:
+        with cls._shared_lock:
+            if cls._shared is None or cls._shared._pid != os.getpid():
+                cls._shared = cls(WRITE_QUEUE_LIMIT)
+            return cls._shared
+
+    def __init__(self, limit: int) -> None:
+        self._pid = os.getpid()
+        self._limit = limit
+        self._changed = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._here_lock = threading.Lock()  # jobs run here go one at a time, in order, as in the child
+        self._pending: dict[int, tuple[str, Job, _Lane]] = {}  # sent, not answered
+        self._running_here = 0
+        self._sequence = 0
+        self._state: Literal["starting", "ready", "stopped"] = "starting"
+        self.sent = 0  # jobs sent to the child, and jobs run here instead (for benchmarks and tests)
+        self.done_here = 0
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
-            job()
-        except Exception as exc:  # a defect in one job must not stop the writes after it
-            self._on_error(what, exc)
+            self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, "-c", "from tuner.tracking import serve_writes; serve_writes()"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            log.warning("could not start the MLflow writer process (%s); writing in line", exc)
+            self._process, self._state = None, "stopped"
+            return
+        threading.Thread(target=self._read_answers, name="tuner-mlflow-answers", daemon=True).start()
+        atexit.register(self.close)
+
+    def lane(self, tracking_uri: str, client: Any, on_error: Callable[[str, str], None]) -> _Lane:
+        return _Lane(self, tracking_uri, client, on_error)
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (None when it could not start)."""
+        return self._process.pid if self._process is not None else None
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the child takes jobs (True) or has stopped (False)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._state != "starting", timeout)
+            return self._state == "ready"
+
+    def submit(self, lane: _Lane, what: str, job: Job) -> None:
+        try:
+            payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            payload = None  # a job that cannot travel runs here
+        with self._send_lock:
+            with self._changed:
+                self._changed.wait_for(lambda: len(self._pending) < self._limit or self._state != "ready")
+                sent = payload is not None and self._state == "ready"
+                if sent:
+                    self.sent += 1
+                    self._sequence += 1
+                    sequence = self._sequence
+                    self._pending[sequence] = (what, job, lane)
+            if sent:
+                assert self._process is not None and self._process.stdin is not None
+                try:
+                    _write_frame(self._process.stdin, (sequence, lane.tracking_uri, what, payload))
+                    return
+                except (OSError, ValueError):
+                    pass  # the child is gone: its reader thread redoes what it held, this one included
+        if not sent:
+            self._run_here([(what, job, lane)])
+        else:
+            self._stopped("its input closed")
+
+    def drain(self, timeout: float | None = None) -> list[str]:
+        """Wait until every job submitted so far has run, or ``timeout`` seconds; return what has not run."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._pending and not self._running_here, timeout)
+            return [what for what, _, _ in self._pending.values()]
+
+    def close(self) -> None:
+        """End the child's input: it finishes the jobs it holds, then exits (this process does not wait)."""
+        if self._process is not None and self._process.stdin is not None:
+            with self._send_lock, contextlib.suppress(OSError):
+                self._process.stdin.close()
+
+    def _read_answers(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        stream = self._process.stdout
+        while (frame := _read_frame(stream)) is not None:
+            answer = pickle.loads(frame)
+            if answer == "ready":
+                with self._changed:
+                    self._state = "ready"
+                    self._changed.notify_all()
+                continue
+            sequence, failures = answer
+            with self._changed:
+                _, _, lane = self._pending.pop(sequence)
+                self._changed.notify_all()
+            for failed, error in failures:
+                lane.on_error(failed, error)
+        self._stopped(f"exit code {self._process.wait()}")
+
+    def _stopped(self, reason: str) -> None:
+        with self._changed:
+            if self._state == "stopped" and not self._pending:
+                return
+            self._state = "stopped"
+            redo = [self._pending.pop(n) for n in sorted(self._pending)]
+            self._running_here += 1  # a drain waits for the redone jobs too
+            self._changed.notify_all()
+        try:
+            if redo:
+                log.warning(
+                    "the MLflow writer process stopped (%s); %d unanswered write(s) are done again here, and the "
+                    "writes after them in line",
+                    reason,
+                    len(redo),
+                )
+            self._run_here(redo)
+        finally:
+            with self._changed:
+                self._running_here -= 1
+                self._changed.notify_all()
+
+    def _run_here(self, jobs: list[tuple[str, Job, _Lane]]) -> None:
+        with self._here_lock:
+            for what, job, lane in jobs:
+                self.done_here += 1
+                _run_job(what, job, lane.client, lane.on_error)
+
+
+def serve_writes() -> None:
+    """The writer process's main: jobs from stdin, in order, each answered on stdout; at the end of stdin, finish
+    and exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever else prints must not corrupt the answers
+    jobs_in = sys.stdin.buffer
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    from mlflow import MlflowClient
+
+    import tuner.report  # noqa: F401  (what a trial's plots need, imported before the first trial's close)
+
+    frames: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def read() -> None:
+        # Read ahead, so the study's writes to the pipe never wait for a job to finish.
+        while (frame := _read_frame(jobs_in)) is not None:
+            frames.put(frame)
+        frames.put(None)
+
+    threading.Thread(target=read, name="tuner-mlflow-jobs", daemon=True).start()
+    _write_frame(answers, "ready")
+    clients: dict[str, Any] = {}
+    while (frame := frames.get()) is not None:
+        sequence, tracking_uri, what, payload = pickle.loads(frame)
+        try:
+            job = pickle.loads(payload)
+            client = clients.get(tracking_uri) or clients.setdefault(tracking_uri, MlflowClient(tracking_uri))
+            failures = job(client)
+        except Exception as exc:  # answered as a failure: the study counts it and goes on
+            failures = [(what, str(exc))]
+        _write_frame(answers, (sequence, failures))
+
+
+def call_by_name(target: str, *args: Any) -> Callable[[], Any]:
+    """A picklable call of ``module:function`` with ``args``: the module is imported where the call is made (in the
+    writer process, the plotting code, which the study's process then need not import)."""
+    return functools.partial(_call_by_name, target, *args)
+
+
+def _call_by_name(target: str, *args: Any) -> Any:
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(*args)
+
+
+# --- the jobs ---------------------------------------------------------------------------------------------------
+
+
+def describe_run(run_id: str, params: list[Any], tags: list[Any], client: Any) -> list[tuple[str, str]]:
+    """Log a run's parameters (100 per call) and tags."""
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
+    if tags:
+        client.log_batch(run_id, tags=tags)
+    return []
+
+
+def _send(client: Any, run_id: str, items: list[Any], tags: list[Any]) -> None:
+    """Send ``items`` (metrics) in batches; ``tags`` ride along with the first batch."""
+    for i in range(0, max(len(items), 1 if tags else 0), _BATCH_LIMIT):
+        client.log_batch(run_id, metrics=items[i : i + _BATCH_LIMIT], tags=(tags or []) if i == 0 else [])
+
+
+def close_run(
+    tracking_uri: str,
+    run_id: str,
+    items: list[Any],
+    tags: list[Any],
+    status: str,
+    artifacts: dict[str, str | bytes],
+    build_artifacts: Callable[[], dict[str, str | bytes]] | None,
+    artifact_uri: str | None,
+    client: Any,
+) -> list[tuple[str, str]]:
+    """A trial run's closing writes: metrics, tags, files (``build_artifacts`` drawn here), then its end."""
+    from mlflow.exceptions import MlflowException
+
+    failures = []
+    try:
+        _send(client, run_id, items, tags)
+        files = dict(artifacts)
+        if build_artifacts is not None:
+            try:
+                files.update(build_artifacts())
+            except Exception as exc:  # a figure that cannot be drawn must not lose the other files
+                failures.append((f"drawing the plots of run {run_id}", str(exc)))
+        _log_files(client, tracking_uri, run_id, files, artifact_uri)
+    except (MlflowException, OSError) as exc:
+        failures.append((f"logging of run {run_id}", str(exc)))
+    finally:
+        # Always close the run, even when logging failed: a run left RUNNING misleads the UI.
+        try:
+            client.set_terminated(run_id, status=status)
+        except MlflowException as exc:
+            failures.append((f"closing run {run_id}", str(exc)))
+    return failures
+
+
+def _log_files(
+    client: Any, tracking_uri: str, run_id: str, artifacts: dict[str, str | bytes], artifact_uri: str | None
+) -> None:
+    import tempfile
+
+    if not artifacts:
+        return
+    # Written into one folder and sent in one call: each call looks the run up and opens its artifact store.
+    with tempfile.TemporaryDirectory(prefix="tuner-artifacts-") as tmp:
+        for name, content in artifacts.items():
+            path = Path(tmp) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, str):
+                path.write_text(content, encoding="utf-8")
+            else:
+                path.write_bytes(content)
+        if artifact_uri is None or tracking_uri.startswith("databricks"):
+            client.log_artifacts(run_id, tmp)
+            return
+        # The client would read the whole run back (its metrics, parameters, tags) to learn where its files
+        # go, which create_run already said: 9 ms per trial on PostgreSQL.
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(artifact_uri, tracking_uri=tracking_uri).log_artifacts(tmp)
 
 
 class MlflowTracker:
@@ -232,7 +578,8 @@ class MlflowTracker:
         experiment: Experiment name; created when missing.
         artifact_location: Where a new experiment stores artifacts (a path or URI); ignored for an existing one,
             and a local path is ignored for an http(s) tracking server, whose own artifact store serves workers.
-        background: Send trials' closing writes on a background thread; None: for stores across the network.
+        writes: How the writes after a run's creation go out: in a writer process, on a background thread or in
+            line; None: as :func:`writes_for` says for the store.
     """
 
     def __init__(
@@ -241,7 +588,7 @@ class MlflowTracker:
         experiment: str,
         artifact_location: str | None = None,
         *,
-        background: bool | None = None,
+        writes: Writes | None = None,
     ) -> None:
         # MLflow prints two lines to stdout per run it closes on a tracking server; one per trial drowns the
         # study's own output. A user who wants them sets the variable to false.
@@ -256,12 +603,11 @@ class MlflowTracker:
         self._artifact_uris: dict[str, str] = {}  # each open trial run's, as create_run answered
         self.parent_run_id: str | None = None
         self.failed_writes = 0
-        self._count_lock = threading.Lock()  # the writer thread counts failures too
-        in_background = writes_in_background(tracking_uri) if background is None else background
-        self._writer = BackgroundWriter(WRITE_QUEUE_LIMIT, self._warn, inline=not in_background)
-        # In the background every close is queued to the one writer thread; in line the callers' threads would
-        # write to the store at once (a local SQLite file takes one writer at a time).
-        self.closes_from_threads = in_background
+        self._count_lock = threading.Lock()  # the writer's threads count failures too
+        self.writes: Writes = writes_for(tracking_uri) if writes is None else writes
+        # Queued, every close goes out in order from one writer; in line the callers' threads would write to the
+        # store at once (a local SQLite file takes one writer at a time).
+        self.closes_from_threads = self.writes != "inline"
         sqlite_dir = _local_sqlite_dir(tracking_uri)
         if sqlite_dir is not None:
             sqlite_dir.mkdir(parents=True, exist_ok=True)
@@ -283,8 +629,13 @@ class MlflowTracker:
                 self.experiment_id = found.experiment_id
         except (MlflowException, OSError) as exc:
             raise TrackingError(f"tracking.uri: cannot use MLflow store {mask_password(tracking_uri)}: {exc}") from None
+        self._writer: BackgroundWriter | _Lane
+        if self.writes == "process":
+            self._writer = ProcessWriter.shared().lane(tracking_uri, self.client, self._warn)
+        else:
+            self._writer = BackgroundWriter(self.client, WRITE_QUEUE_LIMIT, self._warn, inline=self.writes == "inline")
 
-    def _warn(self, what: str, exc: Exception) -> None:
+    def _warn(self, what: str, exc: Exception | str) -> None:
         # A tracking hiccup must not kill hours of tuning, but it must not pass unseen either.
         with self._count_lock:
             self.failed_writes += 1
@@ -319,9 +670,8 @@ class MlflowTracker:
         parent = self.parent_run_id
         assert parent is not None
         tag_items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._writer.submit(
-            f"parameters and tags of study run {parent}", lambda: self._describe(parent, param_items, tag_items)
-        )
+        describe = functools.partial(describe_run, parent, param_items, tag_items)
+        self._writer.submit(f"parameters and tags of study run {parent}", describe)
         return parent
 
     def start_trial(self, number: int, params: dict[str, Any], tags: dict[str, str]) -> str | None:
@@ -337,16 +687,9 @@ class MlflowTracker:
         run_id: str = run.info.run_id
         self._artifact_uris[run_id] = run.info.artifact_uri
         items = [Param(k, str(v)) for k, v in params.items()]
-        self._writer.submit(f"parameters of run {run_id}", lambda: self._describe(run_id, items, []))
+        self._writer.submit(f"parameters of run {run_id}", functools.partial(describe_run, run_id, items, []))
         self._buffers[run_id] = []
         return run_id
-
-    def _describe(self, run_id: str, params: list[Any], tags: list[Any]) -> None:
-        """Log a run's parameters (100 per call) and tags; the writer reports a failure (``_warn``)."""
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run_id, params=params[i : i + 100])
-        if tags:
-            self.client.log_batch(run_id, tags=tags)
 
     def log_epoch(self, run_id: str | None, epoch: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -356,11 +699,6 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         buffer = self._buffers.setdefault(run_id, [])
         buffer.extend(Metric(k, float(v), now, epoch) for k, v in metrics.items())
-
-    def _send(self, run_id: str, items: list[Any], tags: list[Any]) -> None:
-        """Send ``items`` (metrics) in batches; ``tags`` ride along with the first batch."""
-        for i in range(0, max(len(items), 1 if tags else 0), _BATCH_LIMIT):
-            self.client.log_batch(run_id, metrics=items[i : i + _BATCH_LIMIT], tags=(tags or []) if i == 0 else [])
 
     def end_trial(
         self,
@@ -372,7 +710,6 @@ class MlflowTracker:
         build_artifacts: Callable[[], dict[str, str | bytes]] | None = None,
     ) -> None:
         from mlflow.entities import Metric, RunTag
-        from mlflow.exceptions import MlflowException
 
         if run_id is None:
             return
@@ -381,26 +718,9 @@ class MlflowTracker:
         items = self._buffers.pop(run_id, []) + [Metric(k, float(v), now, 0) for k, v in metrics.items()]
         run_tags = [RunTag(k, str(v)) for k, v in tags.items()]
         status = RUN_STATUS.get(state, "FAILED")
-
-        def close() -> None:
-            try:
-                self._send(run_id, items, run_tags)
-                files = dict(artifacts)
-                if build_artifacts is not None:
-                    try:
-                        files.update(build_artifacts())
-                    except Exception as exc:  # a figure that cannot be drawn must not lose the other files
-                        self._warn(f"drawing the plots of run {run_id}", exc)
-                self._log_files(run_id, files, artifact_uri)
-            except (MlflowException, OSError) as exc:
-                self._warn(f"logging of run {run_id}", exc)
-            finally:
-                # Always close the run, even when logging failed: a run left RUNNING misleads the UI.
-                try:
-                    self.client.set_terminated(run_id, status=status)
-                except MlflowException as exc:
-                    self._warn(f"closing run {run_id}", exc)
-
+        close = functools.partial(
+            close_run, self.tracking_uri, run_id, items, run_tags, status, artifacts, build_artifacts, artifact_uri
+        )
         self._writer.submit(f"end of run {run_id}", close)
 
     def drain(self, timeout: float | None = None) -> int:
@@ -425,29 +745,6 @@ class MlflowTracker:
             self.client.set_terminated(run_id, status="KILLED")
         except MlflowException as exc:
             self._warn(f"closing lost run {run_id}", exc)
-
-    def _log_files(self, run_id: str, artifacts: dict[str, str | bytes], artifact_uri: str | None = None) -> None:
-        import tempfile
-
-        if not artifacts:
-            return
-        # Written into one folder and sent in one call: each call looks the run up and opens its artifact store.
-        with tempfile.TemporaryDirectory(prefix="tuner-artifacts-") as tmp:
-            for name, content in artifacts.items():
-                path = Path(tmp) / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if isinstance(content, str):
-                    path.write_text(content, encoding="utf-8")
-                else:
-                    path.write_bytes(content)
-            if artifact_uri is None or self.tracking_uri.startswith("databricks"):
-                self.client.log_artifacts(run_id, tmp)
-                return
-            # The client would read the whole run back (its metrics, parameters, tags) to learn where its files
-            # go, which create_run already said: 9 ms per trial on PostgreSQL.
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-            get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri).log_artifacts(tmp)
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
         from mlflow.entities import Metric
