@@ -198,3 +198,17 @@ def test_auto_sends_a_local_stores_writes_to_the_writer_process_on_two_cores(tmp
     monkeypatch.setattr(tracking_mod.os, "sched_getaffinity", lambda pid: {0, 1})
     tracker = tracking_mod.MlflowTracker(f"sqlite:///{tmp_path}/m.db", "auto")
     assert tracker.writes == "process" and tracker.closes_from_threads
+
+
+def test_a_process_that_exits_before_its_writer_process_is_ready_leaves_no_error_behind():
+    import subprocess
+    import sys
+
+    # The writer process holds the same stderr, so run() returns once both have exited.
+    done = subprocess.run(
+        [sys.executable, "-c", "from tuner.tracking import ProcessWriter; ProcessWriter.shared()"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr

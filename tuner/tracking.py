@@ -465,7 +465,17 @@ def serve_writes() -> None:
         frames.put(None)
 
     threading.Thread(target=read, name="tuner-mlflow-jobs", daemon=True).start()
-    _write_frame(answers, "ready")
+    listening = True
+
+    def answer(message: Any) -> None:
+        nonlocal listening
+        if listening:
+            try:
+                _write_frame(answers, message)
+            except OSError:  # the study's process is gone: its jobs are still done, unanswered
+                listening = False
+
+    answer("ready")
     clients: dict[str, Any] = {}
     while (frame := frames.get()) is not None:
         sequence, tracking_uri, what, payload = pickle.loads(frame)
@@ -475,7 +485,7 @@ def serve_writes() -> None:
             failures = job(client)
         except Exception as exc:  # answered as a failure: the study counts it and goes on
             failures = [(what, str(exc))]
-        _write_frame(answers, (sequence, failures))
+        answer((sequence, failures))
 
 
 def call_by_name(target: str, *args: Any) -> Callable[[], Any]:
