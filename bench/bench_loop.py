@@ -623,11 +623,7 @@ def bench_dataset(name: str, args: argparse.Namespace, folder: Path) -> list[str
     warm_trials = trials[-1:]
     with threads(args.tuner_threads):
         floor_trial(on_device, warm_trials[0], 0, 1)
-        writes = args.tracking_writes if args.tracking_writes != "auto" else tracking_mod.writes_for(base.tracking.uri)
-        if writes == "process":
-            # tuner's MLflow writer process: started (its imports) before the warm-up study, whose writes then
-            # open its store, as the first study of a session would.
-            tracking_mod.ProcessWriter.shared().wait_ready(timeout=60)
+        ready_writer_process(args.tracking_writes, base.tracking.uri)
         for tracking in (False, True):
             spec = make_spec(data, warm_args, name=fresh("warm"), folder=folder, tracking=tracking)
             run_tuner(spec, on_device, warm_trials, args.storage)
@@ -730,6 +726,14 @@ def commit_latency(folder: Path, n: int = 20) -> float:
         return (time.perf_counter() - started) / n
     finally:
         conn.close()
+
+
+def ready_writer_process(tracking_writes: str, tracking_uri: str) -> None:
+    """Start tuner's MLflow writer process, when the studies' writes go there, and wait until it takes jobs:
+    its start-up (imports) is excluded as other imports are, and the warm-up study's writes then open its store."""
+    writes = tracking_writes if tracking_writes != "auto" else tracking_mod.writes_for(tracking_uri)
+    if writes == "process" and not tracking_mod.ProcessWriter.shared().wait_ready(timeout=120):
+        raise SystemExit("tuner's MLflow writer process did not start")
 
 
 def add_tracking_writes(parser: argparse.ArgumentParser) -> None:

@@ -58,6 +58,7 @@ from bench_loop import (
     data_section,
     draw_trials,
     enqueue_entry,
+    ready_writer_process,
     run_baseline,
     study_section,
     threads,
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {p.n_layers}x{'-'.join(map(str, p.widths))} {p.activation} {p.optimizer} batch {p.batch_size}")
         # Untimed warm-up of each in-process side (stores created, code paths loaded).
         warm = trials[:1]
+        ready_writer_process(args.tracking_writes, _spec(args, folder, "warm-p", args.pack, warm).tracking.uri)
         with threads(base_threads):
             run_baseline(
                 _spec(args, folder, "warm-b", 1, warm),

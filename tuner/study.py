@@ -51,7 +51,14 @@ from tuner.model import build_mlp
 from tuner.packed import PackMember, fit_pack, pack_key, run_in_order, split_by_cost
 from tuner.space import OPTIONAL_PARAMS, TrialParams, enqueue_params, max_layers, suggest
 from tuner.tasks import REGRESSION, SINGLE_LABEL
-from tuner.tracking import MlflowTracker, NullTracker, Tracker, call_by_name, mask_password
+from tuner.tracking import (
+    MlflowTracker,
+    NullTracker,
+    Tracker,
+    call_by_name,
+    mask_password,
+    start_writer_process,
+)
 from tuner.train import FitConfig, FitResult, fit, mean_probabilities, predict_logits, probabilities
 from tuner.worker import (
     Terminated,
@@ -1662,6 +1669,9 @@ def run_study(
     entries = check_spec(spec, enqueue)
     total = n_trials or spec.study.n_trials
     torch_device = resolve_device(device) if isinstance(device, str) else device
+    if tracker is None and mode != "create" and spec.tracking.enabled:
+        # The MLflow writer process imports while the data are built.
+        start_writer_process(spec.tracking.uri, None if spec.tracking.writes == "auto" else spec.tracking.writes)
     dataset = dataset or build_dataset(spec, torch_device)
     _check_folds(spec, dataset)
     url = storage_url(spec, storage) if storage is None or isinstance(storage, str) else None

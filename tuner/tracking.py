@@ -444,6 +444,12 @@ class ProcessWriter:
                 _run_job(what, job, lane.client, lane.on_error)
 
 
+def start_writer_process(tracking_uri: str, writes: Writes | None) -> None:
+    """Start this process's writer process now, if a tracker of ``tracking_uri`` with ``writes`` would use it."""
+    if (writes or writes_for(tracking_uri)) == "process":
+        ProcessWriter.shared()
+
+
 def serve_writes() -> None:
     """The writer process's main: jobs from stdin, in order, each answered on stdout; at the end of stdin, finish
     and exit."""
@@ -453,8 +459,6 @@ def serve_writes() -> None:
     jobs_in = sys.stdin.buffer
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow import MlflowClient
-
-    import tuner.report  # noqa: F401  (what a trial's plots need, imported before the first trial's close)
 
     frames: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
 
