@@ -82,12 +82,16 @@ def pack_key(params: TrialParams) -> tuple[Any, ...]:
     )
 
 
-# A CPU cost model for splitting packs, in microseconds per training step: a fixed cost per step (Python, the
-# dispatcher, some 60 operator calls), a multiply-add of the matmuls (forward and backward), an element of the
-# optimizer's update. Measured on the development machine's CPU; only their ratios matter.
-_STEP_OVERHEAD_US = 1000.0
-_MAC_US = 3e-4
-_PARAM_US = 1.5e-2
+# A CPU cost model for splitting packs, in microseconds per training step: a fixed cost per step of a pack
+# (Python, the dispatcher, some 60 operator calls), a multiply-add of the matmuls (forward and backward) and an
+# element of the optimizer's update; a member of a pack of several computes its padded weights at a higher cost
+# per weight than a pack of one (batched matmuls, a working set several times larger). Measured with fit_pack on
+# a 2-core AMD EPYC (one thread, batch 64, dropout 0.1): a step of one member 136 us at widths 8-8 and 474 us at
+# 256-256, so 0.005 us per weight; packs of 4-8 members 0.0055-0.008 us per padded weight. Only ratios matter.
+_STEP_OVERHEAD_US = 135.0
+_MAC_US = 4.4e-5
+_PARAM_US = 2.2e-3
+_PACKED_FACTOR = 1.5
 
 
 def _step_cost(widths: Sequence[int], n_in: int, n_out: int, batch: int) -> float:
@@ -96,13 +100,18 @@ def _step_cost(widths: Sequence[int], n_in: int, n_out: int, batch: int) -> floa
     return batch * weights * _MAC_US + weights * _PARAM_US
 
 
+def _pack_cost(n_members: int, widths: Sequence[int], n_in: int, n_out: int, batch: int) -> float:
+    factor = _PACKED_FACTOR if n_members > 1 else 1.0
+    return _STEP_OVERHEAD_US + n_members * factor * _step_cost(widths, n_in, n_out, batch)
+
+
 def split_by_cost(params: Sequence[TrialParams], n_in: int, n_out: int) -> list[list[int]]:
     """Split trials of one :func:`pack_key` into packs that are cheaper than training the trials apart.
 
     Every member of a pack is computed at the pack's widest widths. A member joins a pack (largest members
-    first) only while computing it padded costs less than the fixed per-step cost it would pay alone; so
-    narrow trials pack together, and a narrow trial is not padded to a wide one's size. On a GPU, where the
-    fixed cost of a step dwarfs the arithmetic, callers keep one pack.
+    first) only while the pack's step grows by less than the step of a pack of its own would cost; so narrow
+    trials pack together, and a narrow trial is not padded to a wide one's size. On a GPU, where the fixed cost
+    of a step dwarfs the arithmetic, callers keep one pack.
 
     Returns:
         Lists of indices into ``params``, largest members first within each.
@@ -112,12 +121,12 @@ def split_by_cost(params: Sequence[TrialParams], n_in: int, n_out: int) -> list[
     padded: list[list[int]] = []
     for i in order:
         p = params[i]
-        alone = _STEP_OVERHEAD_US + _step_cost(p.widths, n_in, n_out, p.batch_size)
+        alone = _pack_cost(1, p.widths, n_in, n_out, p.batch_size)
         for members, widths in zip(packs, padded, strict=True):
             grown = [max(a, b) for a, b in zip(widths, p.widths, strict=True)]
-            extra = _step_cost(grown, n_in, n_out, p.batch_size) * (len(members) + 1) - _step_cost(
-                widths, n_in, n_out, p.batch_size
-            ) * len(members)
+            extra = _pack_cost(len(members) + 1, grown, n_in, n_out, p.batch_size) - _pack_cost(
+                len(members), widths, n_in, n_out, p.batch_size
+            )
             if extra <= alone:
                 members.append(i)
                 widths[:] = grown
