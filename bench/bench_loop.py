@@ -17,7 +17,7 @@ skips it:
     .venv/bin/python bench/bench_loop.py [--datasets sdss simulated] [--epochs 5] [--repeats 3]
         [--batch-sizes 32 64 256 512] [--draw-seed 0] [--tuner-threads 1] [--baseline-threads 1 0]
         [--storage sqlite|memory] [--no-plots] [--n-star 100000] [--n-quasar 1000] [--sdss PATH]
-        [--tracking-uri http://127.0.0.1:5000] [--tracking-writes auto|background|inline]
+        [--tracking-uri http://127.0.0.1:5000] [--tracking-writes auto|process|background|inline]
 
 Data: ``sdss`` is studies/sdss_qso.yaml's data section (../shared/data/sdss_dr14_10k.csv.gz, QSO against the
 rest on u-g, g-r, r-i, i-z); ``simulated`` is studies/quickstart.yaml's (100,000 stars, 1,000 quasars). Both use
@@ -74,7 +74,9 @@ the tracking-only work (MlflowTracker calls, trial plots, model files; see ``TRA
 tracking-off study, which does not depend on how much the training time wanders between runs. Excluded on
 every side alike: process start-up and imports, building the data, creating the Optuna and MLflow stores (an
 untimed warm-up of each side, one trial of one epoch, creates them; each timed run is a new study and MLflow
-experiment in them). Sides run one after another, their order rotated between repetitions.
+experiment in them). tuner's MLflow writer process (``tracking.writes``: a local store's writes go there) is
+started and made ready before the warm-up, as it is once per process. Sides run one after another, their order
+rotated between repetitions.
 """
 
 from __future__ import annotations
