@@ -95,7 +95,8 @@ class Tracker(Protocol):
         """Flush the buffer, log final metrics, tags and artifacts (path -> text or bytes), close with the status.
 
         ``build_artifacts`` makes more artifacts (the trial's plots); a tracker may call it later, on another
-        thread, so it must only read what no longer changes."""
+        thread or, pickled, in its writer process (:func:`call_by_name` makes such a call), so it must only read
+        what no longer changes. One that cannot be pickled is called in this process."""
         ...
 
     def close_lost_run(self, run_id: str | None, reason: str) -> None:
@@ -185,8 +186,8 @@ Job = Callable[[Any], list[tuple[str, str]]]
 
 
 def writes_for(tracking_uri: str) -> Writes:
-    """How ``auto`` sends a store's writes: on a background thread across the network, in a writer process for a
-    local store when a second core is free to run it, else in line."""
+    """How ``auto`` sends a store's writes: on a background thread across the network; for a local store in a
+    writer process on a machine (or CPU affinity) of more than one core, else in line."""
     if "://" in tracking_uri and not tracking_uri.startswith(("sqlite:", "file:")):
         return "background"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -256,7 +257,7 @@ class BackgroundWriter:
 
 # --- the writer process ---------------------------------------------------------------------------------------
 # Frames on its pipes: an 8-byte little-endian length, then a pickle. In: (sequence number, tracking URI, what,
-# the pickled job). Out: "ready" once it has imported what jobs need, then (sequence number, failures) per job.
+# the pickled job). Out: "ready" once it has imported MLflow, then (sequence number, failures) per job.
 
 _FRAME_HEADER = struct.Struct("<Q")
 
@@ -278,8 +279,8 @@ def _read_frame(stream: IO[bytes]) -> bytes | None:
 
 
 class _Lane:
-    """One tracker's entry to the shared writer process: its store, its client for writes done here, its
-    failure count."""
+    """One tracker's entry to the shared writer process: its store, its client for the writes done here, where its
+    failures go. A drain waits for every tracker's jobs: the process's writes go out in one order."""
 
     def __init__(self, writer: ProcessWriter, tracking_uri: str, client: Any, on_error: Callable[[str, str], None]):
         self.writer = writer
@@ -393,9 +394,16 @@ class ProcessWriter:
 
     def close(self) -> None:
         """End the child's input: it finishes the jobs it holds, then exits (this process does not wait)."""
-        if self._process is not None and self._process.stdin is not None:
-            with self._send_lock, contextlib.suppress(OSError):
+        if self._process is None or self._process.stdin is None:
+            return
+        # At exit a thread may still wait in submit for room, holding the lock: the input is closed regardless.
+        locked = self._send_lock.acquire(timeout=5)
+        try:
+            with contextlib.suppress(OSError):
                 self._process.stdin.close()
+        finally:
+            if locked:
+                self._send_lock.release()
 
     def _read_answers(self) -> None:
         assert self._process is not None and self._process.stdout is not None
@@ -416,32 +424,38 @@ class ProcessWriter:
         self._stopped(f"exit code {self._process.wait()}")
 
     def _stopped(self, reason: str) -> None:
-        with self._changed:
-            if self._state == "stopped" and not self._pending:
-                return
-            self._state = "stopped"
-            redo = [self._pending.pop(n) for n in sorted(self._pending)]
-            self._running_here += 1  # a drain waits for the redone jobs too
-            self._changed.notify_all()
-        try:
-            if redo:
-                log.warning(
-                    "the MLflow writer process stopped (%s); %d unanswered write(s) are done again here, and the "
-                    "writes after them in line",
-                    reason,
-                    len(redo),
-                )
-            self._run_here(redo)
-        finally:
+        # Held from before the unanswered jobs are taken until they are done: a job submitted meanwhile, which
+        # runs here too, waits for them and so keeps its place after them.
+        with self._here_lock:
             with self._changed:
-                self._running_here -= 1
+                if self._state == "stopped" and not self._pending:
+                    return
+                self._state = "stopped"
+                redo = [self._pending.pop(n) for n in sorted(self._pending)]
+                self._running_here += 1  # a drain waits for the redone jobs too
                 self._changed.notify_all()
+            try:
+                if redo:
+                    log.warning(
+                        "the MLflow writer process stopped (%s); %d unanswered write(s) are done again here, and "
+                        "the writes after them in line",
+                        reason,
+                        len(redo),
+                    )
+                self._run_all(redo)
+            finally:
+                with self._changed:
+                    self._running_here -= 1
+                    self._changed.notify_all()
 
     def _run_here(self, jobs: list[tuple[str, Job, _Lane]]) -> None:
         with self._here_lock:
-            for what, job, lane in jobs:
-                self.done_here += 1
-                _run_job(what, job, lane.client, lane.on_error)
+            self._run_all(jobs)
+
+    def _run_all(self, jobs: list[tuple[str, Job, _Lane]]) -> None:
+        for what, job, lane in jobs:
+            self.done_here += 1
+            _run_job(what, job, lane.client, lane.on_error)
 
 
 def start_writer_process(tracking_uri: str, writes: Writes | None) -> None:
