@@ -3,8 +3,12 @@ the process stops."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +75,6 @@ def lines(path: Path) -> list[str]:
 
 
 def test_the_writer_process_runs_jobs_in_order_and_answers_their_failures(writer, tmp_path):
-    import functools
-
     errors: list[str] = []
     lane = writer.lane(
         "sqlite:///unused.db", client=None, on_error=lambda what, error: errors.append(f"{what}: {error}")
@@ -91,9 +93,6 @@ def test_the_writer_process_runs_jobs_in_order_and_answers_their_failures(writer
 
 
 def test_a_drain_waits_for_the_writer_process_and_submit_for_room(writer, tmp_path):
-    import functools
-    import threading
-
     lane = writer.lane("sqlite:///unused.db", client=None, on_error=lambda what, error: None)
     fifo, out = tmp_path / "gate", tmp_path / "notes.txt"
     os.mkfifo(fifo)
@@ -115,8 +114,6 @@ def test_a_drain_waits_for_the_writer_process_and_submit_for_room(writer, tmp_pa
 
 
 def test_jobs_a_stopped_writer_process_held_are_done_again_here_in_order(writer, tmp_path, caplog):
-    import functools
-
     lane = writer.lane("sqlite:///unused.db", client=None, on_error=lambda what, error: None)
     out, here = tmp_path / "notes.txt", os.getpid()
     with caplog.at_level(logging.WARNING, logger="tuner.tracking"):
@@ -201,9 +198,6 @@ def test_auto_sends_a_local_stores_writes_to_the_writer_process_on_two_cores(tmp
 
 
 def test_a_process_that_exits_before_its_writer_process_is_ready_leaves_no_error_behind():
-    import subprocess
-    import sys
-
     # The writer process holds the same stderr, so run() returns once both have exited.
     done = subprocess.run(
         [sys.executable, "-c", "from tuner.tracking import ProcessWriter; ProcessWriter.shared()"],
