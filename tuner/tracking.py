@@ -409,7 +409,12 @@ class ProcessWriter:
         assert self._process is not None and self._process.stdout is not None
         stream = self._process.stdout
         while (frame := _read_frame(stream)) is not None:
-            answer = pickle.loads(frame)
+            try:
+                answer = pickle.loads(frame)
+            except Exception:  # a garbled answer: the child is treated as stopped, its unanswered jobs redone here
+                log.warning("the MLflow writer process sent an unreadable answer; stopping it")
+                self._process.kill()
+                break
             if answer == "ready":
                 with self._changed:
                     self._state = "ready"
