@@ -733,8 +733,8 @@ def commit_latency(folder: Path, n: int = 20) -> float:
 def ready_writer_process(tracking_writes: str, tracking_uri: str) -> None:
     """Start tuner's MLflow writer process, when the studies' writes go there, and wait until it takes jobs:
     its start-up (imports) is excluded as other imports are, and the warm-up study's writes then open its store."""
-    writes = tracking_writes if tracking_writes != "auto" else tracking_mod.writes_for(tracking_uri)
-    if writes == "process" and not tracking_mod.ProcessWriter.shared().wait_ready(timeout=120):
+    writer = tracking_mod.start_writer_process(tracking_uri, tracking_writes)
+    if writer is not None and not writer.wait_ready(timeout=120):
         raise SystemExit("tuner's MLflow writer process did not start")
 
 

@@ -1619,7 +1619,7 @@ def make_tracker(spec: StudySpec, tracking_uri: str | None = None) -> Tracker:
         tracking_uri or spec.tracking.uri,
         spec.tracking.experiment or spec.study.name,
         spec.tracking.artifact_location,
-        writes=None if spec.tracking.writes == "auto" else spec.tracking.writes,
+        writes=spec.tracking.writes,
     )
 
 
@@ -1671,7 +1671,7 @@ def run_study(
     torch_device = resolve_device(device) if isinstance(device, str) else device
     if tracker is None and mode != "create" and spec.tracking.enabled:
         # The MLflow writer process imports while the data are built.
-        start_writer_process(spec.tracking.uri, None if spec.tracking.writes == "auto" else spec.tracking.writes)
+        start_writer_process(spec.tracking.uri, spec.tracking.writes)
     dataset = dataset or build_dataset(spec, torch_device)
     _check_folds(spec, dataset)
     url = storage_url(spec, storage) if storage is None or isinstance(storage, str) else None

@@ -185,9 +185,11 @@ Writes = Literal["process", "background", "inline"]
 Job = Callable[[Any], list[tuple[str, str]]]
 
 
-def writes_for(tracking_uri: str) -> Writes:
-    """How ``auto`` sends a store's writes: on a background thread across the network; for a local store in a
-    writer process on a machine (or CPU affinity) of more than one core, else in line."""
+def writes_for(tracking_uri: str, writes: Writes | Literal["auto"] = "auto") -> Writes:
+    """``writes``, or for ``auto`` how a store's writes go out: on a background thread across the network; for a
+    local store in a writer process on a machine (or CPU affinity) of more than one core, else in line."""
+    if writes != "auto":
+        return writes
     if "://" in tracking_uri and not tracking_uri.startswith(("sqlite:", "file:")):
         return "background"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -463,10 +465,10 @@ class ProcessWriter:
             _run_job(what, job, lane.client, lane.on_error)
 
 
-def start_writer_process(tracking_uri: str, writes: Writes | None) -> None:
-    """Start this process's writer process now, if a tracker of ``tracking_uri`` with ``writes`` would use it."""
-    if (writes or writes_for(tracking_uri)) == "process":
-        ProcessWriter.shared()
+def start_writer_process(tracking_uri: str, writes: Writes | Literal["auto"] = "auto") -> ProcessWriter | None:
+    """Start this process's writer process now, if a tracker of ``tracking_uri`` with ``writes`` would use it;
+    return it (None when such a tracker would not)."""
+    return ProcessWriter.shared() if writes_for(tracking_uri, writes) == "process" else None
 
 
 def serve_writes() -> None:
@@ -504,8 +506,9 @@ def serve_writes() -> None:
         sequence, tracking_uri, what, payload = pickle.loads(frame)
         try:
             job = pickle.loads(payload)
-            client = clients.get(tracking_uri) or clients.setdefault(tracking_uri, MlflowClient(tracking_uri))
-            failures = job(client)
+            if tracking_uri not in clients:
+                clients[tracking_uri] = MlflowClient(tracking_uri)
+            failures = job(clients[tracking_uri])
         except Exception as exc:  # answered as a failure: the study counts it and goes on
             failures = [(what, str(exc))]
         answer((sequence, failures))
@@ -612,7 +615,7 @@ class MlflowTracker:
         artifact_location: Where a new experiment stores artifacts (a path or URI); ignored for an existing one,
             and a local path is ignored for an http(s) tracking server, whose own artifact store serves workers.
         writes: How the writes after a run's creation go out: in a writer process, on a background thread or in
-            line; None: as :func:`writes_for` says for the store.
+            line; ``auto``: as :func:`writes_for` says for the store.
     """
 
     def __init__(
@@ -621,7 +624,7 @@ class MlflowTracker:
         experiment: str,
         artifact_location: str | None = None,
         *,
-        writes: Writes | None = None,
+        writes: Writes | Literal["auto"] = "auto",
     ) -> None:
         # MLflow prints two lines to stdout per run it closes on a tracking server; one per trial drowns the
         # study's own output. A user who wants them sets the variable to false.
@@ -637,7 +640,7 @@ class MlflowTracker:
         self.parent_run_id: str | None = None
         self.failed_writes = 0
         self._count_lock = threading.Lock()  # the writer's threads count failures too
-        self.writes: Writes = writes_for(tracking_uri) if writes is None else writes
+        self.writes: Writes = writes_for(tracking_uri, writes)
         # Queued, every close goes out in order from one writer; in line the callers' threads would write to the
         # store at once (a local SQLite file takes one writer at a time).
         self.closes_from_threads = self.writes != "inline"
