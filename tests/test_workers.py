@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -609,6 +610,42 @@ def test_a_retry_queued_again_after_a_lost_reply_is_queued_once(tmp_path):
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     queued = [(t.system_attrs.get("fixed_params"), t.user_attrs[RETRY_OF]) for t in waiting]
     assert queued == [(lost.params, lost.number)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
+def test_a_lost_trial_queued_again_by_two_callers_at_once_is_queued_once(tmp_path, pg_database, backend, monkeypatch):
+    # Its own worker (a storage error) and another worker's stale check may queue one lost trial at the same moment.
+    from tuner import worker
+
+    url = _study_url(backend, tmp_path, pg_database)
+    first = optuna.create_study(study_name="race", storage=url)
+    trial = first.ask()
+    trial.suggest_float("x", 0, 1)
+    lost = first.tell(trial, state=optuna.trial.TrialState.FAIL)
+    if backend == "postgresql":
+        # Two processes share only the database's lock: two engines in one process stand for them here.
+        monkeypatch.setattr(worker, "_retry_lock", contextlib.nullcontext())
+    callers = [first, optuna.load_study(study_name="race", storage=url)]
+    both_looked = threading.Barrier(2, timeout=1.0)
+    enqueue = optuna.Study.enqueue_trial
+
+    def enqueue_once_both_looked(self: optuna.Study, *args, **kwargs):
+        # Unserialised, both callers get here having found no retry, and pass the barrier together; serialised, the
+        # second waits for the first's lock, so the barrier breaks at its timeout and the first goes on alone.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_looked.wait()
+        return enqueue(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", enqueue_once_both_looked)
+    answers: list[bool] = []
+    threads = [threading.Thread(target=lambda s=s: answers.append(worker.enqueue_retry(s, lost, 3))) for s in callers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert answers == [True, True]
+    trials = optuna.load_study(study_name="race", storage=url).get_trials()
+    assert [t.user_attrs.get(RETRY_OF) for t in trials if t.state.name == "WAITING"] == [lost.number]
 
 
 def test_a_trial_callback_that_meets_a_database_restart_is_retried(tmp_path, monkeypatch):

@@ -656,12 +656,20 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> 
     if count >= max_retries:
         log.warning("trial %d failed %d times; not retried again", trial.number, count + 1)
         return False
-    if any(t.user_attrs.get(RETRY_OF) == trial.number for t in study.get_trials(deepcopy=False)):
-        return True
-    # A queued trial lost before it drew its parameters holds them only as the queue's fixed parameters.
-    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
-    study.enqueue_trial(params, user_attrs={RETRY_OF: trial.number, RETRY_COUNT: count + 1})
+    # Two callers may queue one lost trial at once: its own worker, seeing the storage error, and another's stale
+    # check. Both would find no retry and queue one, and the second retry, left queued once the budget is spent,
+    # would strand. So the look and the queueing happen under the budget lock (another process) and a lock of
+    # this process (a heartbeat thread).
+    with _retry_lock, budget_lock(study):
+        if any(t.user_attrs.get(RETRY_OF) == trial.number for t in study.get_trials(deepcopy=False)):
+            return True
+        # A queued trial lost before it drew its parameters holds them only as the queue's fixed parameters.
+        params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+        study.enqueue_trial(params, user_attrs={RETRY_OF: trial.number, RETRY_COUNT: count + 1})
     return True
+
+
+_retry_lock = threading.Lock()
 
 
 def fail_unstarted_trials(study: optuna.Study, first_seen: dict[int, float], grace: float) -> list[int]:
