@@ -161,6 +161,35 @@ def test_resume_continues_to_the_total_and_reuses_the_parent_run(tmp_path, tiny_
     assert len(parents) == 1 and len(children) == 4
 
 
+def test_a_study_opened_while_its_database_restarts_still_opens_whole(tmp_path, tiny_dataset, monkeypatch):
+    # A worker that starts as the database restarts: its first read and first write of the study's attributes fail.
+    from sqlalchemy.exc import OperationalError
+
+    failed: list[str] = []
+
+    def failing_once(name: str):
+        real = getattr(optuna.storages.RDBStorage, name)
+
+        def call(self, *args, **kwargs):
+            if name not in failed:
+                failed.append(name)
+                raise OperationalError("SELECT", {}, Exception("terminating connection due to administrator command"))
+            return real(self, *args, **kwargs)
+
+        return call
+
+    for name in ("get_study_user_attrs", "set_study_user_attr"):
+        monkeypatch.setattr(optuna.storages.RDBStorage, name, failing_once(name))
+    spec = tiny_spec(tmp_path)
+    result = run_study(spec, dataset=tiny_dataset, n_trials=2)
+    assert failed == ["get_study_user_attrs", "set_study_user_attr"]
+    assert result.n_run == 2
+    stored = result.study.user_attrs
+    assert {"tuner.spec", "tuner.data", "tuner.fingerprints", "tuner.mlflow_parent_run_id"} <= stored.keys()
+    _, parents, _ = runs_of(spec)
+    assert [p.info.run_id for p in parents] == [stored["tuner.mlflow_parent_run_id"]]
+
+
 def test_a_changed_search_space_is_refused_before_anything_is_written(tmp_path, tiny_dataset):
     spec = tiny_spec(tmp_path)
     run_study(spec, dataset=tiny_dataset, tracker=NullTracker(), n_trials=1)

@@ -1684,7 +1684,9 @@ def run_study(
                 "existing study: create it first with `tuner create STUDY.yaml --storage URL`"
             )
         if existing is not None:
-            _check_compatible(existing, spec, dataset, target)
+            # Each opening read and write is retried in place, as the trials' are: a worker starting while the
+            # database restarts would otherwise exit before its first trial.
+            retrying(lambda: _check_compatible(existing, spec, dataset, target), what="read the study")
         tracker = tracker or make_tracker(spec)
         study_storage: str | optuna.storages.BaseStorage = (
             make_storage(
@@ -1717,17 +1719,9 @@ def run_study(
             ),
             what="create the study",
         )
-        if spec.objective.multi and not study.metric_names:
-            # Experimental in Optuna 5; it names the values in the dashboard and the report.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(list(spec.objective.metrics))
-        if "tuner.fingerprints" not in study.user_attrs:
-            study.set_user_attr("tuner.fingerprints", {s: spec.fingerprint(s) for s in FINGERPRINTED})
-            study.set_user_attr("tuner.spec", masked_spec(spec))
-            study.set_user_attr("tuner.data", dataset.facts())
+        retrying(lambda: _record_study_facts(study, spec, dataset), what="record the study's facts")
         if mode != "worker":
-            enqueue_new(study, entries)
+            retrying(lambda: enqueue_new(study, entries), what="queue the warm-start trials")
         if url and is_sqlite(url):
             # The lock proves no other process is running: any RUNNING trial was left by a crash.
             _fail_orphans(study, tracker, spec)
@@ -1739,12 +1733,13 @@ def run_study(
             **{f"tuner.{k}": v for k, v in dataset.facts().items()},
             **environment_tags(),
         }
-        parent = tracker.start_study(
-            spec.study.name, spec_params(spec), tags, study.user_attrs.get("tuner.mlflow_parent_run_id")
-        )
-        if parent is not None and study.user_attrs.get("tuner.mlflow_parent_run_id") != parent:
-            study.set_user_attr("tuner.mlflow_parent_run_id", parent)
-        before = budget(study, total)
+        stored_parent = retrying(lambda: study.user_attrs.get("tuner.mlflow_parent_run_id"), what="read the study")
+        parent = tracker.start_study(spec.study.name, spec_params(spec), tags, stored_parent)
+        if parent is not None and stored_parent != parent:
+            retrying(
+                lambda: study.set_user_attr("tuner.mlflow_parent_run_id", parent), what="record the study's MLflow run"
+            )
+        before = retrying(lambda: budget(study, total), what="count trials")
         if on_start is not None:
             on_start(study, max(total - before.used - before.running, 0) if mode != "create" else 0)
         started = time.monotonic()
@@ -1797,6 +1792,20 @@ def run_study(
         tracking_warnings=getattr(tracker, "failed_writes", 0),
         facts=dataset.facts(),
     )
+
+
+def _record_study_facts(study: optuna.Study, spec: StudySpec, dataset: Dataset) -> None:
+    """What the study was made from (once), and a multi-objective study's metric names."""
+    if spec.objective.multi and not study.metric_names:
+        # Experimental in Optuna 5; it names the values in the dashboard and the report.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.objective.metrics))
+    if "tuner.fingerprints" not in study.user_attrs:
+        # The fingerprints last: once they are stored, so is the rest, even where a restart cut an earlier call short.
+        study.set_user_attr("tuner.spec", masked_spec(spec))
+        study.set_user_attr("tuner.data", dataset.facts())
+        study.set_user_attr("tuner.fingerprints", {s: spec.fingerprint(s) for s in FINGERPRINTED})
 
 
 def _check_compatible(
