@@ -25,7 +25,7 @@ import optuna
 import pytest
 import yaml
 
-from tuner.worker import RETRY_OF, sqlite_single_process, sqlite_study_names
+from tuner.worker import RETRY_OF, SURPLUS, sqlite_single_process, sqlite_study_names
 
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 
@@ -207,7 +207,10 @@ def assert_exact(trials: list[optuna.trial.FrozenTrial], n_trials: int) -> None:
     assert numbers == list(range(len(trials)))
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     replaced = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
-    counted = [t for t in trials if t.number not in replaced]
+    surplus = [t for t in trials if SURPLUS in t.user_attrs]
+    # A trial created beyond the budget during an outage holds no slot: failed, never run, not counted.
+    assert all(t.state.name == "FAIL" and not t.params for t in surplus)
+    counted = [t for t in trials if t.number not in replaced and t not in surplus]
     assert len(counted) == n_trials
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in counted)
 
@@ -646,6 +649,34 @@ def test_a_lost_trial_queued_again_by_two_callers_at_once_is_queued_once(tmp_pat
     assert answers == [True, True]
     trials = optuna.load_study(study_name="race", storage=url).get_trials()
     assert [t.user_attrs.get(RETRY_OF) for t in trials if t.state.name == "WAITING"] == [lost.number]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
+def test_a_lost_trial_that_held_no_slot_is_marked_surplus_not_retried(tmp_path, pg_database, backend):
+    # A restart can leave a trial created after the other workers filled the budget: its retry would strand.
+    from tuner.worker import budget, budget_of_trials, enqueue_retry
+
+    url = _study_url(backend, tmp_path, pg_database)
+    study = optuna.create_study(study_name="surplus", storage=url)
+    for _ in range(2):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("x", 0, 1))
+    # Created, never started, after the two trials filled a budget of 2.
+    surplus = study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    assert budget(study, 2).used == 3  # failed, not yet replaced: it counts
+    assert not enqueue_retry(study, surplus, max_retries=3, total=2)
+    # Read afresh, as another process would: this one's cache keeps a finished trial as it was when it finished.
+    trials = optuna.load_study(study_name="surplus", storage=url).get_trials()
+    assert SURPLUS in trials[surplus.number].user_attrs
+    assert not [t for t in trials if t.state.name == "WAITING"]
+    assert budget(study, 2).used == 2 and budget(study, 2).done
+    assert budget_of_trials(trials, 2) == budget(study, 2)
+    # With a budget of 3, a trial lost the same way held the third slot: it is retried.
+    lost = study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    assert enqueue_retry(study, lost, max_retries=3, total=3)
+    queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs[RETRY_OF] for t in queued] == [lost.number]
+    assert SURPLUS not in optuna.load_study(study_name="surplus", storage=url).trials[lost.number].user_attrs
 
 
 def test_a_trial_callback_that_meets_a_database_restart_is_retried(tmp_path, monkeypatch):

@@ -1693,7 +1693,7 @@ def run_study(
                 url,
                 heartbeat_interval=spec.study.heartbeat_interval,
                 grace_period=spec.study.grace_period,
-                on_stale=stale_trial_handler(tracker, spec.study.max_retries, spec.study.grace_period),
+                on_stale=stale_trial_handler(tracker, spec.study.max_retries, spec.study.grace_period, total),
                 create_tables=mode != "worker",
             )
             if url

@@ -49,6 +49,9 @@ T = TypeVar("T")
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 RETRY_OF = "tuner.retry_of"
 RETRY_COUNT = "tuner.retry_count"
+#: User attribute of a failed trial that held no slot of the budget (see enqueue_retry): it neither counts nor is
+#: retried.
+SURPLUS = "tuner.surplus"
 
 
 @contextmanager
@@ -427,6 +430,7 @@ def budget(study: optuna.Study, total: int) -> Budget:
 
 def budget_of_trials(trials: Sequence[FrozenTrial], total: int) -> Budget:
     replaced = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    replaced |= {t.number for t in trials if SURPLUS in t.user_attrs}
     used = sum(1 for t in trials if t.state in FINISHED_STATES and t.number not in replaced)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
@@ -441,15 +445,15 @@ def _budget_in_sql(study: optuna.Study, backend: optuna.storages.RDBStorage, tot
 
     of_study = TrialModel.study_id == study._study_id
     by_state = select(TrialModel.state, func.count()).where(of_study).group_by(TrialModel.state)
-    retried = (
-        select(TrialUserAttributeModel.value_json)
+    marks = (
+        select(TrialUserAttributeModel.key, TrialUserAttributeModel.value_json, TrialModel.number)
         .join(TrialModel, TrialModel.trial_id == TrialUserAttributeModel.trial_id)
-        .where(of_study, TrialUserAttributeModel.key == RETRY_OF)
+        .where(of_study, TrialUserAttributeModel.key.in_((RETRY_OF, SURPLUS)))
     )
     with backend.engine.connect() as conn:
         counts = {TrialState(state): n for state, n in conn.execute(by_state)}
-        replaced = {int(json.loads(value)) for value in conn.scalars(retried)}
-        # A failed trial whose retry is queued no longer counts: its retry does.
+        replaced = {int(json.loads(value)) if key == RETRY_OF else number for key, value, number in conn.execute(marks)}
+        # A failed trial whose retry is queued no longer counts: its retry does. Nor does a surplus one.
         replaced_finished = 0
         if replaced:
             finished_replaced = select(func.count()).where(
@@ -647,10 +651,17 @@ def _store_params(
         known.setdefault(name, distribution)
 
 
-def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> bool:
-    """Queue a trial's parameters again, unless it has been retried ``max_retries`` times already.
+def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int, total: int | None = None) -> bool:
+    """Queue a failed trial's parameters again, unless it has been retried ``max_retries`` times already, or (given
+    the study's ``total``) it held no slot of the budget.
 
     Queues at most one retry per trial: a call repeated after a lost connection may find its first one stored.
+
+    A trial holds no slot when the study's finished and running trials fill the budget without it. A database
+    restart can make such a trial: Optuna retries a trial's creation by itself, for seconds, after the worker
+    counted the free slots under a lock that the restart released, and the other workers meanwhile took them. Its
+    retry would be left queued once the budget is spent; so it is marked :data:`SURPLUS` instead, and no longer
+    counts.
     """
     count = int(trial.user_attrs.get(RETRY_COUNT, 0))
     if count >= max_retries:
@@ -663,6 +674,8 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> 
     with _retry_lock, budget_lock(study):
         if any(t.user_attrs.get(RETRY_OF) == trial.number for t in study.get_trials(deepcopy=False)):
             return True
+        if total is not None and _mark_if_surplus(study, trial, total):
+            return False
         # A queued trial lost before it drew its parameters holds them only as the queue's fixed parameters.
         params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
         study.enqueue_trial(params, user_attrs={RETRY_OF: trial.number, RETRY_COUNT: count + 1})
@@ -670,6 +683,32 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> 
 
 
 _retry_lock = threading.Lock()
+
+
+def _mark_if_surplus(study: optuna.Study, trial: FrozenTrial, total: int) -> bool:
+    """Mark the failed ``trial`` :data:`SURPLUS` if the budget is full without it (see enqueue_retry).
+
+    Only in a database study, the one kind a restart reaches; the mark is written in SQL, since Optuna changes no
+    attribute of a finished trial.
+    """
+    backend = _batched_backend(study._storage)
+    if backend is None:
+        return False
+    state = budget(study, total)
+    # The trial is failed and not replaced, so ``used`` counts it.
+    if state.used - 1 + state.running < total:
+        return False
+    import json
+
+    from optuna.storages._rdb.models import TrialUserAttributeModel
+
+    reason = f"created beyond n_trials={total} during a database outage; not retried and not counted"
+    insert = _upsert_insert(backend)
+    mark = insert(TrialUserAttributeModel).values(trial_id=trial._trial_id, key=SURPLUS, value_json=json.dumps(reason))
+    with backend.engine.begin() as conn:
+        conn.execute(mark.on_conflict_do_nothing(index_elements=["trial_id", "key"]))
+    log.warning("trial %d %s", trial.number, reason)
+    return True
 
 
 def fail_unstarted_trials(study: optuna.Study, first_seen: dict[int, float], grace: float) -> list[int]:
@@ -719,7 +758,7 @@ def fail_unstarted_trials(study: optuna.Study, first_seen: dict[int, float], gra
 
 
 def stale_trial_handler(
-    tracker: Tracker, max_retries: int, grace_period: int
+    tracker: Tracker, max_retries: int, grace_period: int, total: int | None = None
 ) -> Callable[[optuna.Study, FrozenTrial], None]:
     """Called for each trial failed for a lost heartbeat: close its MLflow run KILLED, queue the retry."""
 
@@ -727,7 +766,7 @@ def stale_trial_handler(
         run_id = trial.user_attrs.get("mlflow_run_id")
         tracker.close_lost_run(run_id, f"worker lost: no heartbeat for {grace_period} s; retried with the same params")
         # Retried here: the trial is already FAIL, so a caller's retry would not find it again to queue it.
-        retrying(lambda: enqueue_retry(study, trial, max_retries), what=f"queue lost trial {trial.number} again")
+        retrying(lambda: enqueue_retry(study, trial, max_retries, total), what=f"queue lost trial {trial.number} again")
 
     return on_stale
 
@@ -886,9 +925,9 @@ def work(
                 time.sleep(poll_interval)
                 continue
             if pack > 1 and isinstance(objective, PackObjective):
-                finished = _run_pack(study, taken, objective, max_retries)
+                finished = _run_pack(study, taken, objective, max_retries, total)
             else:
-                finished = [_run_one(study, trial, objective, max_retries) for trial in taken]
+                finished = [_run_one(study, trial, objective, max_retries, total) for trial in taken]
             ran += len(finished)
             for frozen in finished:
                 for callback in callbacks:
@@ -986,6 +1025,7 @@ def _run_one(
     trial: optuna.Trial,
     objective: Callable[[optuna.Trial], float | Sequence[float]],
     max_retries: int,
+    total: int,
 ) -> FrozenTrial:
     interval, grace = heartbeat_settings(study)
     try:
@@ -998,7 +1038,7 @@ def _run_one(
         return _tell(study, trial, state=TrialState.FAIL)
     except (KeyboardInterrupt, Terminated):
         frozen = _tell(study, trial, state=TrialState.FAIL)
-        retrying(lambda: enqueue_retry(study, frozen, max_retries), what="queue the interrupted trial again")
+        retrying(lambda: enqueue_retry(study, frozen, max_retries, total), what="queue the interrupted trial again")
         raise
     except Exception as exc:
         if not is_transient(exc):
@@ -1007,13 +1047,13 @@ def _run_one(
         # The database went away mid-trial (a restart): the trial is lost, not wrong; run it again.
         log.warning("trial %d lost to a storage error, queued again: %s", trial.number, exc)
         frozen = _tell(study, trial, state=TrialState.FAIL)
-        retrying(lambda: enqueue_retry(study, frozen, max_retries), what="queue the lost trial again")
+        retrying(lambda: enqueue_retry(study, frozen, max_retries, total), what="queue the lost trial again")
         return frozen
     return _tell(study, trial, values=value)
 
 
 def _run_pack(
-    study: optuna.Study, trials: list[optuna.Trial], objective: PackObjective, max_retries: int
+    study: optuna.Study, trials: list[optuna.Trial], objective: PackObjective, max_retries: int, total: int
 ) -> list[FrozenTrial]:
     interval, grace = heartbeat_settings(study)
     # Each trial is told as soon as its pack member leaves (see Objective.run_pack), not when the pack ends: the
@@ -1023,7 +1063,7 @@ def _run_pack(
     def tell(index: int, outcome: float | Sequence[float] | Exception) -> None:
         if isinstance(outcome, TrialLost):
             log.warning("trial %d lost to a storage error, queued again: %s", trials[index].number, outcome)
-            told[index] = _fail_and_retry(study, trials[index], max_retries, "queue the lost trial again")
+            told[index] = _fail_and_retry(study, trials[index], max_retries, total, "queue the lost trial again")
             return
         told[index] = _tell_outcome(study, trials[index], outcome)
 
@@ -1039,14 +1079,14 @@ def _run_pack(
             outcomes = objective.run_pack(trials, on_settled=tell)
     except (KeyboardInterrupt, Terminated):
         for trial in unsettled():
-            _fail_and_retry(study, trial, max_retries, "queue the interrupted trial again")
+            _fail_and_retry(study, trial, max_retries, total, "queue the interrupted trial again")
         raise
     except Exception as exc:
         transient = is_transient(exc)
         finished = list(told.values())
         for trial in unsettled():
             if transient:
-                finished.append(_fail_and_retry(study, trial, max_retries, "queue the lost trial again"))
+                finished.append(_fail_and_retry(study, trial, max_retries, total, "queue the lost trial again"))
             else:
                 finished.append(_tell(study, trial, state=TrialState.FAIL))
         if not transient:
@@ -1070,9 +1110,9 @@ def _tell_outcome(
     return _tell(study, trial, values=outcome)
 
 
-def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, max_retries: int, what: str) -> FrozenTrial:
+def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, max_retries: int, total: int, what: str) -> FrozenTrial:
     frozen = _tell(study, trial, state=TrialState.FAIL)
-    retrying(lambda: enqueue_retry(study, frozen, max_retries), what=what)
+    retrying(lambda: enqueue_retry(study, frozen, max_retries, total), what=what)
     return frozen
 
 
