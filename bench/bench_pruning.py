@@ -42,6 +42,7 @@ from typing import Any
 
 import optuna
 import torch
+import yaml
 
 from tuner.config import StudySpec, load_spec
 from tuner.data.dataset import Dataset, build_dataset
@@ -125,6 +126,16 @@ def run_once(spec: StudySpec, dataset: Dataset, pruner_name: str, n_trials: int)
     )
 
 
+def _option_value(text: str) -> Any:
+    """A pruner option from the command line: 2 an int, 0.1 or 1e-3 a float, else as YAML reads it (true)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", default="studies/quickstart.yaml", help="study file (default: quickstart)")
@@ -172,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["study.pruner"] = args.pruner
     if args.pruner_option:
         options = dict(option.split("=", 1) for option in args.pruner_option)
-        overrides["study.pruner_options"] = {k: float(v) if "." in v else int(v) for k, v in options.items()}
+        overrides["study.pruner_options"] = {k: _option_value(v) for k, v in options.items()}
     if args.objective is not None:
         overrides["objective.metric"] = args.objective
     if args.no_enqueue:
