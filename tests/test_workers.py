@@ -679,6 +679,50 @@ def test_a_lost_trial_that_held_no_slot_is_marked_surplus_not_retried(tmp_path, 
     assert SURPLUS not in optuna.load_study(study_name="surplus", storage=url).trials[lost.number].user_attrs
 
 
+def test_lost_trials_failed_as_the_database_restarts_are_each_queued_again(tmp_path, monkeypatch):
+    # Optuna's stale check failed every lost trial, then read each back for its callback: a restart in between
+    # left them failed with no retry, since the retried check found none RUNNING any more.
+    import datetime
+
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+    from sqlalchemy.exc import OperationalError
+
+    from tuner import worker
+
+    retried: list[int] = []
+
+    def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        retried.append(trial.number)
+        worker.enqueue_retry(study, trial, max_retries=3)
+
+    storage = worker.make_storage(
+        f"sqlite:///{tmp_path}/lost.db", heartbeat_interval=1, grace_period=2, on_stale=on_stale
+    )
+    study = optuna.create_study(study_name="lost", storage=storage)
+    with worker._quiet_optuna():  # ask warns that heartbeats are meant for optimize; workers ask, as here
+        lost = [study.ask() for _ in range(2)]
+    for trial in lost:
+        trial.suggest_float("x", 0, 1)
+    worker.record_heartbeats(storage, [trial._trial_id for trial in lost])
+    with storage.engine.begin() as conn:  # their worker died long ago
+        conn.execute(TrialHeartbeatModel.__table__.update().values(heartbeat=datetime.datetime(2000, 1, 1)))
+    real_get_trial = optuna.storages.RDBStorage.get_trial
+    restarted: list[int] = []
+
+    def get_trial_across_a_restart(self, trial_id: int):
+        if not restarted:
+            restarted.append(trial_id)
+            raise OperationalError("SELECT", {}, Exception("terminating connection due to administrator command"))
+        return real_get_trial(self, trial_id)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "get_trial", get_trial_across_a_restart)
+    worker.retrying(lambda: worker.fail_stale_trials(study), what="check for lost trials", first_wait=0.01)
+    assert restarted and sorted(retried) == [trial.number for trial in lost]
+    queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert sorted(t.user_attrs[RETRY_OF] for t in queued) == [trial.number for trial in lost]
+    assert [t.system_attrs["fixed_params"] for t in queued] == [trial.params for trial in lost]
+
+
 def test_a_trial_callback_that_meets_a_database_restart_is_retried(tmp_path, monkeypatch):
     # The command line's progress line reads the best value after each trial: a restart then must not end the worker.
     from sqlalchemy.exc import OperationalError

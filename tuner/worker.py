@@ -738,23 +738,67 @@ def fail_unstarted_trials(study: optuna.Study, first_seen: dict[int, float], gra
     now = time.monotonic()
     for trial_id in set(first_seen) - unstarted:
         del first_seen[trial_id]
-    failed = []
+    due = []
     for trial_id in sorted(unstarted):
         if now - first_seen.setdefault(trial_id, now) <= grace:
             continue
         del first_seen[trial_id]
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                failed.append(trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
-            pass
-    on_stale = backend.get_heartbeat_stale_trial_callback()
-    for trial_id in failed:
-        trial = storage.get_trial(trial_id)
-        log.warning("trial %d was taken but never started (its worker lost the database): failed", trial.number)
+        due.append(trial_id)
+    failed = fail_lost_trials(study, due, "was taken but never started (its worker lost the database)")
+    return [trial._trial_id for trial in failed]
+
+
+def fail_stale_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Optuna's ``fail_stale_trials`` (RUNNING trials whose heartbeat is older than the grace period), done by
+    :func:`fail_lost_trials`; returns the trials this call failed."""
+    backend = _rdb_backend(study._storage)
+    if backend is None or not backend.get_heartbeat_interval():
+        return []
+    stale = backend._get_stale_trial_ids(study._study_id)
+    return fail_lost_trials(study, stale, "lost its heartbeat (its worker is gone)")
+
+
+def fail_lost_trials(study: optuna.Study, trial_ids: Sequence[int], why: str) -> list[FrozenTrial]:
+    """Fail each of these RUNNING trials and run the stale-trial callback (its retry) for each this call failed.
+
+    Each trial is read before it is failed, and each step is retried on its own. Optuna's stale check reads a
+    trial back after failing it, so a restart in between left the trial failed with no retry, and the trials
+    after it unchecked: the retried call no longer finds them RUNNING.
+    """
+    storage = study._storage
+    backend = _rdb_backend(storage)
+    on_stale = backend.get_heartbeat_stale_trial_callback() if backend is not None else None
+    failed = []
+    for trial_id in trial_ids:
+        trial = retrying(functools.partial(storage.get_trial, trial_id), what="read a lost trial")
+        if trial.state != TrialState.RUNNING:
+            continue
+        trial = copy.deepcopy(trial)
+        if not retrying(_fail_once(storage, trial_id), what=f"fail lost trial {trial.number}"):
+            continue
+        trial.state = TrialState.FAIL
+        trial.datetime_complete = datetime.datetime.now()
+        failed.append(trial)
+        log.warning("trial %d %s: failed", trial.number, why)
         if on_stale is not None:
             on_stale(study, trial)
     return failed
+
+
+def _fail_once(storage: optuna.storages.BaseStorage, trial_id: int) -> Callable[[], bool]:
+    """Fail the trial; whether this caller failed it. A finished trial was finished by someone else, unless an
+    earlier attempt of this caller, whose reply a restart lost, committed."""
+    attempts = 0
+
+    def fail() -> bool:
+        nonlocal attempts
+        attempts += 1
+        try:
+            return storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return attempts > 1
+
+    return fail
 
 
 def stale_trial_handler(
@@ -796,7 +840,7 @@ class Heartbeat:
                 if time.monotonic() - last_check >= self._check_every:
                     last_check = time.monotonic()
                     with _quiet_optuna():
-                        optuna.storages.fail_stale_trials(self._study)
+                        fail_stale_trials(self._study)
             except Exception as exc:  # a missed beat is retried on the next tick; the grace period absorbs it
                 log.warning("heartbeat of trial %d failed: %s", self._trial_id, exc)
 
@@ -914,7 +958,7 @@ def work(
             if timeout is not None and time.monotonic() - started > timeout:
                 break
             with _quiet_optuna():
-                retrying(lambda: optuna.storages.fail_stale_trials(study), what="check for lost trials")
+                retrying(lambda: fail_stale_trials(study), what="check for lost trials")
                 taken = retrying(lambda: _take_trials(study, total, pack), what="take trials")
             if not taken:
                 state = retrying(lambda: budget(study, total), what="count trials")
