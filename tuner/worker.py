@@ -22,6 +22,7 @@ import datetime
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -438,8 +439,6 @@ def budget_of_trials(trials: Sequence[FrozenTrial], total: int) -> Budget:
 
 
 def _budget_in_sql(study: optuna.Study, backend: optuna.storages.RDBStorage, total: int) -> Budget:
-    import json
-
     from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
     from sqlalchemy import func, select
 
@@ -514,8 +513,6 @@ def record_trial(
         for step, reported in sorted(steps.items()):
             trial.report(reported, step)
         return
-    import json
-
     from optuna.storages._rdb.models import TrialIntermediateValueModel, TrialUserAttributeModel
 
     insert = _upsert_insert(backend)
@@ -698,8 +695,6 @@ def _mark_if_surplus(study: optuna.Study, trial: FrozenTrial, total: int) -> boo
     # The trial is failed and not replaced, so ``used`` counts it.
     if state.used - 1 + state.running < total:
         return False
-    import json
-
     from optuna.storages._rdb.models import TrialUserAttributeModel
 
     reason = f"created beyond n_trials={total} during a database outage; not retried and not counted"
@@ -1081,8 +1076,7 @@ def _run_one(
         log.info("trial %d failed: %s", trial.number, exc)
         return _tell(study, trial, state=TrialState.FAIL)
     except (KeyboardInterrupt, Terminated):
-        frozen = _tell(study, trial, state=TrialState.FAIL)
-        retrying(lambda: enqueue_retry(study, frozen, max_retries, total), what="queue the interrupted trial again")
+        _fail_and_retry(study, trial, max_retries, total, "queue the interrupted trial again")
         raise
     except Exception as exc:
         if not is_transient(exc):
@@ -1090,9 +1084,7 @@ def _run_one(
             raise
         # The database went away mid-trial (a restart): the trial is lost, not wrong; run it again.
         log.warning("trial %d lost to a storage error, queued again: %s", trial.number, exc)
-        frozen = _tell(study, trial, state=TrialState.FAIL)
-        retrying(lambda: enqueue_retry(study, frozen, max_retries, total), what="queue the lost trial again")
-        return frozen
+        return _fail_and_retry(study, trial, max_retries, total, "queue the lost trial again")
     return _tell(study, trial, values=value)
 
 
