@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from faults import restart_error
 from mlflow import MlflowClient
 from tiny import TINY_DATA, TINY_SPACE, stored_in
 
@@ -163,7 +164,6 @@ def test_resume_continues_to_the_total_and_reuses_the_parent_run(tmp_path, tiny_
 
 def test_a_study_opened_while_its_database_restarts_still_opens_whole(tmp_path, tiny_dataset, monkeypatch):
     # A worker that starts as the database restarts: its first read and first write of the study's attributes fail.
-    from sqlalchemy.exc import OperationalError
 
     failed: list[str] = []
 
@@ -173,7 +173,7 @@ def test_a_study_opened_while_its_database_restarts_still_opens_whole(tmp_path, 
         def call(self, *args, **kwargs):
             if name not in failed:
                 failed.append(name)
-                raise OperationalError("SELECT", {}, Exception("terminating connection due to administrator command"))
+                raise restart_error()
             return real(self, *args, **kwargs)
 
         return call
@@ -467,7 +467,6 @@ def test_writes_go_to_a_thread_across_the_network_and_to_a_process_for_a_local_s
 def test_a_database_restart_during_an_epochs_report_is_ridden_out_not_the_trials_end(monkeypatch):
     # The per-epoch report is the storage call a trial makes most: failing the trial (in a pack, every member)
     # for one lost connection would throw away its epochs.
-    from sqlalchemy.exc import OperationalError
 
     from tuner import worker
 
@@ -479,7 +478,7 @@ def test_a_database_restart_during_an_epochs_report_is_ridden_out_not_the_trials
     def report_once_lost(self, value, step):
         attempts.append(step)
         if len(attempts) == 1:
-            raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+            raise restart_error("INSERT", "server closed the connection unexpectedly")
         return real_report(self, value, step)
 
     monkeypatch.setattr(optuna.Trial, "report", report_once_lost)

@@ -24,6 +24,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from faults import restart_error
 
 from tuner.worker import RETRY_OF, SURPLUS, sqlite_single_process, sqlite_study_names
 
@@ -544,7 +545,6 @@ def test_looking_at_an_sqlite_study_being_made_writes_nothing(tmp_path):
 
 def test_opening_a_study_rides_out_a_database_restart(tmp_path, monkeypatch):
     # A worker that starts while the database restarts must wait for it, not exit.
-    from sqlalchemy.exc import OperationalError
 
     from tuner import worker
 
@@ -556,7 +556,7 @@ def test_opening_a_study_rides_out_a_database_restart(tmp_path, monkeypatch):
     def restarting(storage):
         calls.append("look")
         if len(calls) == 1:
-            raise OperationalError("SELECT 1", {}, Exception("terminating connection due to administrator command"))
+            raise restart_error("SELECT 1")
         return real(storage)
 
     monkeypatch.setattr(optuna, "get_all_study_names", restarting)
@@ -570,7 +570,6 @@ def test_a_trial_taken_as_the_database_went_away_is_failed_and_run_again(tmp_pat
     # The database commits a new trial, then the connection drops before the worker hears back: the worker asks
     # again, and the first trial stays RUNNING with no heartbeat. Optuna never counts such a trial stale, so every
     # worker would wait for it forever; it must be failed once a grace period has passed and its slot run again.
-    from sqlalchemy.exc import OperationalError
 
     from tuner import worker
     from tuner.tracking import NullTracker
@@ -586,7 +585,7 @@ def test_a_trial_taken_as_the_database_went_away_is_failed_and_run_again(tmp_pat
         trial = real_ask(study)
         asked.append(trial.number)
         if len(asked) == 1:
-            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+            raise restart_error("COMMIT", "server closed the connection unexpectedly")
         return trial
 
     monkeypatch.setattr(worker, "_ask", ask_and_lose_the_reply)
@@ -685,7 +684,6 @@ def test_lost_trials_failed_as_the_database_restarts_are_each_queued_again(tmp_p
     import datetime
 
     from optuna.storages._rdb.models import TrialHeartbeatModel
-    from sqlalchemy.exc import OperationalError
 
     from tuner import worker
 
@@ -712,7 +710,7 @@ def test_lost_trials_failed_as_the_database_restarts_are_each_queued_again(tmp_p
     def get_trial_across_a_restart(self, trial_id: int):
         if not restarted:
             restarted.append(trial_id)
-            raise OperationalError("SELECT", {}, Exception("terminating connection due to administrator command"))
+            raise restart_error()
         return real_get_trial(self, trial_id)
 
     monkeypatch.setattr(optuna.storages.RDBStorage, "get_trial", get_trial_across_a_restart)
@@ -725,7 +723,6 @@ def test_lost_trials_failed_as_the_database_restarts_are_each_queued_again(tmp_p
 
 def test_a_trial_callback_that_meets_a_database_restart_is_retried(tmp_path, monkeypatch):
     # The command line's progress line reads the best value after each trial: a restart then must not end the worker.
-    from sqlalchemy.exc import OperationalError
 
     from tuner import worker
 
@@ -736,7 +733,7 @@ def test_a_trial_callback_that_meets_a_database_restart_is_retried(tmp_path, mon
     def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         reported.append(trial.number)
         if len(reported) == 1:
-            raise OperationalError("SELECT", {}, Exception("terminating connection due to administrator command"))
+            raise restart_error()
 
     monkeypatch.setattr(worker.time, "sleep", lambda seconds: None)  # the retry's backoff only
     result = worker.work(study, lambda trial: trial.suggest_float("x", 0, 1), total=2, callbacks=[report])
