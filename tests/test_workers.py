@@ -26,7 +26,7 @@ import pytest
 import yaml
 from faults import restart_error
 
-from tuner.worker import RETRY_OF, SURPLUS, sqlite_single_process, sqlite_study_names
+from tuner.worker import LOST, RETRY_OF, SURPLUS, sqlite_single_process, sqlite_study_names
 
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 
@@ -719,6 +719,46 @@ def test_lost_trials_failed_as_the_database_restarts_are_each_queued_again(tmp_p
     queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert sorted(t.user_attrs[RETRY_OF] for t in queued) == [trial.number for trial in lost]
     assert [t.system_attrs["fixed_params"] for t in queued] == [trial.params for trial in lost]
+    # Each was marked lost before it was failed: had its retry not been queued, retry_lost_trials would find it.
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert [t.user_attrs[LOST] for t in failed] == ["lost its heartbeat (its worker is gone)"] * 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
+def test_a_lost_trial_whose_worker_died_before_queueing_its_retry_is_queued_by_the_next_worker(
+    tmp_path, pg_database, backend
+):
+    # A lost trial is failed, then queued again: a worker killed in between left it failed with no retry, and the
+    # study one good trial short. Trials failed for their own sake, or out of retries, are not queued again.
+    from tuner import worker
+
+    url = _study_url(backend, tmp_path, pg_database)
+    assert url is not None
+    storage = worker.make_storage(url, heartbeat_interval=60, grace_period=120)
+    study = optuna.create_study(study_name="unretried", storage=storage)
+    for x in (0.25, 0.5, 0.75):
+        study.enqueue_trial({"x": x})
+    with worker._quiet_optuna():
+        killed, failing, spent = (study.ask() for _ in range(3))
+    for trial in (killed, failing, spent):
+        trial.suggest_float("x", 0, 1, step=0.25)
+    worker.record_trial(spent, {worker.RETRY_COUNT: 2})
+    for trial in (killed, spent):
+        worker._mark_lost(trial, "lost to a storage error")
+    for trial in (killed, failing, spent):
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    def objective(trial: optuna.Trial) -> float:
+        return trial.suggest_float("x", 0, 1, step=0.25)
+
+    result = worker.work(study, objective, total=4, max_retries=2)
+    trials = study.get_trials()
+    retries = [t for t in trials if RETRY_OF in t.user_attrs]
+    assert [(t.user_attrs[RETRY_OF], t.params, t.state.name) for t in retries] == [(0, {"x": 0.25}, "COMPLETE")]
+    # One new trial for the free slot, then the retry, which replaces the killed one in the budget.
+    assert result.ran == 2 and result.finished_study and len(trials) == 5
+    assert worker.budget(study, 4).used == 4
+    assert worker.retry_lost_trials(study, max_retries=2, total=4) == []
 
 
 def test_a_trial_callback_that_meets_a_database_restart_is_retried(tmp_path, monkeypatch):

@@ -53,6 +53,10 @@ RETRY_COUNT = "tuner.retry_count"
 #: User attribute of a failed trial that held no slot of the budget (see enqueue_retry): it neither counts nor is
 #: retried.
 SURPLUS = "tuner.surplus"
+#: User attribute of a trial failed because it was lost (its worker died, was stopped, or lost the database), not
+#: because of its parameters: why. Written before the trial is failed, so that a lost trial whose retry was never
+#: queued (its worker killed in between) is found and queued later (see retry_lost_trials).
+LOST = "tuner.lost"
 
 
 @contextmanager
@@ -769,6 +773,9 @@ def fail_lost_trials(study: optuna.Study, trial_ids: Sequence[int], why: str) ->
         if trial.state != TrialState.RUNNING:
             continue
         trial = copy.deepcopy(trial)
+        if not retrying(_mark_lost_once(storage, trial_id, why), what=f"mark lost trial {trial.number}"):
+            continue
+        trial.user_attrs[LOST] = why
         if not retrying(_fail_once(storage, trial_id), what=f"fail lost trial {trial.number}"):
             continue
         trial.state = TrialState.FAIL
@@ -778,6 +785,63 @@ def fail_lost_trials(study: optuna.Study, trial_ids: Sequence[int], why: str) ->
         if on_stale is not None:
             on_stale(study, trial)
     return failed
+
+
+def _mark_lost_once(storage: optuna.storages.BaseStorage, trial_id: int, why: str) -> Callable[[], bool]:
+    """Mark the running trial :data:`LOST`; whether it was still running (its own worker may have finished it)."""
+
+    def mark() -> bool:
+        try:
+            storage.set_trial_user_attr(trial_id, LOST, why)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
+
+    return mark
+
+
+def retry_lost_trials(study: optuna.Study, max_retries: int, total: int | None = None) -> list[int]:
+    """Queue a retry for each lost trial (:data:`LOST`, failed) that has none, nor is surplus or out of retries;
+    returns their numbers.
+
+    A lost trial is failed and then queued again, in two writes. A worker killed between them (kill -9, a machine
+    gone) leaves it failed with no retry, and the study one trial short of ``n_trials`` good ones; the next worker
+    to look finds it here. In a database study (the only kind several workers share).
+    """
+    backend = _rdb_backend(study._storage)
+    if backend is None:
+        return []
+    from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
+    from sqlalchemy import select
+
+    marks = (
+        select(TrialModel.trial_id, TrialModel.number, TrialModel.state, TrialUserAttributeModel.key)
+        .join(TrialModel, TrialModel.trial_id == TrialUserAttributeModel.trial_id)
+        .where(TrialModel.study_id == study._study_id, TrialUserAttributeModel.key.in_((LOST, SURPLUS)))
+    )
+    retried = (
+        select(TrialUserAttributeModel.value_json)
+        .join(TrialModel, TrialModel.trial_id == TrialUserAttributeModel.trial_id)
+        .where(TrialModel.study_id == study._study_id, TrialUserAttributeModel.key == RETRY_OF)
+    )
+    with backend.engine.connect() as conn:
+        rows = conn.execute(marks).all()
+        retried_numbers = {int(json.loads(value)) for value in conn.scalars(retried)}
+    surplus = {number for _, number, _, key in rows if key == SURPLUS}
+    unretried = sorted(
+        (number, trial_id)
+        for trial_id, number, state, key in rows
+        if key == LOST and state == TrialState.FAIL and number not in retried_numbers | surplus
+    )
+    queued = []
+    for number, trial_id in unretried:
+        trial = study._storage.get_trial(trial_id)
+        if int(trial.user_attrs.get(RETRY_COUNT, 0)) >= max_retries:
+            continue  # its last failure was reported when it happened
+        log.warning("lost trial %d was failed but never queued again (its worker died): queued now", number)
+        if enqueue_retry(study, trial, max_retries, total):
+            queued.append(number)
+    return queued
 
 
 def _fail_once(storage: optuna.storages.BaseStorage, trial_id: int) -> Callable[[], bool]:
@@ -956,6 +1020,9 @@ def work(
                 retrying(lambda: fail_stale_trials(study), what="check for lost trials")
                 taken = retrying(lambda: _take_trials(study, total, pack), what="take trials")
             if not taken:
+                # Before the study counts as done: a lost trial left without a retry frees its slot once queued.
+                if retrying(lambda: retry_lost_trials(study, max_retries, total), what="check for lost trials"):
+                    continue
                 state = retrying(lambda: budget(study, total), what="count trials")
                 if state.done or state.running == 0:
                     break
@@ -1076,7 +1143,9 @@ def _run_one(
         log.info("trial %d failed: %s", trial.number, exc)
         return _tell(study, trial, state=TrialState.FAIL)
     except (KeyboardInterrupt, Terminated):
-        _fail_and_retry(study, trial, max_retries, total, "queue the interrupted trial again")
+        _fail_and_retry(
+            study, trial, max_retries, total, "interrupted (Ctrl-C or SIGTERM)", "queue the interrupted trial again"
+        )
         raise
     except Exception as exc:
         if not is_transient(exc):
@@ -1084,7 +1153,9 @@ def _run_one(
             raise
         # The database went away mid-trial (a restart): the trial is lost, not wrong; run it again.
         log.warning("trial %d lost to a storage error, queued again: %s", trial.number, exc)
-        return _fail_and_retry(study, trial, max_retries, total, "queue the lost trial again")
+        return _fail_and_retry(
+            study, trial, max_retries, total, "lost to a storage error", "queue the lost trial again"
+        )
     return _tell(study, trial, values=value)
 
 
@@ -1099,7 +1170,9 @@ def _run_pack(
     def tell(index: int, outcome: float | Sequence[float] | Exception) -> None:
         if isinstance(outcome, TrialLost):
             log.warning("trial %d lost to a storage error, queued again: %s", trials[index].number, outcome)
-            told[index] = _fail_and_retry(study, trials[index], max_retries, total, "queue the lost trial again")
+            told[index] = _fail_and_retry(
+                study, trials[index], max_retries, total, "lost to a storage error", "queue the lost trial again"
+            )
             return
         told[index] = _tell_outcome(study, trials[index], outcome)
 
@@ -1115,14 +1188,20 @@ def _run_pack(
             outcomes = objective.run_pack(trials, on_settled=tell)
     except (KeyboardInterrupt, Terminated):
         for trial in unsettled():
-            _fail_and_retry(study, trial, max_retries, total, "queue the interrupted trial again")
+            _fail_and_retry(
+                study, trial, max_retries, total, "interrupted (Ctrl-C or SIGTERM)", "queue the interrupted trial again"
+            )
         raise
     except Exception as exc:
         transient = is_transient(exc)
         finished = list(told.values())
         for trial in unsettled():
             if transient:
-                finished.append(_fail_and_retry(study, trial, max_retries, total, "queue the lost trial again"))
+                finished.append(
+                    _fail_and_retry(
+                        study, trial, max_retries, total, "lost to a storage error", "queue the lost trial again"
+                    )
+                )
             else:
                 finished.append(_tell(study, trial, state=TrialState.FAIL))
         if not transient:
@@ -1146,10 +1225,20 @@ def _tell_outcome(
     return _tell(study, trial, values=outcome)
 
 
-def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, max_retries: int, total: int, what: str) -> FrozenTrial:
+def _fail_and_retry(
+    study: optuna.Study, trial: optuna.Trial, max_retries: int, total: int, why: str, what: str
+) -> FrozenTrial:
+    retrying(functools.partial(_mark_lost, trial, why), what=f"mark lost trial {trial.number}")
     frozen = _tell(study, trial, state=TrialState.FAIL)
     retrying(lambda: enqueue_retry(study, frozen, max_retries, total), what=what)
     return frozen
+
+
+def _mark_lost(trial: optuna.Trial, why: str) -> None:
+    # A trial finished meanwhile (by an attempt whose reply a restart lost, or another worker's stale check) keeps
+    # what it has: the FAIL that follows skips it as well.
+    with suppress(optuna.exceptions.UpdateFinishedTrialError):
+        record_trial(trial, {LOST: why})
 
 
 def _tell(
