@@ -457,6 +457,7 @@ def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_
     queued = next(t for t in trials if t.state.name == "WAITING")
     assert queued.user_attrs[RETRY_OF] == failed.number
     assert queued.system_attrs["fixed_params"] == failed.params  # a queued trial holds its params there
+    assert failed.user_attrs[LOST] == "interrupted (Ctrl-C or SIGTERM)"
     runs = {r.info.run_id: r for r in mlflow_runs(tracking)}
     assert runs[failed.user_attrs["mlflow_run_id"]].info.status == "FAILED"
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
@@ -744,7 +745,7 @@ def test_a_lost_trial_whose_worker_died_before_queueing_its_retry_is_queued_by_t
         trial.suggest_float("x", 0, 1, step=0.25)
     worker.record_trial(spent, {worker.RETRY_COUNT: 2})
     for trial in (killed, spent):
-        worker._mark_lost(trial, "lost to a storage error")
+        worker._mark_lost(trial, worker.LOST_TO_STORAGE)
     for trial in (killed, failing, spent):
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
 

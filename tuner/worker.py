@@ -57,6 +57,8 @@ SURPLUS = "tuner.surplus"
 #: because of its parameters: why. Written before the trial is failed, so that a lost trial whose retry was never
 #: queued (its worker killed in between) is found and queued later (see retry_lost_trials).
 LOST = "tuner.lost"
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
+LOST_TO_STORAGE = "lost to a storage error"
 
 
 @contextmanager
@@ -1143,9 +1145,7 @@ def _run_one(
         log.info("trial %d failed: %s", trial.number, exc)
         return _tell(study, trial, state=TrialState.FAIL)
     except (KeyboardInterrupt, Terminated):
-        _fail_and_retry(
-            study, trial, max_retries, total, "interrupted (Ctrl-C or SIGTERM)", "queue the interrupted trial again"
-        )
+        _fail_and_retry(study, trial, max_retries, total, INTERRUPTED)
         raise
     except Exception as exc:
         if not is_transient(exc):
@@ -1153,9 +1153,7 @@ def _run_one(
             raise
         # The database went away mid-trial (a restart): the trial is lost, not wrong; run it again.
         log.warning("trial %d lost to a storage error, queued again: %s", trial.number, exc)
-        return _fail_and_retry(
-            study, trial, max_retries, total, "lost to a storage error", "queue the lost trial again"
-        )
+        return _fail_and_retry(study, trial, max_retries, total, LOST_TO_STORAGE)
     return _tell(study, trial, values=value)
 
 
@@ -1170,9 +1168,7 @@ def _run_pack(
     def tell(index: int, outcome: float | Sequence[float] | Exception) -> None:
         if isinstance(outcome, TrialLost):
             log.warning("trial %d lost to a storage error, queued again: %s", trials[index].number, outcome)
-            told[index] = _fail_and_retry(
-                study, trials[index], max_retries, total, "lost to a storage error", "queue the lost trial again"
-            )
+            told[index] = _fail_and_retry(study, trials[index], max_retries, total, LOST_TO_STORAGE)
             return
         told[index] = _tell_outcome(study, trials[index], outcome)
 
@@ -1188,20 +1184,14 @@ def _run_pack(
             outcomes = objective.run_pack(trials, on_settled=tell)
     except (KeyboardInterrupt, Terminated):
         for trial in unsettled():
-            _fail_and_retry(
-                study, trial, max_retries, total, "interrupted (Ctrl-C or SIGTERM)", "queue the interrupted trial again"
-            )
+            _fail_and_retry(study, trial, max_retries, total, INTERRUPTED)
         raise
     except Exception as exc:
         transient = is_transient(exc)
         finished = list(told.values())
         for trial in unsettled():
             if transient:
-                finished.append(
-                    _fail_and_retry(
-                        study, trial, max_retries, total, "lost to a storage error", "queue the lost trial again"
-                    )
-                )
+                finished.append(_fail_and_retry(study, trial, max_retries, total, LOST_TO_STORAGE))
             else:
                 finished.append(_tell(study, trial, state=TrialState.FAIL))
         if not transient:
@@ -1225,12 +1215,10 @@ def _tell_outcome(
     return _tell(study, trial, values=outcome)
 
 
-def _fail_and_retry(
-    study: optuna.Study, trial: optuna.Trial, max_retries: int, total: int, why: str, what: str
-) -> FrozenTrial:
+def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, max_retries: int, total: int, why: str) -> FrozenTrial:
     retrying(functools.partial(_mark_lost, trial, why), what=f"mark lost trial {trial.number}")
     frozen = _tell(study, trial, state=TrialState.FAIL)
-    retrying(lambda: enqueue_retry(study, frozen, max_retries, total), what=what)
+    retrying(lambda: enqueue_retry(study, frozen, max_retries, total), what=f"queue lost trial {trial.number} again")
     return frozen
 
 
