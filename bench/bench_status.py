@@ -1,6 +1,7 @@
 """How fast `tuner status` and `tuner best` answer on a study with many trials (issue target: < 2 s at 10,000).
 
-Builds a study of synthetic finished trials in a temporary SQLite file (no training), then times each command
+Builds a study of synthetic finished trials in a temporary SQLite file (no training; some failed, lost and
+retried, which ``status`` tells apart), then times each command
 as a user runs it: a fresh process, imports included. Prints seconds (min / median / max of --repeats).
 
     .venv/bin/python bench/bench_status.py --trials 10000 --repeats 3
@@ -20,6 +21,8 @@ import optuna
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
+from tuner.worker import LOST, RETRY_OF
+
 
 def build(storage: str, n: int) -> None:
     study = optuna.create_study(study_name="bench", storage=storage, direction="maximize")
@@ -27,13 +30,21 @@ def build(storage: str, n: int) -> None:
     trials = []
     for i in range(n):
         state = TrialState.PRUNED if i % 3 == 0 else TrialState.COMPLETE
+        attrs: dict[str, object] = {"epochs": 10, "stop_reason": "synthetic"}
+        # One trial in 40 lost and queued again (the next one its retry), one in 40 failed in training.
+        if i % 40 == 1:
+            state, attrs[LOST] = TrialState.FAIL, "lost to a storage error"
+        elif i % 40 == 2:
+            attrs[RETRY_OF] = i - 1
+        elif i % 40 == 3:
+            state = TrialState.FAIL
         trials.append(
             create_trial(
                 state=state,
-                value=None if state == TrialState.PRUNED else (i % 997) / 997,
+                value=None if state in (TrialState.PRUNED, TrialState.FAIL) else (i % 997) / 997,
                 params={"n_layers": 1 + i % 5, "lr": 10 ** (-4 + 3 * (i % 101) / 100)},
                 distributions=distributions,
-                user_attrs={"epochs": 10, "stop_reason": "synthetic"},
+                user_attrs=attrs,
                 intermediate_values={0: 0.1, 1: 0.2},
             )
         )

@@ -760,6 +760,30 @@ def test_a_lost_trial_whose_worker_died_before_queueing_its_retry_is_queued_by_t
     assert result.ran == 2 and result.finished_study and len(trials) == 5
     assert worker.budget(study, 4).used == 4
     assert worker.retry_lost_trials(study, max_retries=2, total=4) == []
+    assert worker.losses(study) == worker.Losses(lost=2, queued_again=1, surplus=0)
+
+
+def test_status_tells_trials_lost_by_the_machinery_from_trials_failed_in_training(tmp_path, capsys):
+    from tuner.cli import main
+    from tuner.worker import LOST, RETRY_OF, SURPLUS, Losses, losses
+
+    url = f"sqlite:///{tmp_path}/status.db"
+    study = optuna.create_study(study_name="losses", storage=url)
+    FAIL = optuna.trial.TrialState.FAIL
+    # Lost and queued again before lost trials were marked: told by its retry alone.
+    old_lost = study.tell(study.ask(), state=FAIL)
+    study.enqueue_trial({}, user_attrs={RETRY_OF: old_lost.number})
+    study.tell(study.ask(), 1.0)
+    study.tell(study.ask(), state=FAIL)  # failed in training
+    surplus = study.ask()
+    surplus.set_user_attr(LOST, "lost to a storage error")
+    surplus.set_user_attr(SURPLUS, "created beyond n_trials=3 during a database outage")
+    study.tell(surplus, state=FAIL)
+    assert losses(study) == Losses(lost=2, queued_again=1, surplus=1)
+    assert main(["status", "losses", "--storage", url]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    lost = "2 lost (worker died or stopped, or the database went away), 1 of them queued again, 1 surplus"
+    assert f"failed: 1 in training; {lost}" in out
 
 
 def test_a_trial_callback_that_meets_a_database_restart_is_retried(tmp_path, monkeypatch):

@@ -365,7 +365,7 @@ def _open_study(args: argparse.Namespace) -> tuple[Any, StudySpec]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tuner.worker import state_counts
+    from tuner.worker import losses, state_counts
 
     study, spec = _open_study(args)
     name = spec.study.name
@@ -376,6 +376,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     for state, n in counts.items():
         table.add_row(state, str(n))
     console.print(table)
+    lost = losses(study) if counts["FAIL"] else None
+    if lost is not None and lost.lost:
+        # A failed trial is either the parameters' doing or the machinery's: the second kind is run again.
+        surplus = f", {lost.surplus} surplus (made beyond n_trials in a database outage; not counted)"
+        console.print(
+            f"failed: {counts['FAIL'] - lost.lost} in training; {lost.lost} lost (worker died or stopped, or the "
+            f"database went away), {lost.queued_again} of them queued again{surplus if lost.surplus else ''}"
+        )
     if counts["COMPLETE"] and len(study.directions) > 1:
         from tuner.pareto import front, objective_names
 
@@ -624,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.set_defaults(func=cmd_run, mode=mode, enqueue=None, device="cpu" if mode == "create" else "auto")
 
     for name, func, text in (
-        ("status", cmd_status, "trial counts by state and the best so far"),
+        ("status", cmd_status, "trial counts by state (failed ones: in training or lost) and the best so far"),
         ("best", cmd_best, "the best trial: parameters, objective, holdout figures"),
     ):
         p = sub.add_parser(name, help=text)

@@ -802,6 +802,91 @@ def _mark_lost_once(storage: optuna.storages.BaseStorage, trial_id: int, why: st
     return mark
 
 
+@dataclass(frozen=True)
+class _Mark:
+    """A trial's :data:`LOST`, :data:`SURPLUS` or :data:`RETRY_OF` user attribute."""
+
+    trial_id: int
+    number: int
+    state: TrialState
+    key: str
+    value: Any
+
+
+def _marks(study: optuna.Study) -> list[_Mark]:
+    """Every trial's lost, surplus and retry marks; in a database read there, without loading the trials."""
+    keys = (LOST, SURPLUS, RETRY_OF)
+    backend = _rdb_backend(study._storage)
+    if backend is None:
+        return [
+            _Mark(t._trial_id, t.number, t.state, key, t.user_attrs[key])
+            for t in study.get_trials(deepcopy=False)
+            for key in keys
+            if key in t.user_attrs
+        ]
+    from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
+    from sqlalchemy import select
+
+    query = (
+        select(
+            TrialModel.trial_id,
+            TrialModel.number,
+            TrialModel.state,
+            TrialUserAttributeModel.key,
+            TrialUserAttributeModel.value_json,
+        )
+        .join(TrialModel, TrialModel.trial_id == TrialUserAttributeModel.trial_id)
+        .where(TrialModel.study_id == study._study_id, TrialUserAttributeModel.key.in_(keys))
+    )
+    with backend.engine.connect() as conn:
+        return [
+            _Mark(trial_id, number, TrialState(state), key, json.loads(value))
+            for trial_id, number, state, key, value in conn.execute(query)
+        ]
+
+
+@dataclass(frozen=True)
+class Losses:
+    """Failed trials that were lost (their worker died, was stopped or lost the database) rather than failed by
+    their training: how many, how many of them are queued again (or ran again), how many held no slot."""
+
+    lost: int
+    queued_again: int
+    surplus: int
+
+
+def losses(study: optuna.Study) -> Losses:
+    marks = _marks(study)
+    retried = {int(m.value) for m in marks if m.key == RETRY_OF}
+    # Trials of studies made before the lost mark count by their retry.
+    lost = {m.number for m in marks if m.key in (LOST, SURPLUS)} | retried
+    failed = _failed_among(study, lost)
+    return Losses(
+        lost=len(failed),
+        queued_again=len(retried & failed),
+        surplus=len({m.number for m in marks if m.key == SURPLUS} & failed),
+    )
+
+
+def _failed_among(study: optuna.Study, numbers: set[int]) -> set[int]:
+    """Which of these trial numbers are of failed trials."""
+    if not numbers:
+        return set()
+    backend = _rdb_backend(study._storage)
+    if backend is None:
+        return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} & numbers
+    from optuna.storages._rdb.models import TrialModel
+    from sqlalchemy import select
+
+    query = select(TrialModel.number).where(
+        TrialModel.study_id == study._study_id,
+        TrialModel.state == TrialState.FAIL,
+        TrialModel.number.in_(sorted(numbers)),
+    )
+    with backend.engine.connect() as conn:
+        return set(conn.scalars(query))
+
+
 def retry_lost_trials(study: optuna.Study, max_retries: int, total: int | None = None) -> list[int]:
     """Queue a retry for each lost trial (:data:`LOST`, failed) that has none, nor is surplus or out of retries;
     returns their numbers.
@@ -810,30 +895,16 @@ def retry_lost_trials(study: optuna.Study, max_retries: int, total: int | None =
     gone) leaves it failed with no retry, and the study one trial short of ``n_trials`` good ones; the next worker
     to look finds it here. In a database study (the only kind several workers share).
     """
-    backend = _rdb_backend(study._storage)
-    if backend is None:
+    if _rdb_backend(study._storage) is None:
         return []
-    from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
-    from sqlalchemy import select
-
-    marks = (
-        select(TrialModel.trial_id, TrialModel.number, TrialModel.state, TrialUserAttributeModel.key)
-        .join(TrialModel, TrialModel.trial_id == TrialUserAttributeModel.trial_id)
-        .where(TrialModel.study_id == study._study_id, TrialUserAttributeModel.key.in_((LOST, SURPLUS)))
-    )
-    retried = (
-        select(TrialUserAttributeModel.value_json)
-        .join(TrialModel, TrialModel.trial_id == TrialUserAttributeModel.trial_id)
-        .where(TrialModel.study_id == study._study_id, TrialUserAttributeModel.key == RETRY_OF)
-    )
-    with backend.engine.connect() as conn:
-        rows = conn.execute(marks).all()
-        retried_numbers = {int(json.loads(value)) for value in conn.scalars(retried)}
-    surplus = {number for _, number, _, key in rows if key == SURPLUS}
+    marks = _marks(study)
+    passed_over = {int(m.value) for m in marks if m.key == RETRY_OF} | {m.number for m in marks if m.key == SURPLUS}
     unretried = sorted(
-        (number, trial_id)
-        for trial_id, number, state, key in rows
-        if key == LOST and state == TrialState.FAIL and number not in retried_numbers | surplus
+        {
+            (m.number, m.trial_id)
+            for m in marks
+            if m.key == LOST and m.state == TrialState.FAIL and m.number not in passed_over
+        }
     )
     queued = []
     for number, trial_id in unretried:
