@@ -856,33 +856,26 @@ class Losses:
 
 
 def losses(study: optuna.Study) -> Losses:
+    """How many of the study's failed trials were lost; in a database counted there, without loading the trials."""
     marks = _marks(study)
     retried = {int(m.value) for m in marks if m.key == RETRY_OF}
     # Trials of studies made before the lost mark count by their retry.
-    lost = {m.number for m in marks if m.key in (LOST, SURPLUS)} | retried
-    failed = _failed_among(study, lost)
+    lost = ({m.number for m in marks if m.key in (LOST, SURPLUS)} | retried) & _failed_numbers(study)
     return Losses(
-        lost=len(failed),
-        queued_again=len(retried & failed),
-        surplus=len({m.number for m in marks if m.key == SURPLUS} & failed),
+        lost=len(lost),
+        queued_again=len(retried & lost),
+        surplus=len({m.number for m in marks if m.key == SURPLUS} & lost),
     )
 
 
-def _failed_among(study: optuna.Study, numbers: set[int]) -> set[int]:
-    """Which of these trial numbers are of failed trials."""
-    if not numbers:
-        return set()
+def _failed_numbers(study: optuna.Study) -> set[int]:
     backend = _rdb_backend(study._storage)
     if backend is None:
-        return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} & numbers
+        return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     from optuna.storages._rdb.models import TrialModel
     from sqlalchemy import select
 
-    query = select(TrialModel.number).where(
-        TrialModel.study_id == study._study_id,
-        TrialModel.state == TrialState.FAIL,
-        TrialModel.number.in_(sorted(numbers)),
-    )
+    query = select(TrialModel.number).where(TrialModel.study_id == study._study_id, TrialModel.state == TrialState.FAIL)
     with backend.engine.connect() as conn:
         return set(conn.scalars(query))
 
