@@ -467,7 +467,6 @@ def test_writes_go_to_a_thread_across_the_network_and_to_a_process_for_a_local_s
 def test_a_database_restart_during_an_epochs_report_is_ridden_out_not_the_trials_end(monkeypatch):
     # The per-epoch report is the storage call a trial makes most: failing the trial (in a pack, every member)
     # for one lost connection would throw away its epochs.
-
     from tuner import worker
 
     study = optuna.create_study(direction="maximize")

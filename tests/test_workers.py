@@ -546,7 +546,6 @@ def test_looking_at_an_sqlite_study_being_made_writes_nothing(tmp_path):
 
 def test_opening_a_study_rides_out_a_database_restart(tmp_path, monkeypatch):
     # A worker that starts while the database restarts must wait for it, not exit.
-
     from tuner import worker
 
     url = f"sqlite:///{tmp_path}/restart.db"
@@ -571,7 +570,6 @@ def test_a_trial_taken_as_the_database_went_away_is_failed_and_run_again(tmp_pat
     # The database commits a new trial, then the connection drops before the worker hears back: the worker asks
     # again, and the first trial stays RUNNING with no heartbeat. Optuna never counts such a trial stale, so every
     # worker would wait for it forever; it must be failed once a grace period has passed and its slot run again.
-
     from tuner import worker
     from tuner.tracking import NullTracker
 
@@ -788,7 +786,6 @@ def test_status_tells_trials_lost_by_the_machinery_from_trials_failed_in_trainin
 
 def test_a_trial_callback_that_meets_a_database_restart_is_retried(tmp_path, monkeypatch):
     # The command line's progress line reads the best value after each trial: a restart then must not end the worker.
-
     from tuner import worker
 
     storage = worker.make_storage(f"sqlite:///{tmp_path}/callback.db", heartbeat_interval=1, grace_period=2)
