@@ -743,7 +743,7 @@ def test_a_lost_trial_whose_worker_died_before_queueing_its_retry_is_queued_by_t
         trial.suggest_float("x", 0, 1, step=0.25)
     worker.record_trial(spent, {worker.RETRY_COUNT: 2})
     for trial in (killed, spent):
-        worker._mark_lost(trial, worker.LOST_TO_STORAGE)
+        assert worker._mark_lost_once(storage, trial._trial_id, worker.LOST_TO_STORAGE)()
     for trial in (killed, failing, spent):
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
 

@@ -445,19 +445,17 @@ def budget_of_trials(trials: Sequence[FrozenTrial], total: int) -> Budget:
 
 
 def _budget_in_sql(study: optuna.Study, backend: optuna.storages.RDBStorage, total: int) -> Budget:
-    from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
+    from optuna.storages._rdb.models import TrialModel
     from sqlalchemy import func, select
 
     of_study = TrialModel.study_id == study._study_id
     by_state = select(TrialModel.state, func.count()).where(of_study).group_by(TrialModel.state)
-    marks = (
-        select(TrialUserAttributeModel.key, TrialUserAttributeModel.value_json, TrialModel.number)
-        .join(TrialModel, TrialModel.trial_id == TrialUserAttributeModel.trial_id)
-        .where(of_study, TrialUserAttributeModel.key.in_((RETRY_OF, SURPLUS)))
-    )
     with backend.engine.connect() as conn:
         counts = {TrialState(state): n for state, n in conn.execute(by_state)}
-        replaced = {int(json.loads(value)) if key == RETRY_OF else number for key, value, number in conn.execute(marks)}
+        replaced = {
+            int(json.loads(value)) if key == RETRY_OF else number
+            for _, number, _, key, value in conn.execute(_marks_query(study, (RETRY_OF, SURPLUS)))
+        }
         # A failed trial whose retry is queued no longer counts: its retry does. Nor does a surplus one.
         replaced_finished = 0
         if replaced:
@@ -824,10 +822,19 @@ def _marks(study: optuna.Study) -> list[_Mark]:
             for key in keys
             if key in t.user_attrs
         ]
+    with backend.engine.connect() as conn:
+        return [
+            _Mark(trial_id, number, TrialState(state), key, json.loads(value))
+            for trial_id, number, state, key, value in conn.execute(_marks_query(study, keys))
+        ]
+
+
+def _marks_query(study: optuna.Study, keys: Sequence[str]) -> Any:
+    """Rows (trial id, number, state, key, value as JSON) of the study's user attributes with these keys."""
     from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
     from sqlalchemy import select
 
-    query = (
+    return (
         select(
             TrialModel.trial_id,
             TrialModel.number,
@@ -838,11 +845,6 @@ def _marks(study: optuna.Study) -> list[_Mark]:
         .join(TrialModel, TrialModel.trial_id == TrialUserAttributeModel.trial_id)
         .where(TrialModel.study_id == study._study_id, TrialUserAttributeModel.key.in_(keys))
     )
-    with backend.engine.connect() as conn:
-        return [
-            _Mark(trial_id, number, TrialState(state), key, json.loads(value))
-            for trial_id, number, state, key, value in conn.execute(query)
-        ]
 
 
 @dataclass(frozen=True)
@@ -1280,17 +1282,12 @@ def _tell_outcome(
 
 
 def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, max_retries: int, total: int, why: str) -> FrozenTrial:
-    retrying(functools.partial(_mark_lost, trial, why), what=f"mark lost trial {trial.number}")
+    # A trial finished meanwhile (an attempt whose reply a restart lost, another worker's stale check) is left as
+    # it is: the FAIL that follows skips it as well.
+    retrying(_mark_lost_once(trial.storage, trial._trial_id, why), what=f"mark lost trial {trial.number}")
     frozen = _tell(study, trial, state=TrialState.FAIL)
     retrying(lambda: enqueue_retry(study, frozen, max_retries, total), what=f"queue lost trial {trial.number} again")
     return frozen
-
-
-def _mark_lost(trial: optuna.Trial, why: str) -> None:
-    # A trial finished meanwhile (by an attempt whose reply a restart lost, or another worker's stale check) keeps
-    # what it has: the FAIL that follows skips it as well.
-    with suppress(optuna.exceptions.UpdateFinishedTrialError):
-        record_trial(trial, {LOST: why})
 
 
 def _tell(
