@@ -673,7 +673,8 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int, tot
     # would strand. So the look and the queueing happen under the budget lock (another process) and a lock of
     # this process (a heartbeat thread).
     with _retry_lock, budget_lock(study):
-        if any(t.user_attrs.get(RETRY_OF) == trial.number for t in study.get_trials(deepcopy=False)):
+        # Read in SQL (see _marks): under the lock, loading every trial of a large study kept the others waiting.
+        if any(m.key == RETRY_OF and int(m.value) == trial.number for m in _marks(study)):
             return True
         if total is not None and _mark_if_surplus(study, trial, total):
             return False
