@@ -503,3 +503,64 @@ def test_each_members_dropout_masks_drop_its_own_rate_of_its_own_units():
             assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-4), (layer, p)
     # The refills draw anew: a member's masks of one step and of a later chunk differ.
     assert not torch.equal(seen[0][0][3], seen[0][pack.dropout_chunk][3])
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "elu"])
+@pytest.mark.parametrize(
+    "task, n_out, loss, pos_weight",
+    [
+        ("binary", 1, None, None),
+        ("binary", 1, None, 3.0),
+        ("multiclass", 3, None, None),
+        ("multilabel", 2, None, (2.0, 0.5)),
+        ("regression", 1, "huber", None),
+        ("unit_regression", 1, "bce", None),
+    ],
+    ids=["binary", "binary-pos_weight", "multiclass", "multilabel", "regression-huber", "unit_regression-bce"],
+)
+def test_the_gradients_computed_by_hand_are_autograds(activation, task, n_out, loss, pos_weight):
+    import tuner.packed as packed_mod
+
+    shared = {"activation": activation, "loss": loss, "huber_delta": 0.5 if loss == "huber" else None}
+    members = [
+        PackMember(params(widths=(16, 8), dropout=0.3, l1=1e-3, **shared), 3),
+        PackMember(params(widths=(8, 12), dropout=0.0, lr=0.1, **shared), 4),
+    ]
+    pack = packed_mod._Pack(members, 4, n_out, DEVICE)
+    pack.next_dropout()
+    g = torch.Generator().manual_seed(1)
+    rows = 24  # fewer than the batch size, as a last batch is: the dropout masks are cut to it
+    x = torch.randn(2, rows, 4, generator=g).to(DEVICE)
+    if task == "multiclass":
+        y = torch.randint(0, n_out, (2, rows), generator=g)
+    elif task == "multilabel":
+        y = (torch.rand(2, rows, n_out, generator=g) < 0.4).float()
+    elif task == "binary":
+        y = (torch.rand(2, rows, generator=g) < 0.4).float()
+    else:
+        y = torch.rand(2, rows, generator=g)
+    y = y.to(DEVICE)
+    config = FitConfig(task=task, pos_weight=pos_weight)
+    weight = None if pos_weight is None else torch.tensor(pos_weight, device=DEVICE)
+    tensors = pack.parameters()
+
+    watched_by_hand: list[torch.Tensor] = []
+    losses_by_hand = pack.gradients(x, y, config, weight, watch=watched_by_hand)
+    by_hand = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    watched: list[torch.Tensor] = []
+    logits = pack.forward(x, training=True, watch=watched)
+    losses = packed_mod._losses(logits, y, config, weight, pack)
+    (losses.sum() + (pack.l1 * pack.l1_norms()).sum()).backward()
+
+    torch.testing.assert_close(losses_by_hand, losses.detach(), rtol=1e-6, atol=1e-7)
+    for i, (got, want) in enumerate(zip(by_hand, [t.grad for t in tensors], strict=True)):
+        assert got is not None and want is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m, i=i: f"tensor {i}: {m}")
+    assert len(watched_by_hand) == len(watched) == pack.depth
+    for got, want in zip(watched_by_hand, watched, strict=True):
+        torch.testing.assert_close(got, want)
+    # Dropout and the L1 penalty are in play: the first member's gradients are not the second one's kind.
+    assert bool((pack._dropout_masks[0][pack._dropout_step][0, :, :16] == 0).any())
+    assert float(by_hand[0][1].abs().sum()) > 0
