@@ -505,6 +505,7 @@ def test_each_members_dropout_masks_drop_its_own_rate_of_its_own_units():
     assert not torch.equal(seen[0][0][3], seen[0][pack.dropout_chunk][3])
 
 
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["", "batch_norm"])
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "elu"])
 @pytest.mark.parametrize(
     "task, n_out, loss, pos_weight",
@@ -518,10 +519,15 @@ def test_each_members_dropout_masks_drop_its_own_rate_of_its_own_units():
     ],
     ids=["binary", "binary-pos_weight", "multiclass", "multilabel", "regression-huber", "unit_regression-bce"],
 )
-def test_the_gradients_computed_by_hand_are_autograds(activation, task, n_out, loss, pos_weight):
+def test_the_gradients_computed_by_hand_are_autograds(activation, batch_norm, task, n_out, loss, pos_weight):
     import tuner.packed as packed_mod
 
-    shared = {"activation": activation, "loss": loss, "huber_delta": 0.5 if loss == "huber" else None}
+    shared = {
+        "activation": activation,
+        "batch_norm": batch_norm,
+        "loss": loss,
+        "huber_delta": 0.5 if loss == "huber" else None,
+    }
     members = [
         PackMember(params(widths=(16, 8), dropout=0.3, l1=1e-3, **shared), 3),
         PackMember(params(widths=(8, 12), dropout=0.0, lr=0.1, **shared), 4),
@@ -543,12 +549,16 @@ def test_the_gradients_computed_by_hand_are_autograds(activation, task, n_out, l
     config = FitConfig(task=task, pos_weight=pos_weight)
     weight = None if pos_weight is None else torch.tensor(pos_weight, device=DEVICE)
     tensors = pack.parameters()
+    running = [t.clone() for t in (*pack.running_means, *pack.running_vars)]
 
     watched_by_hand: list[torch.Tensor] = []
     losses_by_hand = pack.gradients(x, y, config, weight, watch=watched_by_hand)
     by_hand = [t.grad for t in tensors]
+    running_by_hand = [t.clone() for t in (*pack.running_means, *pack.running_vars)]
     for t in tensors:
         t.grad = None
+    for t, before in zip((*pack.running_means, *pack.running_vars), running, strict=True):
+        t.copy_(before)
     watched: list[torch.Tensor] = []
     logits = pack.forward(x, training=True, watch=watched)
     losses = packed_mod._losses(logits, y, config, weight, pack)
@@ -558,6 +568,10 @@ def test_the_gradients_computed_by_hand_are_autograds(activation, task, n_out, l
     for i, (got, want) in enumerate(zip(by_hand, [t.grad for t in tensors], strict=True)):
         assert got is not None and want is not None
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m, i=i: f"tensor {i}: {m}")
+    # Batch norm's running statistics are updated once, as autograd's forward updates them.
+    for got, want in zip(running_by_hand, (*pack.running_means, *pack.running_vars), strict=True):
+        torch.testing.assert_close(got, want)
+    assert len(running_by_hand) == (4 if batch_norm else 0)
     assert len(watched_by_hand) == len(watched) == pack.depth
     for got, want in zip(watched_by_hand, watched, strict=True):
         torch.testing.assert_close(got, want)

@@ -359,6 +359,7 @@ class _Pack:
                 h = h * self._dropout_masks[layer][self._dropout_step][:, : h.shape[1]]
         return torch.baddbmm(self.biases[-1], h, self.weights[-1])
 
+    @torch.no_grad()
     def gradients(
         self,
         x: torch.Tensor,
@@ -369,34 +370,23 @@ class _Pack:
     ) -> torch.Tensor:
         """One training step's (K,) mean losses for inputs (K, rows, n_in); each parameter's ``grad`` set.
 
-        The gradients are the same as autograd's: without batch norm they are computed by hand, the derivative
-        of each layer written out as the operators autograd would record (``threshold_backward`` for ReLU and so
-        on). Recording the graph and running autograd's engine cost a sixth to a third of a small pack's step.
+        The gradients are autograd's, computed by hand: each layer's derivative written out as the operators
+        autograd would record for :meth:`forward` (``threshold_backward`` for ReLU, ``native_batch_norm_backward``
+        and so on), without recording them. Recording the graph and running autograd's engine cost a sixth to a
+        third of a small pack's step. The L1 penalty trains the weights but stays out of the reported loss, as in
+        tuner.train.fit.
         """
-        if self.batch_norm:
-            logits = self.forward(x, training=True, watch=watch)
-            losses = _losses(logits, y, config, pos_weight, self)
-            # The L1 penalty trains the weights but stays out of the reported loss, as in tuner.train.fit.
-            (losses.sum() + (self.l1 * self.l1_norms()).sum() if self.any_l1 else losses.sum()).backward()
-            return losses
-        return self._gradients_by_hand(x, y, config, pos_weight, watch)
-
-    @torch.no_grad()
-    def _gradients_by_hand(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        config: FitConfig,
-        pos_weight: torch.Tensor | None,
-        watch: list[torch.Tensor] | None,
-    ) -> torch.Tensor:
         rows = x.shape[1]
         dropout = self.any_dropout
         inputs = [x]  # each linear layer's input, for its weight gradient
         saved: list[torch.Tensor] = []  # what each activation's derivative is computed from
+        normalised: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # batch norm's input, mean, 1/std
         h = x
         for layer in range(self.depth):
-            z = torch.baddbmm(self.biases[layer], h, self.weights[layer])
+            if self.batch_norm:
+                z = self._batch_norm_by_hand(torch.bmm(h, self.weights[layer]), layer, normalised)
+            else:
+                z = torch.baddbmm(self.biases[layer], h, self.weights[layer])
             mask = self._dropout_masks[layer][self._dropout_step][:, :rows] if dropout else None
             if self.activation == "relu":
                 # ReLU's derivative is read from its output; after dropout that output is still positive exactly
@@ -423,9 +413,12 @@ class _Pack:
         losses, grad = self._loss_gradient(logits, y, config, pos_weight)
         weight_grads: list[torch.Tensor] = []
         bias_grads: list[torch.Tensor] = []
+        gamma_grads: list[torch.Tensor] = []
+        beta_grads: list[torch.Tensor] = []
         for layer in range(self.depth, -1, -1):
             weight_grads.append(torch.bmm(inputs[layer].transpose(1, 2), grad))
-            bias_grads.append(grad.sum(dim=1, keepdim=True))
+            if layer == self.depth or not self.batch_norm:
+                bias_grads.append(grad.sum(dim=1, keepdim=True))
             if layer == 0:
                 break
             below = layer - 1
@@ -442,14 +435,62 @@ class _Pack:
                 grad = torch.ops.aten.sigmoid_backward(grad, kept)
             else:
                 grad = torch.ops.aten.elu_backward(grad, 1.0, 1, 1, False, kept)
-        weight_grads.reverse()
-        bias_grads.reverse()
+            if self.batch_norm:
+                grad = self._batch_norm_backward(grad, below, normalised[below], gamma_grads, beta_grads)
+        for grads in (weight_grads, bias_grads, gamma_grads, beta_grads):
+            grads.reverse()
         if self.any_l1:
             for g, w in zip(weight_grads, self.weights, strict=True):
                 g.add_(self.l1.view(-1, 1, 1) * w.sign())
-        for t, g in zip([*self.weights, *self.biases], [*weight_grads, *bias_grads], strict=True):
+        for t, g in zip(self.parameters(), [*weight_grads, *bias_grads, *gamma_grads, *beta_grads], strict=True):
             t.grad = g
         return losses
+
+    def _batch_norm_by_hand(
+        self, z: torch.Tensor, layer: int, normalised: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """:meth:`_batch_norm` in training, keeping what its derivative needs."""
+        k, rows, width = z.shape
+        flat = z.transpose(0, 1).reshape(rows, k * width)
+        out, mean, inverse_std = torch.ops.aten.native_batch_norm(
+            flat,
+            self.gammas[layer].view(k * width),
+            self.betas[layer].view(k * width),
+            self.running_means[layer].view(k * width),
+            self.running_vars[layer].view(k * width),
+            True,
+            _BN_MOMENTUM,
+            _BN_EPS,
+        )
+        normalised.append((flat, mean, inverse_std))
+        return out.view(rows, k, width).transpose(0, 1)
+
+    def _batch_norm_backward(
+        self,
+        grad: torch.Tensor,
+        layer: int,
+        normalised: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        gamma_grads: list[torch.Tensor],
+        beta_grads: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The gradient before a layer's batch norm, from the one after it; its gamma's and beta's appended."""
+        k, rows, width = grad.shape
+        flat, mean, inverse_std = normalised
+        grad_in, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad.transpose(0, 1).reshape(rows, k * width),
+            flat,
+            self.gammas[layer].view(k * width),
+            self.running_means[layer].view(k * width),
+            self.running_vars[layer].view(k * width),
+            mean,
+            inverse_std,
+            True,
+            _BN_EPS,
+            [True, True, True],
+        )
+        gamma_grads.append(grad_gamma.view(k, 1, width))
+        beta_grads.append(grad_beta.view(k, 1, width))
+        return grad_in.view(rows, k, width).transpose(0, 1)
 
     def _loss_gradient(
         self, logits: torch.Tensor, y: torch.Tensor, config: FitConfig, pos_weight: torch.Tensor | None
