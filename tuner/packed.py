@@ -569,10 +569,6 @@ class _Pack:
                 torch.ge(draw, cut - _DROPOUT_LEVELS // 2, out=kept)
                 kept.mul_(_DROPOUT_LEVELS / (_DROPOUT_LEVELS - cut))
 
-    def l1_norms(self) -> torch.Tensor:
-        """(K,) each member's sum of absolute weights (padded weights are zero and add nothing)."""
-        return torch.stack([w.abs().sum(dim=(1, 2)) for w in self.weights]).sum(dim=0)
-
     # ----------------------------------------------------------------------------------------------------------
     # Optimizer
 
