@@ -273,6 +273,7 @@ class _Pack:
         self.dropout_chunk = max(1, _DROPOUT_ROWS_AHEAD // self.batch_size)
         self._dropout_masks: list[torch.Tensor] = []
         self._dropout_step = self.dropout_chunk  # refill on the first step
+        self.step_masks: list[torch.Tensor] = []  # this step's (K, batch, width) mask per hidden layer
 
     # ----------------------------------------------------------------------------------------------------------
     # Parameters
@@ -306,6 +307,7 @@ class _Pack:
         self.unit_masks = [pick(t) for t in self.unit_masks]
         self.unit_counts = [pick(t) for t in self.unit_counts]
         self._dropout_masks = [t.index_select(1, index) for t in self._dropout_masks]
+        self.step_masks = [t[self._dropout_step] for t in self._dropout_masks]
         for name in ("models", "shuffles", "dropout_streams", "widths_of", "dropout", "settings"):
             values = getattr(self, name)
             setattr(self, name, [values[r] for r in rows])
@@ -356,7 +358,7 @@ class _Pack:
             if watch is not None:
                 watch.append(h.detach())
             if training and self.any_dropout:
-                h = h * self._dropout_masks[layer][self._dropout_step][:, : h.shape[1]]
+                h = h * self.step_masks[layer][:, : h.shape[1]]
         return torch.baddbmm(self.biases[-1], h, self.weights[-1])
 
     @torch.no_grad()
@@ -377,7 +379,9 @@ class _Pack:
         tuner.train.fit.
         """
         rows = x.shape[1]
-        dropout = self.any_dropout
+        masks = self.step_masks if self.any_dropout else []
+        if masks and rows < self.batch_size:
+            masks = [m[:, :rows] for m in masks]
         inputs = [x]  # each linear layer's input, for its weight gradient
         saved: list[torch.Tensor] = []  # what each activation's derivative is computed from
         normalised: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # batch norm's input, mean, 1/std
@@ -387,7 +391,7 @@ class _Pack:
                 z = self._batch_norm_by_hand(torch.bmm(h, self.weights[layer]), layer, normalised)
             else:
                 z = torch.baddbmm(self.biases[layer], h, self.weights[layer])
-            mask = self._dropout_masks[layer][self._dropout_step][:, :rows] if dropout else None
+            mask = masks[layer] if masks else None
             if self.activation == "relu":
                 # ReLU's derivative is read from its output; after dropout that output is still positive exactly
                 # where the unit was kept and active, so one tensor serves both, updated in place.
@@ -423,8 +427,8 @@ class _Pack:
                 break
             below = layer - 1
             grad = torch.bmm(grad, self.weights[layer].transpose(1, 2))
-            if dropout:
-                grad.mul_(self._dropout_masks[below][self._dropout_step][:, :rows])
+            if masks:
+                grad.mul_(masks[below])
             kept = saved[below]
             if self.activation == "relu":
                 grad = torch.ops.aten.threshold_backward(grad, kept, 0)
@@ -543,9 +547,12 @@ class _Pack:
         if not self.any_dropout:
             return
         self._dropout_step += 1
-        if self._dropout_step < self.dropout_chunk:
-            return
-        self._dropout_step = 0
+        if self._dropout_step >= self.dropout_chunk:
+            self._dropout_step = 0
+            self._draw_dropout()
+        self.step_masks = [t[self._dropout_step] for t in self._dropout_masks]
+
+    def _draw_dropout(self) -> None:
         k, b, s = len(self.models), self.batch_size, self.dropout_chunk
         if not self._dropout_masks:
             # Ones where a member drops nothing and in padded units; refilled in place, a member's own units only.
