@@ -499,26 +499,22 @@ class _Pack:
     def _loss_gradient(
         self, logits: torch.Tensor, y: torch.Tensor, config: FitConfig, pos_weight: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K,) mean losses and the gradient of their sum with respect to the logits."""
-        rows = logits.shape[1]
+        """(K,) mean losses and the gradient of their sum with respect to the logits, to the last bit autograd's
+        (so that trials recorded before the gradients were computed by hand replay exactly)."""
+        per_row = 1.0 / logits.shape[1]
         task = config.task
         if task == "binary":
             losses = _losses(logits, y, config, pos_weight, self)
-            # d/dz of BCE with logits: (pw * y + 1 - y) * sigmoid(z) - pw * y; with pw = 1, sigmoid(z) - y.
-            probs = torch.sigmoid(logits)
+            # The formula of torch's kernel in its order; the mean's derivative is a product with 1 / rows.
             target = y.unsqueeze(-1)
             if pos_weight is None:
-                grad = probs.sub_(target)
+                grad = torch.sigmoid(logits).sub_(target)
             else:
                 weighted = pos_weight * target
-                grad = (weighted + 1 - target).mul_(probs).sub_(weighted)
-            return losses, grad.div_(rows)
-        if task == "multiclass":
-            losses = _losses(logits, y, config, pos_weight, self)
-            grad = torch.softmax(logits, dim=-1)
-            grad.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(grad[..., :1], -1.0))
-            return losses, grad.div_(rows)
-        # Other tasks' losses (multilabel, regression) are differentiated by autograd, on the logits alone.
+                grad = (weighted + 1).sub_(target).mul_(torch.sigmoid(logits)).sub_(weighted)
+            return losses, grad.mul_(per_row)
+        # Other tasks' losses (multiclass, multilabel, regression) are differentiated by autograd, on the logits
+        # alone: a small graph, where the formulas written out differ from its fused kernels in the last bit.
         with torch.enable_grad():
             leaf = logits.detach().requires_grad_()
             losses = _losses(leaf, y, config, pos_weight, self)
