@@ -204,8 +204,8 @@ class _Pack:
                 linear = _linears(model)[layer]
                 w[slot, : linear.in_features, : linear.out_features] = linear.weight.detach().T
                 b[slot, 0, : linear.out_features] = linear.bias.detach()
-            self.weights.append(w.to(device).requires_grad_())
-            self.biases.append(b.to(device).requires_grad_())
+            self.weights.append(w.to(device))
+            self.biases.append(b.to(device))
         self.gammas: list[torch.Tensor] = []
         self.betas: list[torch.Tensor] = []
         self.running_means: list[torch.Tensor] = []
@@ -216,8 +216,8 @@ class _Pack:
                 gamma = torch.zeros(k, 1, widths[layer])
                 for slot, m in enumerate(members):
                     gamma[slot, 0, : m.params.widths[layer]] = 1.0
-                self.gammas.append(gamma.to(device).requires_grad_())
-                self.betas.append(torch.zeros(k, 1, widths[layer], device=device).requires_grad_())
+                self.gammas.append(gamma.to(device))
+                self.betas.append(torch.zeros(k, 1, widths[layer], device=device))
                 self.running_means.append(torch.zeros(k, 1, widths[layer], device=device))
                 self.running_vars.append(gamma.detach().clone().to(device))
         self.bn_steps = 0
@@ -239,7 +239,8 @@ class _Pack:
             for x in p
         ]
         self.fused = device.type in _FUSED_DEVICES
-        # Per member: views of its rows of the parameters and of each optimizer state (made once per pack shape).
+        # Per member: views of its rows of the parameters, their gradients and each optimizer state (made once per
+        # pack shape).
         self._row_views: list[list[list[torch.Tensor]]] | None = None
         self._step_count = torch.zeros((), dtype=torch.float32, device=device)
         self.clip = column([x.max_grad_norm if x.max_grad_norm is not None else math.inf for x in p]).view(k)
@@ -264,6 +265,8 @@ class _Pack:
             name: [torch.zeros_like(t) for t in self.parameters()]
             for name in (("momentum_buffer",) if self.family == "sgd" else ("exp_avg", "exp_avg_sq"))
         }
+        # Each parameter's gradient, in the order of parameters(): written over by every gradients() call.
+        self.grads = [torch.zeros_like(t) for t in self.parameters()]
         self.steps = 0
         self.shuffles = [torch.Generator(device=device).manual_seed(m.seed) for m in members]
         self.dropout_streams = [
@@ -291,13 +294,11 @@ class _Pack:
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t.index_select(0, index)
 
-        def pick_leaf(t: torch.Tensor) -> torch.Tensor:
-            return pick(t.detach()).requires_grad_()
-
-        self.weights = [pick_leaf(t) for t in self.weights]
-        self.biases = [pick_leaf(t) for t in self.biases]
-        self.gammas = [pick_leaf(t) for t in self.gammas]
-        self.betas = [pick_leaf(t) for t in self.betas]
+        self.weights = [pick(t) for t in self.weights]
+        self.biases = [pick(t) for t in self.biases]
+        self.gammas = [pick(t) for t in self.gammas]
+        self.betas = [pick(t) for t in self.betas]
+        self.grads = [pick(t) for t in self.grads]
         self.running_means = [pick(t) for t in self.running_means]
         self.running_vars = [pick(t) for t in self.running_vars]
         self.state = {name: [pick(t) for t in ts] for name, ts in self.state.items()}
@@ -370,7 +371,7 @@ class _Pack:
         pos_weight: torch.Tensor | None,
         watch: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One training step's (K,) mean losses for inputs (K, rows, n_in); each parameter's ``grad`` set.
+        """One training step's (K,) mean losses for inputs (K, rows, n_in); :attr:`grads` set.
 
         The gradients are autograd's, computed by hand: each layer's derivative written out as the operators
         autograd would record for :meth:`forward` (``threshold_backward`` for ReLU, ``native_batch_norm_backward``
@@ -415,14 +416,16 @@ class _Pack:
             inputs.append(h)
         logits = torch.baddbmm(self.biases[-1], h, self.weights[-1])
         losses, grad = self._loss_gradient(logits, y, config, pos_weight)
-        weight_grads: list[torch.Tensor] = []
-        bias_grads: list[torch.Tensor] = []
-        gamma_grads: list[torch.Tensor] = []
-        beta_grads: list[torch.Tensor] = []
+        # Written into the gradient buffers, whose rows the optimizer's kernels take as they are.
+        n_weights, n_biases = len(self.weights), 1 if self.batch_norm else len(self.biases)
+        weight_grads = self.grads[:n_weights]
+        bias_grads = self.grads[n_weights : n_weights + n_biases]
+        gamma_grads = self.grads[n_weights + n_biases : n_weights + n_biases + len(self.gammas)]
+        beta_grads = self.grads[n_weights + n_biases + len(self.gammas) :]
         for layer in range(self.depth, -1, -1):
-            weight_grads.append(torch.bmm(inputs[layer].transpose(1, 2), grad))
-            if layer == self.depth or not self.batch_norm:
-                bias_grads.append(grad.sum(dim=1, keepdim=True))
+            torch.bmm(inputs[layer].transpose(1, 2), grad, out=weight_grads[layer])
+            if not self.batch_norm or layer == self.depth:
+                torch.sum(grad, dim=1, keepdim=True, out=bias_grads[layer if not self.batch_norm else 0])
             if layer == 0:
                 break
             below = layer - 1
@@ -440,14 +443,10 @@ class _Pack:
             else:
                 grad = torch.ops.aten.elu_backward(grad, 1.0, 1, 1, False, kept)
             if self.batch_norm:
-                grad = self._batch_norm_backward(grad, below, normalised[below], gamma_grads, beta_grads)
-        for grads in (weight_grads, bias_grads, gamma_grads, beta_grads):
-            grads.reverse()
+                grad = self._batch_norm_backward(grad, below, normalised[below], gamma_grads[below], beta_grads[below])
         if self.any_l1:
             for g, w in zip(weight_grads, self.weights, strict=True):
                 g.add_(self.l1.view(-1, 1, 1) * w.sign())
-        for t, g in zip(self.parameters(), [*weight_grads, *bias_grads, *gamma_grads, *beta_grads], strict=True):
-            t.grad = g
         return losses
 
     def _batch_norm_by_hand(
@@ -474,10 +473,10 @@ class _Pack:
         grad: torch.Tensor,
         layer: int,
         normalised: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        gamma_grads: list[torch.Tensor],
-        beta_grads: list[torch.Tensor],
+        gamma_grad: torch.Tensor,
+        beta_grad: torch.Tensor,
     ) -> torch.Tensor:
-        """The gradient before a layer's batch norm, from the one after it; its gamma's and beta's appended."""
+        """The gradient before a layer's batch norm, from the one after it; its gamma's and beta's written."""
         k, rows, width = grad.shape
         flat, mean, inverse_std = normalised
         grad_in, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
@@ -492,8 +491,8 @@ class _Pack:
             _BN_EPS,
             [True, True, True],
         )
-        gamma_grads.append(grad_gamma.view(k, 1, width))
-        beta_grads.append(grad_beta.view(k, 1, width))
+        gamma_grad.copy_(grad_gamma.view(k, 1, width))
+        beta_grad.copy_(grad_beta.view(k, 1, width))
         return grad_in.view(rows, k, width).transpose(0, 1)
 
     def _loss_gradient(
@@ -580,7 +579,7 @@ class _Pack:
         """Scale each member's gradients so that their total norm is at most its ``max_grad_norm``."""
         if not self.any_clip:
             return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        grads = self.grads
         total = torch.sqrt(torch.stack([g.pow(2).flatten(1).sum(dim=1) for g in grads]).sum(dim=0))
         coef = (self.clip / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
@@ -589,8 +588,7 @@ class _Pack:
     @torch.no_grad()
     def step(self) -> None:
         """One update of every member, each with its own hyperparameters (torch.optim's formulas)."""
-        params = self.parameters()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        params, grads = self.parameters(), self.grads
         self.steps += 1
         if self.batch_norm:
             self.bn_steps += 1
@@ -628,8 +626,6 @@ class _Pack:
             change = torch._foreach_mul(exp_avg, [lr / correction1] * n)
             torch._foreach_div_(change, denom)
             torch._foreach_sub_(params, change)
-        for p in params:
-            p.grad = None
 
     def _fused_step(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """The update with torch's fused SGD / Adam / AdamW kernels: one pass over each member's tensors, where
@@ -637,16 +633,14 @@ class _Pack:
         CPU). The kernels take scalar hyperparameters, hence one call per member, on views of its rows; the
         result agrees with the ``_foreach`` version to rounding (the tests compare five steps' weights and states)."""
         if self._row_views is None:
-            tensors = [params, *self.state.values()]
+            tensors = [params, grads, *self.state.values()]
             self._row_views = [[[t[row] for t in ts] for ts in tensors] for row in range(len(self.settings))]
-        # Each member's rows of the gradients: one unbind per tensor, not one indexing per member and tensor.
-        grad_rows = list(zip(*(g.unbind(0) for g in grads), strict=True))
         if self.family == "sgd":
             for row, (lr, momentum, decay, nesterov) in enumerate(self.settings):
-                member_params, buffers = self._row_views[row]
+                member_params, member_grads, buffers = self._row_views[row]
                 torch._fused_sgd_(
                     member_params,
-                    list(grad_rows[row]),
+                    member_grads,
                     # Zero buffers make the first step's momentum the gradient itself, as torch.optim.SGD's does.
                     buffers if momentum > 0 else [],
                     weight_decay=decay,
@@ -661,11 +655,11 @@ class _Pack:
         self._step_count.fill_(self.steps)
         steps = [self._step_count] * len(params)
         for row, (lr, beta1, decay, decoupled) in enumerate(self.settings):
-            member_params, exp_avg, exp_avg_sq = self._row_views[row]
+            member_params, member_grads, exp_avg, exp_avg_sq = self._row_views[row]
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
             kernel(
                 member_params,
-                list(grad_rows[row]),
+                member_grads,
                 exp_avg,
                 exp_avg_sq,
                 [],
@@ -685,11 +679,7 @@ class _Pack:
     @torch.no_grad()
     def grad_norms(self) -> torch.Tensor:
         """(K, layers): the norm of each layer's weight gradient as the update will apply it."""
-        norms = [
-            torch.linalg.vector_norm(w.grad, dim=(1, 2)) if w.grad is not None else w.new_zeros(w.shape[0])
-            for w in self.weights
-        ]
-        return torch.stack(norms, dim=1)
+        return torch.stack([torch.linalg.vector_norm(g, dim=(1, 2)) for g in self.grads[: len(self.weights)]], dim=1)
 
     @torch.no_grad()
     def activation_stats(self, watched: list[torch.Tensor]) -> torch.Tensor | None:
