@@ -18,6 +18,10 @@ engine gives it alone (``fit_pack`` with one member) with the same seed; the tes
 A trial whose loss or gradients turn non-finite, or explode, fails alone; a trial that stops (early stopping,
 pruning, failure) leaves the pack, which shrinks and goes on with the others.
 
+The gradients are computed by hand (:meth:`_Pack.gradients`): the operators autograd would record for
+:meth:`_Pack.forward`, called directly, without recording a graph; on the CPU the results are autograd's to
+the last bit.
+
 This module imports neither optuna nor mlflow.
 """
 
