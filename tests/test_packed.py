@@ -582,3 +582,46 @@ def test_the_gradients_computed_by_hand_are_autograds(activation, batch_norm, ta
     # Dropout and the L1 penalty are in play: the first member's gradients are not the second one's kind.
     assert bool((pack._dropout_masks[0][pack._dropout_step][0, :, :16] == 0).any())
     assert float(by_hand[0][1].abs().sum()) > 0
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [{}, {"activation": "tanh", "batch_norm": True, "optimizer": "nesterov"}, {"activation": "sigmoid", "l1": 1e-3}],
+    ids=["relu-adam", "tanh-batch_norm-nesterov", "sigmoid-l1"],
+)
+def test_a_fit_with_gradients_by_hand_is_the_fit_with_autograds(shared, monkeypatch):
+    # Trials recorded when a pack's gradients came from autograd replay to the same numbers.
+    import tuner.packed as packed_mod
+
+    def with_autograd(pack, x, y, config, pos_weight, watch=None):
+        tensors = pack.parameters()
+        for t in tensors:
+            t.requires_grad_()
+        with torch.enable_grad():
+            losses = packed_mod._losses(pack.forward(x, training=True, watch=watch), y, config, pos_weight, pack)
+            penalty = sum(w.abs().sum(dim=(1, 2)) for w in pack.weights) * pack.l1
+            grads = torch.autograd.grad((losses.sum() + penalty.sum()), tensors)
+        for t, buffer, g in zip(tensors, pack.grads, grads, strict=True):
+            t.requires_grad_(False)
+            buffer.copy_(g)
+        return losses.detach()
+
+    train, validation = toy_parts(device=DEVICE)
+    # A batch of 48 rows: 1 / 48 is inexact, so a mean's derivative taken another way would show.
+    trials = varied(**shared, batch_size=48)
+    fits = {}
+    for how in ("by hand", "autograd"):
+        if how == "autograd":
+            monkeypatch.setattr(packed_mod._Pack, "gradients", with_autograd)
+        members = [PackMember(p, 10 + i) for i, p in enumerate(trials)]
+        fits[how] = fit_pack(members, train, validation, CONFIG, n_out=1)
+    for got, want in zip(fits["by hand"], fits["autograd"], strict=True):
+        if DEVICE.type == "cpu":
+            assert got.result.history == want.result.history
+        else:
+            assert histories_close(got.result.history, want.result.history) <= TOLERANCE
+        for key, value in want.result.state_dict.items():
+            torch.testing.assert_close(
+                got.result.state_dict[key], value, **({"rtol": 0, "atol": 0} if DEVICE.type == "cpu" else {})
+            )
+    assert len(fits["by hand"][0].result.history) > 1
