@@ -110,6 +110,17 @@ def test_wilson_published_values(k: int, n: int, low: float, high: float) -> Non
     assert ci.high == pytest.approx(ref_high, abs=1e-12)
 
 
+def test_wilson_is_scipys_to_the_last_bit() -> None:
+    from scipy.stats import binomtest
+
+    for n in (1, 2, 7, 40, 170, 263, 1000, 100_000):
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            for confidence in (0.68, 0.9, 0.95, 0.99):
+                want = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+                ci = wilson_interval(k, n, confidence)
+                assert (ci.low, ci.high) == (want.low, want.high), (k, n, confidence)
+
+
 def test_wilson_other_confidence_and_edges() -> None:
     z90 = 1.6448536269514722
     ref = wilson_closed_form(3, 40, z=z90)
@@ -325,6 +336,20 @@ def test_auc_equals_sklearns_with_and_without_tied_scores() -> None:
     y = rng.random(3000) < 0.05
     for scores in (rng.random(3000) + 0.2 * y, np.round(rng.random(3000) + 0.2 * y, 2)):  # the second: many ties
         assert roc_auc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+
+
+def test_ap_is_sklearns_to_the_last_bit_with_and_without_tied_scores() -> None:
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(5)
+    for size, rate in [(3000, 0.05), (200, 0.3), (17, 0.5)]:
+        y = rng.random(size) < rate
+        y[:2] = [True, False]
+        for scores in (rng.random(size) + 0.2 * y, np.round(rng.random(size) + 0.2 * y, 2)):  # the second: ties
+            assert average_precision(y, scores) == float(average_precision_score(y, scores))
+            assert average_precision(y.astype(int), scores.astype(np.float32)) == float(
+                average_precision_score(y.astype(int), scores.astype(np.float32))
+            )
 
 
 @pytest.mark.parametrize("labels", [[1, 1, 1], [0, 0, 0], [True, True, True]])
