@@ -379,9 +379,9 @@ class _Pack:
 
         The gradients are autograd's, computed by hand: each layer's derivative written out as the operators
         autograd would record for :meth:`forward` (``threshold_backward`` for ReLU, ``native_batch_norm_backward``
-        and so on), without recording them. Recording the graph and running autograd's engine cost a sixth to a
-        third of a small pack's step. The L1 penalty trains the weights but stays out of the reported loss, as in
-        tuner.train.fit.
+        and so on), without recording them. Recording the graph and running autograd's engine cost a sixth to two
+        fifths of a small pack's forward and backward (bench/bench_gradients.py). The L1 penalty trains the weights
+        but stays out of the reported loss, as in tuner.train.fit.
         """
         rows = x.shape[1]
         masks = self.step_masks if self.any_dropout else []
