@@ -459,15 +459,9 @@ class _Pack:
         """:meth:`_batch_norm` in training, keeping what its derivative needs."""
         k, rows, width = z.shape
         flat = z.transpose(0, 1).reshape(rows, k * width)
+        gamma, beta, running_mean, running_var = self._batch_norm_tensors(layer)
         out, mean, inverse_std = torch.ops.aten.native_batch_norm(
-            flat,
-            self.gammas[layer].view(k * width),
-            self.betas[layer].view(k * width),
-            self.running_means[layer].view(k * width),
-            self.running_vars[layer].view(k * width),
-            True,
-            _BN_MOMENTUM,
-            _BN_EPS,
+            flat, gamma, beta, running_mean, running_var, True, _BN_MOMENTUM, _BN_EPS
         )
         normalised.append((flat, mean, inverse_std))
         return out.view(rows, k, width).transpose(0, 1)
@@ -483,12 +477,13 @@ class _Pack:
         """The gradient before a layer's batch norm, from the one after it; its gamma's and beta's written."""
         k, rows, width = grad.shape
         flat, mean, inverse_std = normalised
+        gamma, _, running_mean, running_var = self._batch_norm_tensors(layer)
         grad_in, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
             grad.transpose(0, 1).reshape(rows, k * width),
             flat,
-            self.gammas[layer].view(k * width),
-            self.running_means[layer].view(k * width),
-            self.running_vars[layer].view(k * width),
+            gamma,
+            running_mean,
+            running_var,
             mean,
             inverse_std,
             True,
@@ -529,17 +524,20 @@ class _Pack:
         # normalises each unit of each member over the rows and updates the running statistics in place.
         k, rows, width = z.shape
         flat = z.transpose(0, 1).reshape(rows, k * width)
+        gamma, beta, running_mean, running_var = self._batch_norm_tensors(layer)
         out = F.batch_norm(
-            flat,
-            self.running_means[layer].view(k * width),
-            self.running_vars[layer].view(k * width),
-            self.gammas[layer].view(k * width),
-            self.betas[layer].view(k * width),
-            training=training,
-            momentum=_BN_MOMENTUM,
-            eps=_BN_EPS,
+            flat, running_mean, running_var, gamma, beta, training=training, momentum=_BN_MOMENTUM, eps=_BN_EPS
         )
         return out.view(rows, k, width).transpose(0, 1)
+
+    def _batch_norm_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's gamma, beta, running mean and running variance, every member's units in one row (views)."""
+        return (
+            self.gammas[layer].view(-1),
+            self.betas[layer].view(-1),
+            self.running_means[layer].view(-1),
+            self.running_vars[layer].view(-1),
+        )
 
     def next_dropout(self) -> None:
         """Advance to the next step's dropout masks, drawing the next chunk from each member's own stream."""
