@@ -56,11 +56,14 @@ def make_pack(widths: Sequence[tuple[int, ...]], batch_norm: bool, device: torch
     return packed._Pack(members, 5, 1, device)
 
 
-def per_step(step: Callable[[], object], steps: int) -> float:
+def per_step(step: Callable[[], object], steps: int, device: torch.device) -> float:
     step()  # first-call allocations
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     started = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()  # a GPU's queued kernels are part of the time
     return (time.perf_counter() - started) / steps * 1e6
 
 
@@ -98,11 +101,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             hand, auto = [], []
             for _ in range(args.repeats):
-                hand.append(per_step(by_hand, args.steps))
+                hand.append(per_step(by_hand, args.steps, device))
                 # autograd's side: the parameters as leaves that require gradients, as a torch.nn model's are
                 for t in tensors:
                     t.requires_grad_()
-                auto.append(per_step(with_autograd, args.steps))
+                auto.append(per_step(with_autograd, args.steps, device))
                 for t in tensors:
                     t.requires_grad_(False)
                     t.grad = None
