@@ -287,8 +287,69 @@ def test_a_packed_study_runs_its_exact_budget_and_each_trial_is_its_own_run(pack
 def test_a_packed_trial_replays_alone_to_its_recorded_value(packed_study):
     study = packed_study["study"]
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    replay = replay_trial(study, packed_study["spec"], complete[-1].number, dataset=packed_study["dataset"])
-    assert replay.matches, replay.summary()
+    # A trial that trained beside others records how; this study's packs hold some.
+    packed = [t for t in complete if "packed_with" in t.user_attrs]
+    assert packed and all(t.user_attrs["packed_with"]["layout"][0][1] > 1 for t in packed), [
+        t.user_attrs.get("packed_with") for t in complete
+    ]
+    for trial in complete:
+        replay = replay_trial(study, packed_study["spec"], trial.number, dataset=packed_study["dataset"])
+        assert replay.matches, replay.summary()
+        if DEVICE.type == "cpu":
+            assert replay.replayed == replay.recorded, replay.summary()
+        # A packed trial is replayed as it trained (fit_as_packed, whose exactness the next test checks).
+        assert any("trained in a pack" in note for note in replay.notes) == (trial in packed)
+
+
+class EndAt:
+    """Ends its member at the end of the given epoch, as pruning would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == self.epoch:
+            raise optuna.TrialPruned(f"ended at epoch {epoch}")
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [{}, {"activation": "tanh", "batch_norm": True}, {"activation": "elu", "batch_size": 48, "optimizer": "adamw"}],
+    ids=["relu-adam", "tanh-batch_norm", "elu-48-adamw"],
+)
+def test_a_member_trained_as_packed_has_the_numbers_it_had_in_its_pack(shared):
+    from tuner.packed import PackedWith, fit_as_packed
+
+    train, validation = toy_parts(device=DEVICE)
+    trials = [*varied(**shared), *varied(**shared)[:2]]
+    ends = [[EndAt(1)], [EndAt(4)], [], [EndAt(4)], []]
+    config = FitConfig(max_epochs=8, patience=20)
+    packed = fit_pack(
+        [PackMember(p, 10 + i, ends[i]) for i, p in enumerate(trials)], train, validation, config, n_out=1
+    )
+    # The pack as each member saw it: five, four from epoch 2, two (members 2 and 4) from epoch 5, and its row.
+    assert packed[0].packed_with == PackedWith((32, 24), ((0, 5, 0),))
+    assert packed[4].packed_with == PackedWith((32, 24), ((0, 5, 4), (2, 4, 3), (5, 2, 1)))
+    assert packed[4].packed_with.departures() == ([2, 5, 5, None], [])
+    assert packed[2].packed_with.departures() == ([2, 5], [5, None])
+    assert PackedWith.from_record(packed[4].packed_with.as_record()) == packed[4].packed_with
+    for i, p in enumerate(trials):
+        replayed = fit_as_packed(
+            PackMember(p, 10 + i, ends[i]), packed[i].packed_with, train, validation, config, n_out=1
+        )
+        got, want = replayed.result, packed[i].result
+        assert len(got.history) == len(want.history) == {0: 2, 1: 5, 3: 5}.get(i, 8)
+        # Losses and weights to the last bit on the CPU; the health statistics, reductions over the whole pack, to
+        # rounding (their pack mates' numbers differ from the twins').
+        exact = 0.0 if DEVICE.type == "cpu" else TOLERANCE
+        for g, w in zip(got.history, want.history, strict=True):
+            assert abs(g["train_loss"] - w["train_loss"]) <= exact and abs(g["val_loss"] - w["val_loss"]) <= exact
+        assert histories_close(got.history, want.history) <= TOLERANCE
+        for key, value in want.state_dict.items():
+            torch.testing.assert_close(got.state_dict[key], value, rtol=0.0, atol=exact)
+    # A pack of one records nothing: alone is how it trained.
+    (alone,) = fit_pack([PackMember(trials[0], 10)], train, validation, config, n_out=1)
+    assert alone.packed_with is None
 
 
 def test_the_eager_engine_remains_selectable_and_replays_its_own_trials(tmp_path):

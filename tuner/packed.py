@@ -167,6 +167,41 @@ class PackOutcome:
     result: FitResult
     model: nn.Sequential
     error: Exception | None = None
+    packed_with: PackedWith | None = None
+
+
+@dataclass(frozen=True)
+class PackedWith:
+    """How a member trained beside others, which :func:`fit_as_packed` needs to train it alone to the same numbers.
+
+    ``widths`` are the pack's padded hidden widths; ``layout`` the pack as the member saw it, as (first epoch,
+    members, the member's row) triples: ``((0, 8, 5), (3, 5, 2))`` is eight members with this one sixth for
+    epochs 0-2, then five with it third.
+    """
+
+    widths: tuple[int, ...]
+    layout: tuple[tuple[int, int, int], ...]
+
+    def as_record(self) -> dict[str, Any]:
+        return {"widths": list(self.widths), "layout": [list(phase) for phase in self.layout]}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> PackedWith:
+        return cls(
+            tuple(int(w) for w in record["widths"]),
+            tuple((int(epoch), int(members), int(row)) for epoch, members, row in record["layout"]),
+        )
+
+    def departures(self) -> tuple[list[int | None], list[int | None]]:
+        """For each of the other members, before and after this one's row, the epoch before which it left (None:
+        it stayed to the end)."""
+        before: list[int | None] = []
+        after: list[int | None] = []
+        for (_, members, row), (epoch, now_members, now_row) in itertools.pairwise(self.layout):
+            before += [epoch] * (row - now_row)
+            after += [epoch] * (members - now_members - (row - now_row))
+        _, members, row = self.layout[-1]
+        return before + [None] * row, after + [None] * (members - row - 1)
 
 
 @dataclass
@@ -179,12 +214,21 @@ class _Slot:
     result: FitResult = field(default_factory=FitResult)
     best: dict[str, torch.Tensor] | None = None
     error: Exception | None = None
+    padded: tuple[int, ...] | None = None  # the pack's widths, when it started with others
+    layout: list[tuple[int, int, int]] = field(default_factory=list)  # see PackedWith
 
 
 class _Pack:
     """The stacked parameters, optimizer state and random streams of the members still training."""
 
-    def __init__(self, members: Sequence[PackMember], n_in: int, n_out: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        members: Sequence[PackMember],
+        n_in: int,
+        n_out: int,
+        device: torch.device,
+        pad_to: Sequence[int] | None = None,
+    ) -> None:
         first = members[0].params
         self.depth = first.n_layers
         self.activation = first.activation
@@ -195,6 +239,8 @@ class _Pack:
         self.device = device
         k = len(members)
         widths = [max(m.params.widths[i] for m in members) for i in range(self.depth)]
+        if pad_to is not None:
+            widths = [max(w, p) for w, p in zip(widths, pad_to, strict=True)]
         self.dims = [n_in, *widths, n_out]
         self.models = [
             build_mlp(n_in, m.params, n_out, generator=torch.Generator().manual_seed(m.seed)) for m in members
@@ -727,6 +773,7 @@ def fit_pack(
     n_out: int,
     score_validation: Callable[[np.ndarray], dict[str, float]] | None = None,
     hand_off: Callable[[Sequence[Callable[[], None]]], None] = run_in_order,
+    pad_to: Sequence[int] | None = None,
 ) -> list[PackOutcome]:
     """Train several trials of one :func:`pack_key` together; each ends on its own.
 
@@ -755,7 +802,7 @@ def fit_pack(
     if len(keys) > 1:
         raise ValueError(f"trials of different shapes cannot share a pack: {sorted(map(str, keys))}")
     device = train.x.device
-    pack = _Pack(members, train.x.shape[1], n_out, device)
+    pack = _Pack(members, train.x.shape[1], n_out, device, pad_to)
     slots = [
         _Slot(
             member=m,
@@ -766,6 +813,10 @@ def fit_pack(
         )
         for i, m in enumerate(members)
     ]
+    if len(members) > 1:
+        for row, slot in enumerate(slots):
+            slot.padded = tuple(pack.dims[1:-1])
+            slot.layout.append((0, len(members), row))
     active = list(slots)
     pos_weight = None if config.pos_weight is None else torch.tensor(config.pos_weight, device=device)
     # The binary and multilabel losses take float targets: converted once here, not at every step.
@@ -848,6 +899,9 @@ def fit_pack(
             active = [active[r] for r in stay]
             if not active:
                 break
+            for row, slot in enumerate(active):
+                if slot.padded is not None:
+                    slot.layout.append((epoch + 1, len(active), row))
             pack.keep(stay)
     for slot in active:
         slot.result.stop_reason = f"max_epochs reached ({config.max_epochs})"
@@ -856,7 +910,55 @@ def fit_pack(
 
 
 def _outcome(slot: _Slot, device: torch.device) -> PackOutcome:
-    return PackOutcome(result=slot.result, model=slot.model.to(device), error=slot.error)
+    packed_with = None if slot.padded is None else PackedWith(slot.padded, tuple(slot.layout))
+    return PackOutcome(result=slot.result, model=slot.model.to(device), error=slot.error, packed_with=packed_with)
+
+
+class _LeaveAt:
+    """A callback that ends its member at the end of the epoch before ``epoch``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch + 1 >= self.epoch:
+            raise RuntimeError(f"left the pack before epoch {self.epoch}")
+
+
+def fit_as_packed(
+    member: PackMember,
+    packed_with: PackedWith,
+    train: Part,
+    validation: Part,
+    config: FitConfig,
+    *,
+    n_out: int,
+    score_validation: Callable[[np.ndarray], dict[str, float]] | None = None,
+) -> PackOutcome:
+    """Train one member alone to the numbers it had in its pack (a replay).
+
+    A member's numbers in a pack depend on the others only through the pack's shape: its padded widths, how many
+    models the batched operators compute at once (torch's CPU ``bmm`` of a batch of one takes another kernel for
+    a single output column) and the member's row among them (the matmul kernels' paths follow where each model's
+    rows lie in memory). So the member trains at the pack's widths, in its row, beside copies of itself (its
+    parameters and seed: numbers that follow its own), as many as its pack mates were, each leaving at the
+    epoch one of them left.
+    """
+    before, after = packed_with.departures()
+
+    def twin(epoch: int | None) -> PackMember:
+        return PackMember(member.params, member.seed, [] if epoch is None else [_LeaveAt(epoch)])
+
+    outcome = fit_pack(
+        [*map(twin, before), member, *map(twin, after)],
+        train,
+        validation,
+        config,
+        n_out=n_out,
+        score_validation=score_validation,
+        pad_to=packed_with.widths,
+    )[len(before)]
+    return outcome
 
 
 def _leave(

@@ -48,7 +48,7 @@ from tuner.evaluation import (
 )
 from tuner.health import VERDICTS, Verdict, judge
 from tuner.model import build_mlp
-from tuner.packed import PackMember, fit_pack, pack_key, run_in_order, split_by_cost
+from tuner.packed import PackedWith, PackMember, fit_as_packed, fit_pack, pack_key, run_in_order, split_by_cost
 from tuner.space import OPTIONAL_PARAMS, TrialParams, enqueue_params, max_layers, suggest
 from tuner.tasks import REGRESSION, SINGLE_LABEL
 from tuner.tracking import (
@@ -1024,6 +1024,8 @@ class TrialRun:
     tracking: TrackingCallback
     pruning: PruningCallback | GuardPruningCallback
     artifacts: dict[str, str | bytes]
+    # How it trained beside other trials (set as it leaves its pack), which a replay needs to match it exactly.
+    packed_with: PackedWith | None = None
 
     @property
     def callbacks(self) -> list[Any]:
@@ -1076,18 +1078,24 @@ class Objective:
         self.n_out = dataset.n_out
 
     def train_trial(
-        self, params: TrialParams, seed: int, callbacks: Sequence[Any], engine: str | None = None
+        self,
+        params: TrialParams,
+        seed: int,
+        callbacks: Sequence[Any],
+        engine: str | None = None,
+        packed_with: PackedWith | None = None,
     ) -> tuple[torch.nn.Module, FitResult]:
-        """Build and fit one model with this objective's engine (or ``engine``); also used to replay a trial."""
+        """Build and fit one model with this objective's engine (or ``engine``); also used to replay a trial, one
+        that trained in a pack as it trained there (``packed_with``, see :func:`fit_as_packed`)."""
         if (engine or self.engine) == "packed":
-            (outcome,) = fit_pack(
-                [PackMember(params, seed, callbacks)],
-                self.dataset.train,
-                self.dataset.validation,
-                self.config,
-                n_out=self.n_out,
-                score_validation=self.score_validation,
-            )
+            member = PackMember(params, seed, callbacks)
+            data = (self.dataset.train, self.dataset.validation, self.config)
+            if packed_with is not None:
+                outcome = fit_as_packed(
+                    member, packed_with, *data, n_out=self.n_out, score_validation=self.score_validation
+                )
+            else:
+                (outcome,) = fit_pack([member], *data, n_out=self.n_out, score_validation=self.score_validation)
             if outcome.error is not None:
                 raise outcome.error
             return outcome.model, outcome.result
@@ -1133,8 +1141,13 @@ class Objective:
         outcomes: list[float | list[float] | Exception | None] = [None] * len(runs)
 
         def settle(
-            i: int, model: torch.nn.Module | None, result: FitResult | None, error: BaseException | None
+            i: int,
+            model: torch.nn.Module | None,
+            result: FitResult | None,
+            error: BaseException | None,
+            packed_with: PackedWith | None = None,
         ) -> None:
+            runs[i].packed_with = packed_with
             outcomes[i] = outcome = self._settle(runs[i], model, result, error)
             if on_settled is not None:
                 on_settled(i, outcome)
@@ -1161,7 +1174,9 @@ class Objective:
                         runs[i].params,
                         runs[i].seed,
                         runs[i].callbacks,
-                        on_finish=lambda out, i=i: settle(i, out.model, out.result, out.error),  # type: ignore[misc]
+                        on_finish=lambda out, i=i: settle(  # type: ignore[misc]
+                            i, out.model, out.result, out.error, out.packed_with
+                        ),
                     )
                     for i in rows
                 ]
@@ -1274,6 +1289,8 @@ class Objective:
         final: dict[str, float] = {}
         tags: dict[str, str] = {}
         attrs: dict[str, Any] = {}  # the trial's user attributes, written at once on every path
+        if run.packed_with is not None:
+            attrs["packed_with"] = run.packed_with.as_record()
         if isinstance(run.pruning, GuardPruningCallback) and run.pruning.guard is not None:
             # Stored whatever the trial's end (the median rule reads the complete trials'); a failed write must not
             # hide the error that ended the trial.
@@ -2055,7 +2072,15 @@ def replay_trial(
     replayed: float | None = None
     reason = ""
     with _threads(manifest.get("torch", {}).get("num_threads")):
-        model, result = objective.train_trial(params, seed, [], engine=attrs.get("engine", "eager"))
+        packed_with = PackedWith.from_record(attrs["packed_with"]) if "packed_with" in attrs else None
+        if packed_with is not None:
+            notes.append(
+                f"trial {number} trained in a pack padded to widths {list(packed_with.widths)}: replayed at those "
+                f"widths beside copies of itself, as many as its pack held ({packed_with.layout[0][1]})"
+            )
+        model, result = objective.train_trial(
+            params, seed, [], engine=attrs.get("engine", "eager"), packed_with=packed_with
+        )
         if result.failed:
             reason = result.stop_reason
         else:
