@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import optuna
 import pytest
@@ -683,3 +684,28 @@ def test_a_fit_with_gradients_by_hand_is_the_fit_with_autograds(shared, monkeypa
         for key, value in want.result.state_dict.items():
             torch.testing.assert_close(got.result.state_dict[key], value, rtol=0.0, atol=tolerance)
     assert len(fits["by hand"][0].result.history) > 1
+
+
+def test_a_packed_trial_whose_weights_are_missing_is_exported_retrained_to_the_same_weights(packed_study, tmp_path):
+    from urllib.parse import unquote, urlparse
+
+    from tuner.export import export_trial
+
+    study, spec = packed_study["study"], packed_study["spec"]
+    trial = next(t for t in study.trials if t.state.name == "COMPLETE" and "packed_with" in t.user_attrs)
+    run = MlflowClient(spec.tracking.uri).get_run(trial.user_attrs["mlflow_run_id"])
+    weights = Path(unquote(urlparse(run.info.artifact_uri).path)) / "model" / "state_dict.pt"
+    original = torch.load(weights, weights_only=True)
+    weights.rename(tmp_path / "kept.pt")
+    try:
+        result = export_trial(study, spec, trial_number=trial.number, out=tmp_path / "model", log_to_mlflow=False)
+    finally:
+        (tmp_path / "kept.pt").rename(weights)
+    assert result.retrained
+    retrained = torch.load(result.path / "artifacts" / "state_dict.pt", weights_only=True)
+    assert retrained.keys() == original.keys()
+    for key, value in original.items():
+        if DEVICE.type == "cpu":
+            assert torch.equal(retrained[key], value), key
+        else:
+            torch.testing.assert_close(retrained[key], value, rtol=0.0, atol=TOLERANCE)

@@ -1024,7 +1024,7 @@ def _retrain_folds(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Da
 
 
 def _retrain(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset, why: str) -> _Trained:
-    from tuner.study import Objective, evaluate
+    from tuner.study import Objective, evaluate, trained_as
     from tuner.tracking import NullTracker
 
     params, seed, note = _start_retraining(
@@ -1033,9 +1033,12 @@ def _retrain(trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset,
         f"{why}: retraining trial {trial.number}",
         "it is exported only if the retrained validation objective matches",
     )
-    # The engine that trained the trial (packed or eager) retrains it: each reproduces its own numbers.
-    engine = str(trial.user_attrs.get("engine", "eager"))
-    model, result = Objective(spec, dataset, NullTracker()).train_trial(params, seed, [], engine=engine)
+    # The engine that trained the trial (packed or eager) retrains it, as it was packed: each reproduces its own
+    # numbers.
+    engine, packed_with = trained_as(trial)
+    model, result = Objective(spec, dataset, NullTracker()).train_trial(
+        params, seed, [], engine=engine, packed_with=packed_with
+    )
     if result.failed:
         raise ExportError(f"trial {trial.number}: retraining failed ({result.stop_reason}); not exported")
     ev = evaluate(model, dataset, spec, result)

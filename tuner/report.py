@@ -1203,14 +1203,17 @@ def trial_evidence(
     elif not run_id:
         ev.notes.append("the trial has no MLflow run (tracking was disabled)")
     if model is None and dataset is not None and replay:
-        from tuner.study import Objective
+        from tuner.study import Objective, trained_as
         from tuner.tracking import NullTracker
 
         params = trial_params(trial, spec)
         seed = int(trial.user_attrs.get("seed", spec.study.seed + trial.number))
         if say is not None:
             say(f"replaying trial {trial.number} from seed {seed} for its curves (MLflow holds no model of it) ...")
-        model, result = Objective(spec, dataset, NullTracker()).train_trial(params, seed, [])
+        engine, packed_with = trained_as(trial)
+        model, result = Objective(spec, dataset, NullTracker()).train_trial(
+            params, seed, [], engine=engine, packed_with=packed_with
+        )
         ev.history = ev.history or result.history
         ev.source = f"replayed from seed {seed} on the CPU"
         ev.notes.append(f"model {ev.source}; figures may differ slightly from the recorded trial")

@@ -1998,6 +1998,13 @@ def _threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+def trained_as(trial: optuna.trial.FrozenTrial) -> tuple[str, PackedWith | None]:
+    """The engine that trained a stored trial, and how it was packed (None: alone, or not recorded)."""
+    attrs = trial.user_attrs
+    packed_with = PackedWith.from_record(attrs["packed_with"]) if "packed_with" in attrs else None
+    return str(attrs.get("engine", "eager")), packed_with
+
+
 def replay_trial(
     study: optuna.Study,
     spec: StudySpec,
@@ -2072,15 +2079,13 @@ def replay_trial(
     replayed: float | None = None
     reason = ""
     with _threads(manifest.get("torch", {}).get("num_threads")):
-        packed_with = PackedWith.from_record(attrs["packed_with"]) if "packed_with" in attrs else None
+        engine, packed_with = trained_as(trial)
         if packed_with is not None:
             notes.append(
                 f"trial {number} trained in a pack padded to widths {list(packed_with.widths)}: replayed at those "
                 f"widths beside copies of itself, as many as its pack held ({packed_with.layout[0][1]})"
             )
-        model, result = objective.train_trial(
-            params, seed, [], engine=attrs.get("engine", "eager"), packed_with=packed_with
-        )
+        model, result = objective.train_trial(params, seed, [], engine=engine, packed_with=packed_with)
         if result.failed:
             reason = result.stop_reason
         else:
