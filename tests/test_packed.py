@@ -687,6 +687,7 @@ def test_a_fit_with_gradients_by_hand_is_the_fit_with_autograds(shared, monkeypa
 
 
 def test_a_packed_trial_whose_weights_are_missing_is_exported_retrained_to_the_same_weights(packed_study, tmp_path):
+    import shutil
     from urllib.parse import unquote, urlparse
 
     from tuner.export import export_trial
@@ -696,11 +697,11 @@ def test_a_packed_trial_whose_weights_are_missing_is_exported_retrained_to_the_s
     run = MlflowClient(spec.tracking.uri).get_run(trial.user_attrs["mlflow_run_id"])
     weights = Path(unquote(urlparse(run.info.artifact_uri).path)) / "model" / "state_dict.pt"
     original = torch.load(weights, weights_only=True)
-    weights.rename(tmp_path / "kept.pt")
+    shutil.move(weights, tmp_path / "kept.pt")
     try:
         result = export_trial(study, spec, trial_number=trial.number, out=tmp_path / "model", log_to_mlflow=False)
     finally:
-        (tmp_path / "kept.pt").rename(weights)
+        shutil.move(tmp_path / "kept.pt", weights)
     assert result.retrained
     retrained = torch.load(result.path / "artifacts" / "state_dict.pt", weights_only=True)
     assert retrained.keys() == original.keys()
