@@ -214,8 +214,7 @@ class _Slot:
     result: FitResult = field(default_factory=FitResult)
     best: dict[str, torch.Tensor] | None = None
     error: Exception | None = None
-    padded: tuple[int, ...] | None = None  # the pack's widths, when it started with others
-    layout: list[tuple[int, int, int]] = field(default_factory=list)  # see PackedWith
+    layout: list[tuple[int, int, int]] = field(default_factory=list)  # see PackedWith; empty in a pack of one
 
 
 class _Pack:
@@ -787,10 +786,12 @@ def fit_pack(
         hand_off: Runs the ``on_finish`` calls of the members that leave at one epoch's end, and returns when all
             have returned (default: one after another). Every member's callbacks of that epoch have run by then,
             and none of the next epoch's: so running them at once changes nothing the others see.
+        pad_to: Hidden widths to pad every layer to at least (:func:`fit_as_packed` gives a pack's recorded ones).
 
     Returns:
         One outcome per member, in order: its history, best epoch, stop reason, verdict and best-epoch network;
-        ``error`` holds the exception a member's callback raised to end it (pruning), which ends no one else.
+        ``error`` holds the exception a member's callback raised to end it (pruning), which ends no one else;
+        ``packed_with`` how it was packed, when the pack started with others.
 
     Raises:
         ValueError: The members cannot share a pack.
@@ -815,7 +816,6 @@ def fit_pack(
     ]
     if len(members) > 1:
         for row, slot in enumerate(slots):
-            slot.padded = tuple(pack.dims[1:-1])
             slot.layout.append((0, len(members), row))
     active = list(slots)
     pos_weight = None if config.pos_weight is None else torch.tensor(config.pos_weight, device=device)
@@ -900,18 +900,19 @@ def fit_pack(
             if not active:
                 break
             for row, slot in enumerate(active):
-                if slot.padded is not None:
+                if slot.layout:
                     slot.layout.append((epoch + 1, len(active), row))
             pack.keep(stay)
     for slot in active:
         slot.result.stop_reason = f"max_epochs reached ({config.max_epochs})"
     _leave(active, pack, config, hand_off)
-    return [_outcome(s, device) for s in slots]
+    return [_outcome(s, pack) for s in slots]
 
 
-def _outcome(slot: _Slot, device: torch.device) -> PackOutcome:
-    packed_with = None if slot.padded is None else PackedWith(slot.padded, tuple(slot.layout))
-    return PackOutcome(result=slot.result, model=slot.model.to(device), error=slot.error, packed_with=packed_with)
+def _outcome(slot: _Slot, pack: _Pack) -> PackOutcome:
+    # The pack's widths stay as they started while members leave (only rows are dropped).
+    packed_with = PackedWith(tuple(pack.dims[1:-1]), tuple(slot.layout)) if slot.layout else None
+    return PackOutcome(result=slot.result, model=slot.model.to(pack.device), error=slot.error, packed_with=packed_with)
 
 
 class _LeaveAt:
@@ -949,7 +950,7 @@ def fit_as_packed(
     def twin(epoch: int | None) -> PackMember:
         return PackMember(member.params, member.seed, [] if epoch is None else [_LeaveAt(epoch)])
 
-    outcome = fit_pack(
+    return fit_pack(
         [*map(twin, before), member, *map(twin, after)],
         train,
         validation,
@@ -958,7 +959,6 @@ def fit_as_packed(
         score_validation=score_validation,
         pad_to=packed_with.widths,
     )[len(before)]
-    return outcome
 
 
 def _leave(
@@ -969,7 +969,7 @@ def _leave(
     for slot in slots:
         _finish(slot, pack, config)
         if slot.member.on_finish is not None:
-            calls.append(functools.partial(slot.member.on_finish, _outcome(slot, pack.device)))
+            calls.append(functools.partial(slot.member.on_finish, _outcome(slot, pack)))
     if calls:
         hand_off(calls)
 
