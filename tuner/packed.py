@@ -87,21 +87,24 @@ def pack_key(params: TrialParams) -> tuple[Any, ...]:
 
 
 # A CPU cost model for splitting packs, in microseconds per training step: a fixed cost per step of a pack
-# (Python, the dispatcher, some 60 operator calls), a multiply-add of the matmuls (forward and backward) and an
-# element of the optimizer's update; a member of a pack of several computes its padded weights at a higher cost
-# per weight than a pack of one (batched matmuls, a working set several times larger). Measured with fit_pack on
-# a 2-core AMD EPYC (one thread, batch 64, dropout 0.1): a step of one member 136 us at widths 8-8 and 474 us at
-# 256-256, so 0.005 us per weight; packs of 4-8 members 0.0055-0.008 us per padded weight. Only ratios matter.
-_STEP_OVERHEAD_US = 135.0
-_MAC_US = 4.4e-5
-_PARAM_US = 2.2e-3
-_PACKED_FACTOR = 1.5
+# (Python, the dispatcher, some 60 operator calls), then per member a multiply-add of the matmuls (forward and
+# backward) per row, an element of the optimizer's update, a unit's activation, dropout and their derivatives per
+# row, and a row's loss and indexing; a member of a pack of several costs more per padded weight than a pack of
+# one (batched matmuls, a working set several times larger). Fitted by bench/bench_split.py to fit_pack's steps
+# with the gradients by hand, on a 2-core AMD EPYC (one thread, batch 64 and 256, dropout 0.1): one member 80 us
+# at widths 8-8 and 500 us at 256-256 (batch 64), within 16% of the measured steps. Only ratios matter.
+_STEP_OVERHEAD_US = 72.0
+_MAC_US = 6.2e-5
+_PARAM_US = 1.0e-3
+_UNIT_US = 3.0e-3
+_ROW_US = 0.11
+_PACKED_FACTOR = 1.25
 
 
 def _step_cost(widths: Sequence[int], n_in: int, n_out: int, batch: int) -> float:
     dims = [n_in, *widths, n_out]
     weights = sum(a * b for a, b in itertools.pairwise(dims))
-    return batch * weights * _MAC_US + weights * _PARAM_US
+    return batch * (weights * _MAC_US + (sum(widths) + n_out) * _UNIT_US + _ROW_US) + weights * _PARAM_US
 
 
 def _pack_cost(n_members: int, widths: Sequence[int], n_in: int, n_out: int, batch: int) -> float:
