@@ -27,7 +27,9 @@ parameter drawn by Optuna's RandomSampler(``--draw-seed``) from that space; all 
 tuner builds (split, scaling) on the CPU, built once before any timing.
 
 Equal work: every trial trains exactly ``--epochs`` epochs on every side (pruner ``none`` / NopPruner,
-``train.patience = max_epochs``, no early stopping; a run with another epoch count is an error).
+``train.patience = max_epochs``, no early stopping; a run with another epoch count is an error). Each side
+starts after a full garbage collection, so the garbage one side leaves does not trigger a collection (0.2-0.5 s
+here) in the next.
 
 - floor: a bare PyTorch loop over tuner's model (``build_mlp``) and optimizer (``make_optimizer``): per epoch
   ``torch.randperm`` + slicing, forward, BCE, ``zero_grad``, ``backward``, ``step``, the train loss summed on the
@@ -83,6 +85,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import statistics
@@ -228,6 +231,14 @@ def threads(n: int) -> Iterator[None]:
 # --- floor ---------------------------------------------------------------------------------------------------
 
 
+def started_clean() -> float:
+    """``time.perf_counter()`` after a full garbage collection: the garbage one side leaves would otherwise
+    trigger a collection in the next (0.2-0.5 s with the 300,000-700,000 objects of these processes), charged
+    to whichever side it fell in."""
+    gc.collect()
+    return time.perf_counter()
+
+
 def floor_trial(dataset: Dataset, params: TrialParams, seed: int, epochs: int) -> list[dict[str, float]]:
     """The bare loop: tuner's model, optimizer and seeding; batches by randperm + slicing; nothing else."""
     x, y = dataset.train.x, dataset.train.y
@@ -266,7 +277,7 @@ def floor_trial(dataset: Dataset, params: TrialParams, seed: int, epochs: int) -
 
 def run_floor(dataset: Dataset, trials: Sequence[TrialParams], epochs: int) -> Timing:
     histories = []
-    started = time.perf_counter()
+    started = started_clean()
     for seed, params in enumerate(trials):
         histories.append(floor_trial(dataset, params, seed, epochs))
     wall = time.perf_counter() - started
@@ -338,7 +349,7 @@ def run_tuner(spec: StudySpec, dataset: Dataset, trials: Sequence[TrialParams], 
             owner = getattr(owner, cls) if cls else owner
             if hasattr(owner, name):  # skipped if the code moved: the attribution is then incomplete
                 stack.enter_context(patched(owner, name, time_into("tracking")))
-        started = time.perf_counter()
+        started = started_clean()
         result = study_mod.run_study(
             spec,
             storage=optuna.storages.InMemoryStorage() if storage == "memory" else None,
@@ -516,7 +527,7 @@ def run_baseline(
             fits.append((time.perf_counter() - started, history))
             return value
 
-        started = time.perf_counter()
+        started = started_clean()
         study = optuna.create_study(
             study_name=name,
             storage=None if storage == "memory" else f"sqlite:///{folder}/baseline-optuna.db",

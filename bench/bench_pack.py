@@ -18,7 +18,8 @@ Throughput is trials per minute: for the in-process sides over the whole call (`
 ``run_study``), for the workers over the span from the first trial's start to the last trial's end as the
 database records them (process start-up and data loading excluded; ``wall`` with them is printed too). The
 ratio of each tuner side to the baseline is taken within one repetition; min / median / max over
-``--repeats``. tuner's trials also save their best weights, their model description and manifest and measure
+``--repeats``. Each in-process side starts after a full garbage collection, so the garbage one side leaves
+does not trigger a collection (0.2-0.5 s here) in the next. tuner's trials also save their best weights, their model description and manifest and measure
 the holdout, which the baseline does not: tuner does more work per trial, not less. Plots are off on the tuner
 side (``tracking.plots: false``): the baseline draws none.
 
@@ -60,6 +61,7 @@ from bench_loop import (
     enqueue_entry,
     ready_writer_process,
     run_baseline,
+    started_clean,
     study_section,
     threads,
 )
@@ -118,7 +120,7 @@ def raw_study(args: argparse.Namespace, folder: Path, *, name: str, pack: int, t
 
 def run_packed(spec: StudySpec, dataset: Dataset, n: int) -> float:
     """Seconds for the whole in-process study."""
-    started = time.perf_counter()
+    started = started_clean()
     result = run_study(spec, n_trials=n, device=dataset.device, dataset=dataset)
     wall = time.perf_counter() - started
     states = [t.state.name for t in result.study.trials]
