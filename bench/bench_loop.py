@@ -231,6 +231,21 @@ def threads(n: int) -> Iterator[None]:
 # --- floor ---------------------------------------------------------------------------------------------------
 
 
+def show_full_collections() -> None:
+    """Print the duration of every full garbage collection from now on (``--show-gc``)."""
+    began: list[float] = []
+
+    def on_collection(phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            began[:] = [time.perf_counter()]
+        elif began:
+            print(f"   (full garbage collection: {1000 * (time.perf_counter() - began[0]):.0f} ms)", flush=True)
+
+    gc.callbacks.append(on_collection)
+
+
 def started_clean() -> float:
     """``time.perf_counter()`` after a full garbage collection: the garbage one side leaves would otherwise
     trigger a collection in the next (0.2-0.5 s with the 300,000-700,000 objects of these processes), charged

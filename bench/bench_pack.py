@@ -19,9 +19,10 @@ Throughput is trials per minute: for the in-process sides over the whole call (`
 database records them (process start-up and data loading excluded; ``wall`` with them is printed too). The
 ratio of each tuner side to the baseline is taken within one repetition; min / median / max over
 ``--repeats``. Each in-process side starts after a full garbage collection, so the garbage one side leaves
-does not trigger a collection (0.2-0.5 s here) in the next. tuner's trials also save their best weights, their model description and manifest and measure
-the holdout, which the baseline does not: tuner does more work per trial, not less. Plots are off on the tuner
-side (``tracking.plots: false``): the baseline draws none.
+does not trigger a collection (0.2-0.5 s here) in the next (``--show-gc`` prints each one). tuner's trials
+also save their best weights, their model description and manifest and measure the holdout, which the
+baseline does not: tuner does more work per trial, not less. Plots are off on the tuner side
+(``tracking.plots: false``): the baseline draws none.
 
 The search space (``--space``):
 
@@ -61,6 +62,7 @@ from bench_loop import (
     enqueue_entry,
     ready_writer_process,
     run_baseline,
+    show_full_collections,
     started_clean,
     study_section,
     threads,
@@ -237,8 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeline", action="store_true", help="print when each of the workers' trials started and ended"
     )
+    parser.add_argument(
+        "--show-gc", action="store_true", help="print the duration of each full garbage collection in this process"
+    )
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.show_gc:
+        show_full_collections()
     cores = os.cpu_count() or 1
     base_threads = args.baseline_threads or cores
     print(
