@@ -92,7 +92,7 @@ def pack_key(params: TrialParams) -> tuple[Any, ...]:
 # row, and a row's loss and indexing; a member of a pack of several costs more per padded weight than a pack of
 # one (batched matmuls, a working set several times larger). Fitted by bench/bench_split.py to fit_pack's steps
 # with the gradients by hand, on a 2-core AMD EPYC (one thread, batch 64 and 256, dropout 0.1): one member 80 us
-# at widths 8-8 and 500 us at 256-256 (batch 64), within 16% of the measured steps. Only ratios matter.
+# at widths 8-8 and 500 us at 256-256 (batch 64), within 30% of the measured steps. Only ratios matter.
 _STEP_OVERHEAD_US = 72.0
 _MAC_US = 6.2e-5
 _PARAM_US = 1.0e-3
