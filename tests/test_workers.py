@@ -76,8 +76,9 @@ def pg_database() -> Iterator[Callable[[], str]]:
 def write_study(
     tmp_path: Path, *, n_trials: int, big: bool = False, tracking: str | None = None, writes: str = "auto", **study
 ) -> Path:
-    # "big" trials last a few seconds: long enough to be interrupted mid-trial.
-    data = {"simulated": {"n_star": 8000 if big else 1200, "n_quasar": 200 if big else 120}}
+    # "big" trials last seconds (1-2 s on a 2-core AMD EPYC): long enough to be interrupted mid-trial, not between
+    # two trials, on a fast machine too.
+    data = {"simulated": {"n_star": 40000 if big else 1200, "n_quasar": 400 if big else 120}}
     raw = {
         "data": data,
         "search_space": {
@@ -86,7 +87,7 @@ def write_study(
             "batch_size": {"value": 32} if big else {"low": 128, "high": 256, "log": True, "powers_of_two": True},
             "optimizer": {"choices": ["adam", "nesterov"]},
         },
-        "train": {"max_epochs": 10 if big else 2, "patience": 10 if big else 2},
+        "train": {"max_epochs": 20 if big else 2, "patience": 20 if big else 2},
         "study": {
             "name": "workers",
             "n_trials": n_trials,
