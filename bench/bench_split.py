@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -88,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=6000)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     args = parser.parse_args(argv)
+    if len(set(args.batch_sizes)) < 2:
+        parser.error("--batch-sizes: give two or more, or a row's cost cannot be told from the fixed cost")
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     train, validation = rows(args.rows, generator), rows(2000, generator)
@@ -116,28 +117,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 def fit(cases: Sequence[tuple[int, tuple[int, ...], int]], measured: Sequence[float]) -> dict[str, float]:
     """Least squares: singles give the fixed cost and the costs of a multiply-add, a weight's update, a unit's
     activation and a row; packs, with those, the factor on a padded member's cost."""
-    singles = [(w, b, c) for (n, w, b), c in zip(cases, measured, strict=True) if n == 1]
-    design = np.array([[1.0, b * weights(w), weights(w), b * (sum(w) + 1), b] for w, b, _ in singles])
+    singles = [(packed._sizes(w, N_IN, 1), b, c) for (n, w, b), c in zip(cases, measured, strict=True) if n == 1]
+    design = np.array([[1.0, b * weights, weights, b * units, b] for (weights, units), b, _ in singles])
     (fixed, mac, param, unit, row), *_ = np.linalg.lstsq(design, np.array([c for *_, c in singles]), rcond=None)
-
-    def member(w: tuple[int, ...], b: int) -> float:
-        return b * (weights(w) * mac + (sum(w) + 1) * unit + row) + weights(w) * param
-
-    packs = [(n * member(w, b), c - fixed) for (n, w, b), c in zip(cases, measured, strict=True) if n > 1]
+    constants = {"_STEP_OVERHEAD_US": fixed, "_MAC_US": mac, "_PARAM_US": param, "_UNIT_US": unit, "_ROW_US": row}
+    with constants_set(constants):
+        packs = [
+            (n * packed._step_cost(w, N_IN, 1, b), c - fixed)
+            for (n, w, b), c in zip(cases, measured, strict=True)
+            if n > 1
+        ]
     factor = sum(x * y for x, y in packs) / sum(x * x for x, _ in packs)
-    return {
-        "_STEP_OVERHEAD_US": float(fixed),
-        "_MAC_US": float(mac),
-        "_PARAM_US": float(param),
-        "_UNIT_US": float(unit),
-        "_ROW_US": float(row),
-        "_PACKED_FACTOR": float(factor),
-    }
-
-
-def weights(widths: Sequence[int]) -> int:
-    dims = [N_IN, *widths, 1]
-    return sum(a * b for a, b in itertools.pairwise(dims))
+    return {name: float(value) for name, value in {**constants, "_PACKED_FACTOR": factor}.items()}
 
 
 @contextlib.contextmanager

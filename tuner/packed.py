@@ -101,10 +101,15 @@ _ROW_US = 0.11
 _PACKED_FACTOR = 1.25
 
 
-def _step_cost(widths: Sequence[int], n_in: int, n_out: int, batch: int) -> float:
+def _sizes(widths: Sequence[int], n_in: int, n_out: int) -> tuple[int, int]:
+    """A member's weights and units (hidden and output), the sizes its step's cost grows with."""
     dims = [n_in, *widths, n_out]
-    weights = sum(a * b for a, b in itertools.pairwise(dims))
-    return batch * (weights * _MAC_US + (sum(widths) + n_out) * _UNIT_US + _ROW_US) + weights * _PARAM_US
+    return sum(a * b for a, b in itertools.pairwise(dims)), sum(widths) + n_out
+
+
+def _step_cost(widths: Sequence[int], n_in: int, n_out: int, batch: int) -> float:
+    weights, units = _sizes(widths, n_in, n_out)
+    return batch * (weights * _MAC_US + units * _UNIT_US + _ROW_US) + weights * _PARAM_US
 
 
 def _pack_cost(n_members: int, widths: Sequence[int], n_in: int, n_out: int, batch: int) -> float:
