@@ -1,12 +1,13 @@
 """Benchmark (not a timed test): the cost model that splits packs on the CPU, against measured training steps.
 
 :func:`tuner.packed.split_by_cost` decides which trials of one shape share a pack from a model of a training
-step's cost in microseconds: a fixed cost per step of a pack, a cost per member of a pack of several, and a cost
-per weight (its multiply-adds over the batch and its optimizer update), higher per padded weight in a pack of
-several. This script times :func:`tuner.packed.fit_pack` for single trials and packs of reference shapes, prints
-each step's measured cost beside the model's, and fits the model's constants to the measurements (least squares:
-the fixed cost, a scale of the per-weight costs, the per-member cost and the packed factor), in the names they
-have in tuner/packed.py. Only the ratios between the constants decide a split.
+step's cost in microseconds: a fixed cost per step of a pack, and per member a cost per multiply-add of each row,
+per weight's update, per unit of each row (activation, dropout, their derivatives) and per row (loss, indexing),
+higher by a factor for a padded member of a pack of several. This script times :func:`tuner.packed.fit_pack`
+for single trials and packs of reference shapes at two or more batch sizes, prints each step's measured cost
+beside the model's, and fits the model's constants to the measurements (least squares: the singles give the
+fixed and per-member costs, the packs the factor), in the names they have in tuner/packed.py. Only the ratios
+between the constants decide a split.
 
 Each shape trains ``--epochs`` epochs of ``--rows`` random rows (4 features, 10% positives, 2,000 validation
 rows with the per-epoch validation pass), Adam, dropout 0.1, ReLU, one torch thread, on the CPU; the figure is
