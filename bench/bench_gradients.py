@@ -33,26 +33,25 @@ PACKS: dict[str, list[tuple[int, ...]]] = {
 }
 
 
+def reference_trial(widths: tuple[int, ...], batch_size: int = 64, batch_norm: bool = False) -> TrialParams:
+    """A trial of these widths with fixed hyperparameters (Adam, ReLU, dropout 0.1), for timing steps."""
+    return TrialParams(
+        n_layers=len(widths),
+        widths=widths,
+        lr=0.01,
+        momentum=0.9,
+        dropout=0.1,
+        weight_decay=1e-4,
+        batch_size=batch_size,
+        optimizer="adam",
+        activation="relu",
+        init="he",
+        batch_norm=batch_norm,
+    )
+
+
 def make_pack(widths: Sequence[tuple[int, ...]], batch_norm: bool, device: torch.device) -> packed._Pack:
-    members = [
-        packed.PackMember(
-            TrialParams(
-                n_layers=len(w),
-                widths=w,
-                lr=0.01,
-                momentum=0.9,
-                dropout=0.1,
-                weight_decay=1e-4,
-                batch_size=64,
-                optimizer="adam",
-                activation="relu",
-                init="he",
-                batch_norm=batch_norm,
-            ),
-            seed,
-        )
-        for seed, w in enumerate(widths)
-    ]
+    members = [packed.PackMember(reference_trial(w, batch_norm=batch_norm), seed) for seed, w in enumerate(widths)]
     return packed._Pack(members, 5, 1, device)
 
 

@@ -10,8 +10,8 @@ fixed and per-member costs, the packs the factor), in the names they have in tun
 between the constants decide a split.
 
 Each shape trains ``--epochs`` epochs of ``--rows`` random rows (4 features, 10% positives, 2,000 validation
-rows with the per-epoch validation pass), Adam, dropout 0.1, ReLU, one torch thread, on the CPU; the figure is
-the median over ``--repeats`` of the fit's seconds per training step.
+rows with the per-epoch validation pass) as ``bench_gradients.reference_trial`` (Adam, dropout 0.1, ReLU), one
+torch thread, on the CPU; the figure is the median over ``--repeats`` of the fit's seconds per training step.
 
 Run:
 
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from bench_gradients import reference_trial
 
 import tuner.packed as packed
-from tuner.space import TrialParams
 from tuner.train import FitConfig
 
 N_IN = 4
@@ -49,28 +49,12 @@ def rows(n: int, generator: torch.Generator) -> Part:
     return Part(torch.randn(n, N_IN, generator=generator), (torch.rand(n, generator=generator) < 0.1).long())
 
 
-def trial(widths: tuple[int, ...], batch: int) -> TrialParams:
-    return TrialParams(
-        n_layers=len(widths),
-        widths=widths,
-        lr=1e-3,
-        momentum=0.9,
-        dropout=0.1,
-        weight_decay=1e-5,
-        batch_size=batch,
-        optimizer="adam",
-        activation="relu",
-        init="he",
-        batch_norm=False,
-    )
-
-
 def step_us(
     n: int, widths: tuple[int, ...], batch: int, train: Part, validation: Part, args: argparse.Namespace
 ) -> float:
     """Median microseconds per training step of a pack of ``n`` trials of ``widths`` (distinct seeds)."""
     config = FitConfig(max_epochs=args.epochs, patience=args.epochs)
-    members = [packed.PackMember(trial(widths, batch), seed) for seed in range(n)]
+    members = [packed.PackMember(reference_trial(widths, batch), seed) for seed in range(n)]
     steps = args.epochs * -(-len(train.x) // batch)
     packed.fit_pack(members, train, validation, config, n_out=1)  # warm-up
     seconds = []
