@@ -317,6 +317,7 @@ TRACKING_WORK = (
     ("tuner.tracking", "MlflowTracker", "__init__"),
     ("tuner.tracking", "MlflowTracker", "start_study"),
     ("tuner.tracking", "MlflowTracker", "start_trial"),
+    ("tuner.tracking", "MlflowTracker", "run_id"),
     ("tuner.tracking", "MlflowTracker", "log_epoch"),
     ("tuner.tracking", "MlflowTracker", "end_trial"),
     ("tuner.tracking", "MlflowTracker", "end_study"),

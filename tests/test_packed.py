@@ -499,9 +499,18 @@ def test_a_restart_while_one_member_is_judged_loses_that_member_alone(tmp_path, 
     assert states == ["FAIL" if t.number == number else "COMPLETE" for t in study.trials[:3]] + ["COMPLETE"]
     retry = study.trials[3]
     assert retry.user_attrs[RETRY_OF] == number and retry.params == study.trials[number].params
-    # The lost trial's MLflow run is closed as failed, the others' as finished.
+    # The lost trial's MLflow run is closed as failed, the others' as finished. The lost trial's end, which
+    # records its run's id, was not stored: its run is found by its tags.
     client = MlflowClient(spec.tracking.uri)
-    statuses = [client.get_run(t.user_attrs["mlflow_run_id"]).info.status for t in study.trials]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = {
+        int(r.data.tags["optuna.trial_number"]): r
+        for r in client.search_runs(experiments, "tags.`optuna.study_name` = 'lost-member'")
+        if r.data.tags.get("tuner.kind") == "trial"
+    }
+    assert "mlflow_run_id" not in study.trials[number].user_attrs
+    assert all(runs[t.number].info.run_id == t.user_attrs["mlflow_run_id"] for t in study.trials if t.number != number)
+    statuses = [runs[t.number].info.status for t in study.trials]
     assert statuses == ["FAILED" if t.number == number else "FINISHED" for t in study.trials]
 
 

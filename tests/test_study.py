@@ -310,13 +310,15 @@ def test_tracking_batches_epoch_metrics(tmp_path, monkeypatch):
         return real(run_id, metrics=metrics, params=params, tags=tags)
 
     tracker.start_study("s", {}, {}, None)
-    run_id = tracker.start_trial(0, {"lr": 0.1}, {})
-    assert tracker.drain() == 0  # the parameters went out
+    key = tracker.start_trial(0, {"lr": 0.1}, {})
+    assert tracker.drain() == 0  # the run was created, its parameters went out
+    run_id = tracker.run_id(key)
+    assert run_id is not None
     monkeypatch.setattr(tracker.client, "log_batch", counting)
     for epoch in range(50):
-        tracker.log_epoch(run_id, epoch, {"train_loss": 1.0 / (epoch + 1), "val_loss": 2.0})
+        tracker.log_epoch(key, epoch, {"train_loss": 1.0 / (epoch + 1), "val_loss": 2.0})
     assert calls == []  # nothing sent per epoch
-    tracker.end_trial(run_id, "COMPLETE", {"val_objective": 0.5}, {"stop_reason": "x"}, {})
+    tracker.end_trial(key, "COMPLETE", {"val_objective": 0.5}, {"stop_reason": "x"}, {})
     assert tracker.drain() == 0
     assert sum(calls) == 101 and len([c for c in calls if c]) == 1
     assert len(tracker.client.get_metric_history(run_id, "train_loss")) == 50
@@ -363,8 +365,9 @@ def test_best_and_status_read_a_study_not_made_by_tuner(tmp_path, capsys):
 def test_a_trials_closing_writes_go_out_in_the_background_and_a_drain_waits_for_them(tmp_path, monkeypatch, caplog):
     tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "background", str(tmp_path / "a"), writes="background")
     tracker.start_study("s", {}, {}, None)
-    run_id = tracker.start_trial(0, {"lr": 0.1}, {})
-    assert tracker.drain() == 0  # its parameters went out
+    key = tracker.start_trial(0, {"lr": 0.1}, {})
+    assert tracker.drain() == 0  # its run was created, its parameters went out
+    run_id = tracker.run_id(key)
     release = threading.Event()
     real = tracker.client.set_terminated
 
@@ -373,8 +376,8 @@ def test_a_trials_closing_writes_go_out_in_the_background_and_a_drain_waits_for_
         return real(run, status=status, end_time=end_time)
 
     monkeypatch.setattr(tracker.client, "set_terminated", held)
-    tracker.log_epoch(run_id, 0, {"val_loss": 1.0})
-    tracker.end_trial(run_id, "COMPLETE", {"val_objective": 0.5}, {}, {"notes.txt": "x"})  # returns, run still open
+    tracker.log_epoch(key, 0, {"val_loss": 1.0})
+    tracker.end_trial(key, "COMPLETE", {"val_objective": 0.5}, {}, {"notes.txt": "x"})  # returns, run still open
     with caplog.at_level(logging.WARNING, logger="tuner.tracking"):
         assert tracker.drain(timeout=0.05) == 1
     assert f"not sent after 0.05 s, their runs incomplete: end of run {run_id}" in caplog.text
@@ -384,6 +387,73 @@ def test_a_trials_closing_writes_go_out_in_the_background_and_a_drain_waits_for_
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["val_objective"] == 0.5
     assert [a.path for a in tracker.client.list_artifacts(run_id)] == ["notes.txt"]
+
+
+def test_a_trials_run_is_created_off_the_line_and_its_id_known_once_it_exists(tmp_path, monkeypatch):
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "deferred", str(tmp_path / "a"), writes="background")
+    tracker.start_study("s", {}, {}, None)
+    assert tracker.drain() == 0
+    release = threading.Event()
+    real = tracker.client.create_run
+
+    def held(*args, **kwargs):
+        assert release.wait(timeout=30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "create_run", held)
+    key = tracker.start_trial(0, {"lr": 0.1}, {"optuna.trial_number": "0"})  # returns while the store waits
+    tracker.log_epoch(key, 0, {"val_loss": 1.0})
+    assert tracker.drain(timeout=0.05) == 1  # the creation is still waiting
+    found: list[str | None] = []
+    waiting = threading.Thread(target=lambda: found.append(tracker.run_id(key)))
+    waiting.start()
+    waiting.join(timeout=0.05)
+    assert waiting.is_alive() and found == []  # the id is asked for before the run exists: it waits
+    release.set()
+    waiting.join()
+    [run_id] = found
+    assert run_id is not None
+    tracker.end_trial(key, "COMPLETE", {"val_objective": 0.5}, {}, {})
+    assert tracker.drain() == 0
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.1"}
+    assert run.data.tags["optuna.trial_number"] == "0" and run.data.metrics["val_objective"] == 0.5
+    assert [m.value for m in tracker.client.get_metric_history(run_id, "val_loss")] == [1.0]
+
+
+def test_a_trial_run_the_store_refuses_is_one_warning_and_no_id(tmp_path, monkeypatch, caplog):
+    from mlflow.exceptions import MlflowException
+
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "refused", str(tmp_path / "a"), writes="background")
+    tracker.start_study("s", {}, {}, None)
+
+    def refuse(*args, **kwargs):
+        raise MlflowException("store is read-only")
+
+    monkeypatch.setattr(tracker.client, "create_run", refuse)
+    with caplog.at_level(logging.WARNING, logger="tuner.tracking"):
+        key = tracker.start_trial(3, {"lr": 0.1}, {})
+        assert tracker.run_id(key) is None
+        tracker.log_epoch(key, 0, {"val_loss": 1.0})
+        tracker.end_trial(key, "COMPLETE", {"val_objective": 0.5}, {}, {"notes.txt": "x"})
+        assert tracker.drain() == 0
+    assert tracker.failed_writes == 1  # the refused creation; its run's end has nothing to close
+    assert "start of trial-0003 failed" in caplog.text and "store is read-only" in caplog.text
+
+
+def test_a_lost_trials_run_without_a_recorded_id_is_found_by_its_tags_and_killed(tmp_path):
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "lost", str(tmp_path / "a"), writes="inline")
+    tracker.start_study("s", {}, {}, None)
+    keys = {
+        (name, number): tracker.start_trial(number, {}, {"optuna.study_name": name, "optuna.trial_number": str(number)})
+        for name, number in [("s", 4), ("s", 5), ("other", 4)]
+    }
+    ids = {where: tracker.run_id(key) for where, key in keys.items()}
+    tracker.close_lost_run(None, "worker lost: no heartbeat", "s", 4)
+    assert tracker.drain() == 0 and tracker.failed_writes == 0
+    status = {where: tracker.client.get_run(run_id).info.status for where, run_id in ids.items()}
+    assert status == {("s", 4): "KILLED", ("s", 5): "RUNNING", ("other", 4): "RUNNING"}
+    assert tracker.client.get_run(ids[("s", 4)]).data.tags["stop_reason"] == "worker lost: no heartbeat"
 
 
 def test_the_background_writer_keeps_order_counts_failures_and_bounds_its_queue():
@@ -420,19 +490,37 @@ def test_the_background_writer_keeps_order_counts_failures_and_bounds_its_queue(
     assert done == [1, 2] and errors == ["broken: store gone", "a part of it: refused"]
 
 
+def test_run_creations_go_ahead_of_queued_writes_and_keep_their_own_order():
+    writer = BackgroundWriter(object(), 10, lambda what, exc: None)
+    running, gate = threading.Event(), threading.Event()
+    done: list[str] = []
+    writer.submit("held", lambda client: (running.set(), gate.wait(), [])[2])
+    running.wait()
+    for name, first in [("close a", False), ("create b", True), ("close c", False), ("create d", True)]:
+        writer.submit(name, lambda client, name=name: (done.append(name), [])[1], first)
+    assert writer.drain(timeout=0) == ["held", "create b", "create d", "close a", "close c"]
+    gate.set()
+    assert writer.drain() == []
+    assert done == ["create b", "create d", "close a", "close c"]
+
+
 def test_a_study_drains_its_writes_before_it_returns(tmp_path, tiny_dataset, monkeypatch):
-    # Every closing write waits until the study drains: a study that returned without draining would leave its
-    # trial runs RUNNING.
+    # The last trial's closing writes wait until the study drains: a study that returned without draining would
+    # leave that run RUNNING. (Only the last: a trial's end waits for its run's creation, which waits for the
+    # writer to finish the job it is running.)
     drained = threading.Event()
     real_drain = BackgroundWriter.drain
     real_submit = BackgroundWriter.submit
+    closes = iter(range(100))
 
     def drain(self, timeout=None):
         drained.set()
         return real_drain(self, timeout)
 
-    def submit(self, what, job):
-        return real_submit(self, what, lambda client: (drained.wait(), job(client))[1])
+    def submit(self, what, job, first=False):
+        if not what.startswith("end of run") or next(closes) < 1:
+            return real_submit(self, what, job, first)
+        return real_submit(self, what, lambda client: (drained.wait(), job(client))[1], first)
 
     monkeypatch.setattr(BackgroundWriter, "drain", drain)
     monkeypatch.setattr(BackgroundWriter, "submit", submit)

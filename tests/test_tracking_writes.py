@@ -182,7 +182,8 @@ def test_a_study_written_by_the_writer_process_records_what_one_written_in_line_
         result = run_study(spec, dataset=dataset)
         assert result.tracking_warnings == 0
         if writes == "process":
-            # The study run's description and each trial's parameters and end went to the writer process.
+            # The study run's description and each trial's run (created with its parameters) and end went to the
+            # writer process.
             assert shared.sent - sent == 1 + 2 * len(result.study.trials)
         records[writes] = recorded(spec.tracking.uri, spec.study.name)
     inline, process = records["inline"], records["process"]

@@ -189,8 +189,8 @@ def _sqlite_study_exists(url: str) -> bool:
     return "workers" in sqlite_study_names(Path(url[len("sqlite:///") :]))
 
 
-def has_running_tracked_trial(url: str) -> bool:
-    """A trial is RUNNING and has its MLflow run; False while the study is still being created."""
+def has_running_tracked_trial(url: str, tracking: str) -> bool:
+    """A trial is RUNNING and its MLflow run is open; False while the study is still being created."""
     from sqlalchemy.exc import SQLAlchemyError
 
     if url.startswith("sqlite:///") and not _sqlite_study_exists(url):
@@ -200,7 +200,12 @@ def has_running_tracked_trial(url: str) -> bool:
     except (KeyError, SQLAlchemyError):  # the tuner process is still creating the tables or the study
         _STORAGES.pop(url, None)
         return False
-    return any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials)
+    running = {str(t.number) for t in trials if t.state.name == "RUNNING"}
+    # Asked only once a trial runs: by then tuner has made the MLflow store's tables and experiment.
+    return bool(running) and any(
+        r.info.status == "RUNNING" and r.data.tags.get("optuna.trial_number") in running
+        for r in trial_runs(mlflow_runs(tracking))
+    )
 
 
 def assert_exact(trials: list[optuna.trial.FrozenTrial], n_trials: int) -> None:
@@ -225,18 +230,23 @@ def mlflow_runs(uri: str) -> list:
     return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
+def trial_runs(runs: list) -> list:
+    return [r for r in runs if r.data.tags.get("tuner.kind") == "trial"]
+
+
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
 def assert_one_run_per_trial(trials, runs) -> None:
-    children = [r for r in runs if r.data.tags.get("tuner.kind") == "trial"]
+    children = trial_runs(runs)
     per_trial = Counter(int(r.data.tags["optuna.trial_number"]) for r in children)
     assert per_trial == Counter({t.number: 1 for t in trials})
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
     for t in trials:
         run = by_number[t.number]
-        assert run.info.run_id == t.user_attrs["mlflow_run_id"]
         lost = "worker lost" in run.data.tags.get("stop_reason", "")
+        # A trial records its run's id when it ends: a lost trial's run is known by its tags.
+        assert run.info.run_id == t.user_attrs["mlflow_run_id"] or (lost and "mlflow_run_id" not in t.user_attrs)
         expected = "KILLED" if lost else STATUS[t.state.name]
         assert run.info.status == expected, (t.number, t.state.name, run.info.status)
     parents = [r for r in runs if r.data.tags.get("tuner.kind") == "study"]
@@ -286,7 +296,7 @@ def test_a_killed_worker_trial_fails_and_is_retried_with_the_same_params(tmp_pat
     assert finish(tuner("create", str(study), "--storage", storage, cwd=tmp_path))[0] == 0
     victim = tuner("worker", str(study), "--storage", storage, "--quiet", cwd=tmp_path)
     wait_until(
-        lambda: has_running_tracked_trial(storage),
+        lambda: has_running_tracked_trial(storage, tracking),
         timeout=120,
         what="the first worker's trial to start",
     )
@@ -309,7 +319,9 @@ def test_a_killed_worker_trial_fails_and_is_retried_with_the_same_params(tmp_pat
     assert retry.params == killed.params and retry.state.name == "COMPLETE"
     assert_exact(trials, 3)
     runs = {r.info.run_id: r for r in mlflow_runs(tracking)}
-    lost = runs[killed.user_attrs["mlflow_run_id"]]
+    # Its worker died before the trial's end recorded the run's id: the survivor found the run by its tags.
+    assert "mlflow_run_id" not in killed.user_attrs
+    [lost] = [r for r in trial_runs(list(runs.values())) if r.data.tags["optuna.trial_number"] == str(killed.number)]
     assert lost.info.status == "KILLED"
     assert "worker lost" in lost.data.tags["stop_reason"]
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
@@ -443,7 +455,7 @@ def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_
     url = f"sqlite:///{tmp_path}/optuna.db"
     proc = tuner("run", str(study), "--storage", url, "--quiet", cwd=tmp_path)
     wait_until(
-        lambda: (tmp_path / "optuna.db").exists() and has_running_tracked_trial(url),
+        lambda: (tmp_path / "optuna.db").exists() and has_running_tracked_trial(url, tracking),
         timeout=120,
         what="a running trial",
         proc=proc,

@@ -635,16 +635,16 @@ def measure_folds(models: Sequence[torch.nn.Module], dataset: Dataset, spec: Stu
 class FoldTrackingCallback:
     """Buffers each epoch's metrics of one fold model for the trial's run, under ``fold{i}_`` keys."""
 
-    def __init__(self, tracker: Tracker, run_id: str | None, fold: int) -> None:
+    def __init__(self, tracker: Tracker, run_key: str | None, fold: int) -> None:
         self.tracker = tracker
-        self.run_id = run_id
+        self.run_key = run_key
         self.prefix = f"fold{fold}_"
         self.history: list[dict[str, float]] = []
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         check_terminated()  # a SIGTERM whose exception was lost ends the trial here
         self.history.append(metrics)
-        self.tracker.log_epoch(self.run_id, epoch, {self.prefix + k: v for k, v in metrics.items()})
+        self.tracker.log_epoch(self.run_key, epoch, {self.prefix + k: v for k, v in metrics.items()})
 
 
 def crossval_model_files(
@@ -827,15 +827,15 @@ class GuardPruningCallback:
 class TrackingCallback:
     """Buffers each epoch's metrics for the trial's run."""
 
-    def __init__(self, tracker: Tracker, run_id: str | None) -> None:
+    def __init__(self, tracker: Tracker, run_key: str | None) -> None:
         self.tracker = tracker
-        self.run_id = run_id
+        self.run_key = run_key
         self.history: list[dict[str, float]] = []
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         check_terminated()  # a SIGTERM whose exception was lost ends the trial here
         self.history.append(metrics)
-        self.tracker.log_epoch(self.run_id, epoch, metrics)
+        self.tracker.log_epoch(self.run_key, epoch, metrics)
 
 
 def fit_config(spec: StudySpec, dataset: Dataset) -> FitConfig:
@@ -1020,7 +1020,7 @@ class TrialRun:
     trial: optuna.Trial
     params: TrialParams
     seed: int
-    run_id: str | None
+    run_key: str | None  # the tracker's key of its MLflow run, whose id is recorded at the trial's end
     tracking: TrackingCallback
     pruning: PruningCallback | GuardPruningCallback
     artifacts: dict[str, str | bytes]
@@ -1227,7 +1227,7 @@ class Objective:
         seed = self.spec.study.seed + trial.number
         manifest = trial_manifest(self.spec, self.dataset, params, seed, trial.number, self.engine)
         attrs: dict[str, Any] = {"seed": seed, "engine": self.engine, "manifest": manifest}
-        run_id = self.tracker.start_trial(
+        run_key = self.tracker.start_trial(
             trial.number,
             params.as_record(self.max_layers),
             {
@@ -1237,15 +1237,13 @@ class Objective:
                 "engine": self.engine,
             },
         )
-        if run_id is not None:
-            attrs["mlflow_run_id"] = run_id
         record_trial(trial, attrs)
         return TrialRun(
             trial=trial,
             params=params,
             seed=seed,
-            run_id=run_id,
-            tracking=TrackingCallback(self.tracker, run_id),
+            run_key=run_key,
+            tracking=TrackingCallback(self.tracker, run_key),
             pruning=self._pruning(trial),
             # Every trial's run holds its manifest, whatever its end.
             artifacts={MANIFEST_ARTIFACT: json.dumps(manifest, indent=2)},
@@ -1282,7 +1280,7 @@ class Objective:
             TrialFailed: It cannot produce a value (non-finite loss, gradients or objective; out of memory).
             BaseException: ``error`` itself when it is anything else (Ctrl-C, SIGTERM, a defect).
         """
-        trial, run_id, tracking = run.trial, run.run_id, run.tracking
+        trial, run_key, tracking = run.trial, run.run_key, run.tracking
         artifacts = run.artifacts
         plots: Callable[[], dict[str, str | bytes]] | None = None
         state: str = "FAIL"
@@ -1318,7 +1316,7 @@ class Objective:
             if result.failed:
                 if len(tracking.history) < result.epochs:
                     # The epoch that ended the fit reached no callback: log it, so the curves show the blow-up.
-                    self.tracker.log_epoch(run_id, result.epochs - 1, result.history[-1])
+                    self.tracker.log_epoch(run_key, result.epochs - 1, result.history[-1])
                 attrs["fail_reason"] = result.stop_reason
                 raise TrialFailed(result.stop_reason)
             ev = evaluate(model, self.dataset, self.spec, result)
@@ -1352,13 +1350,17 @@ class Objective:
         """Store the trial's attributes (and held reports) at once, then close its run, on every path."""
         held = run.pruning.held if isinstance(run.pruning, PruningCallback) else None
         try:
+            # Known by now: the run's creation went out before the trial trained.
+            run_id = self.tracker.run_id(run.run_key)
+            if run_id is not None:
+                attrs["mlflow_run_id"] = run_id
             record_trial(run.trial, attrs, held)
         except BaseException:
             state = "FAIL"  # a trial whose figures were not stored is not complete
             raise
         finally:
             # Runs close on every path, Ctrl-C included: a run left RUNNING misleads the UI.
-            self.tracker.end_trial(run.run_id, state, final, tags, run.artifacts, plots)
+            self.tracker.end_trial(run.run_key, state, final, tags, run.artifacts, plots)
 
     def _plots(self, result: FitResult, ev: AnyEvaluation, number: int) -> Callable[[], dict[str, str | bytes]]:
         """The trial's plots as a call the tracker makes where its writes go (another process, another thread):
@@ -1455,10 +1457,10 @@ class Objective:
             optuna.TrialPruned: The pruner stopped the trial after a fold.
             TrialFailed: A fold failed (non-finite loss, gradients or objective; out of memory).
         """
-        trial, run_id, artifacts = run.trial, run.run_id, run.artifacts
+        trial, run_key, artifacts = run.trial, run.run_key, run.artifacts
         plots: Callable[[], dict[str, str | bytes]] | None = None
         k = len(self.dataset.folds)
-        trackers = [FoldTrackingCallback(self.tracker, run_id, i) for i in range(k)]
+        trackers = [FoldTrackingCallback(self.tracker, run_key, i) for i in range(k)]
         done: list[FoldOutcome] = []
         state, final, tags = "FAIL", {}, {}
         attrs: dict[str, Any] = {}  # the trial's user attributes, written at once on every path
@@ -1468,7 +1470,7 @@ class Objective:
             result = outcome.result
             fold_metrics = {"fold_objective": outcome.objective, "fold_epochs": float(result.epochs)}
             fold_metrics["fold_best_epoch"] = float(result.best_epoch or 0)
-            self.tracker.log_epoch(run_id, outcome.index, fold_metrics)
+            self.tracker.log_epoch(run_key, outcome.index, fold_metrics)
             trial.report(outcome.objective, outcome.index)
             # After the last fold the trial is complete: pruning it would save nothing and lose its value.
             if outcome.index < k - 1 and trial.should_prune():
@@ -1789,18 +1791,24 @@ def run_study(
             status = "KILLED"
             raise
         finally:
-            # The trials' closing MLflow writes may still be going out in the background (tracking.writes); on
-            # Ctrl-C or SIGTERM they get a bounded wait (under compose's stop_grace_period), otherwise as long as
-            # they take.
-            tracker.drain(None if status == "FINISHED" else STOP_DRAIN_S)
-            # With several workers the parent run stays open until the last one finds the study complete.
-            others_running = retrying(lambda: budget(study, total), what="count trials").running > 0
-            if mode != "create" and (finished or (status != "FINISHED" and not others_running)):
-                elapsed = time.monotonic() - started
-                summary = retrying(lambda: _study_summary_metrics(study, elapsed), what="summarise the study")
-                tracker.end_study(status, summary)
-            elif mode == "create":
-                tracker.end_study("RUNNING")
+            # The trials' closing MLflow writes may still be going out in the background (tracking.writes). On
+            # Ctrl-C or SIGTERM they get a bounded wait (under compose's stop_grace_period) before the study run
+            # closes. Otherwise the study run closes while they go out, and the wait after it takes as long as
+            # they take: the study's own writes do not depend on them.
+            if status != "FINISHED":
+                tracker.drain(STOP_DRAIN_S)
+            try:
+                # With several workers the parent run stays open until the last one finds the study complete.
+                others_running = retrying(lambda: budget(study, total), what="count trials").running > 0
+                if mode != "create" and (finished or (status != "FINISHED" and not others_running)):
+                    elapsed = time.monotonic() - started
+                    summary = retrying(lambda: _study_summary_metrics(study, elapsed), what="summarise the study")
+                    tracker.end_study(status, summary)
+                elif mode == "create":
+                    tracker.end_study("RUNNING")
+            finally:
+                if status == "FINISHED":
+                    tracker.drain(None)
     return StudyResult(
         study=study,
         dataset=dataset,

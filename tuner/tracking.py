@@ -2,9 +2,9 @@
 
 One parent run per study and one child run per trial, through ``MlflowClient`` with explicit run ids (the fluent
 ``mlflow.start_run`` is process-global state that breaks with threads and worker processes). Per-epoch metrics
-are buffered and sent with ``log_batch``: one call per trial instead of one per value. A trial's run is created
-in line (its id is recorded with the trial); its other writes (parameters, metrics, tags, plots, files and end)
-are jobs that go out while the next trial trains:
+are buffered and sent with ``log_batch``: one call per trial instead of one per value. Every write of a trial's
+run, its creation included, is a job that goes out while trials train; the study knows the run by a key until
+the run's id comes back (:data:`RUNS`), and records the id with the trial when the trial ends:
 
 - with a local store (an SQLite file, a folder) in a writer process (:class:`ProcessWriter`), one per Python
   process, shared by its trackers: there the writes cost CPU, which a second thread would take from the training
@@ -23,15 +23,16 @@ import functools
 import logging
 import os
 import pickle
-import queue
 import signal
 import struct
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -76,16 +77,20 @@ class Tracker(Protocol):
         ...
 
     def start_trial(self, number: int, params: dict[str, Any], tags: dict[str, str]) -> str | None:
-        """Open a child run for a trial; return its id."""
+        """Open a child run for a trial (perhaps later, in the background); return the key the other calls take."""
         ...
 
-    def log_epoch(self, run_id: str | None, epoch: int, metrics: dict[str, float]) -> None:
+    def run_id(self, run_key: str | None) -> str | None:
+        """The id of the run opened as ``run_key``, waiting for its creation; None when it could not be created."""
+        ...
+
+    def log_epoch(self, run_key: str | None, epoch: int, metrics: dict[str, float]) -> None:
         """Buffer one epoch's metrics."""
         ...
 
     def end_trial(
         self,
-        run_id: str | None,
+        run_key: str | None,
         state: str,
         metrics: dict[str, float],
         tags: dict[str, str],
@@ -99,8 +104,9 @@ class Tracker(Protocol):
         what no longer changes. One that cannot be pickled is called in this process."""
         ...
 
-    def close_lost_run(self, run_id: str | None, reason: str) -> None:
-        """Close the run of a trial whose worker died: KILLED, with the reason as ``stop_reason``."""
+    def close_lost_run(self, run_id: str | None, reason: str, study_name: str, trial_number: int) -> None:
+        """Close the run of a trial whose worker died: KILLED, with the reason as ``stop_reason``. Without
+        ``run_id`` (the worker died before the trial's end recorded it) the run is found by its trial's tags."""
         ...
 
     def drain(self, timeout: float | None = None) -> int:
@@ -109,8 +115,8 @@ class Tracker(Protocol):
         ...
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
-        """Log the study's summary metrics and close the parent run (after :meth:`drain`, which it does not do:
-        the caller bounds that wait)."""
+        """Log the study's summary metrics and close the parent run. It neither waits for the trials' writes nor
+        depends on them: a stopped study drains them first, with a bound, a finished one after."""
         ...
 
     def ui_hint(self) -> str:
@@ -131,12 +137,15 @@ class NullTracker:
     def start_trial(self, number: int, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         return None
 
-    def log_epoch(self, run_id: str | None, epoch: int, metrics: dict[str, float]) -> None:
+    def run_id(self, run_key: str | None) -> str | None:
+        return None
+
+    def log_epoch(self, run_key: str | None, epoch: int, metrics: dict[str, float]) -> None:
         return None
 
     def end_trial(
         self,
-        run_id: str | None,
+        run_key: str | None,
         state: str,
         metrics: dict[str, float],
         tags: dict[str, str],
@@ -145,7 +154,7 @@ class NullTracker:
     ) -> None:
         return None
 
-    def close_lost_run(self, run_id: str | None, reason: str) -> None:
+    def close_lost_run(self, run_id: str | None, reason: str, study_name: str, trial_number: int) -> None:
         return None
 
     def drain(self, timeout: float | None = None) -> int:
@@ -185,6 +194,59 @@ Writes = Literal["process", "background", "inline"]
 Job = Callable[[Any], list[tuple[str, str]]]
 
 
+@dataclass(frozen=True)
+class CreatedRun:
+    """A trial run a job created: its key (from :meth:`MlflowTracker.start_trial`), id and artifact URI; the id
+    and URI are None when the store refused it."""
+
+    key: str
+    run_id: str | None
+    artifact_uri: str | None
+
+
+class RunIds:
+    """The trial runs created by this process's jobs, or by its writer process (as it answered), by key.
+
+    In the writer process the jobs created since its last answer are also kept, to be answered (``take_new``).
+    """
+
+    def __init__(self) -> None:
+        self._found: dict[str, CreatedRun] = {}
+        self._changed = threading.Condition()
+        self.answering = False  # set in the writer process
+        self._new: list[CreatedRun] = []
+
+    def record(self, created: CreatedRun) -> None:
+        with self._changed:
+            self._found[created.key] = created
+            if self.answering:
+                self._new.append(created)
+            self._changed.notify_all()
+
+    def get(self, key: str) -> CreatedRun | None:
+        with self._changed:
+            return self._found.get(key)
+
+    def wait(self, key: str, timeout: float | None = None) -> CreatedRun | None:
+        """The run of ``key`` once its creation has run (None after ``timeout`` seconds)."""
+        with self._changed:
+            self._changed.wait_for(lambda: key in self._found, timeout)
+            return self._found.get(key)
+
+    def forget(self, key: str) -> None:
+        with self._changed:
+            self._found.pop(key, None)
+
+    def take_new(self) -> list[CreatedRun]:
+        with self._changed:
+            new, self._new = self._new, []
+            return new
+
+
+#: This process's trial runs by key.
+RUNS = RunIds()
+
+
 def writes_for(tracking_uri: str, writes: Writes | Literal["auto"] = "auto") -> Writes:
     """``writes``, or for ``auto`` how a store's writes go out: on a background thread across the network; for a
     local store in a writer process on a machine (or CPU affinity) of more than one core, else in line."""
@@ -205,8 +267,20 @@ def _run_job(what: str, job: Job, client: Any, on_error: Callable[[str, str], No
         on_error(failed, error)
 
 
+def _queue(jobs: deque[Any], item: Any, first: bool, n_first: int) -> int:
+    """Put ``item`` in ``jobs``, after the ``n_first`` jobs queued ``first`` when it is one too; return their
+    number. A trial's run is created before the closing writes queued ahead of it (each job of a run is queued
+    after its creation, so each run's own writes keep their order): the trial's end waits for that creation."""
+    if first:
+        jobs.insert(n_first, item)
+        return n_first + 1
+    jobs.append(item)
+    return n_first
+
+
 class BackgroundWriter:
-    """Runs jobs one at a time, in the order given, on one daemon thread (or at once, in line, with ``inline``).
+    """Runs jobs one at a time, in the order given (those submitted ``first`` ahead of the others), on one daemon
+    thread (or at once, in line, with ``inline``).
 
     A job's failures (what it returns, or its exception) go to ``on_error``. ``submit`` waits while ``limit``
     jobs are queued, so a slow store slows the study down instead of filling the memory.
@@ -215,6 +289,7 @@ class BackgroundWriter:
     def __init__(self, client: Any, limit: int, on_error: Callable[[str, str], None], *, inline: bool = False) -> None:
         self._client = client
         self._jobs: deque[tuple[str, Job]] = deque()
+        self._n_first = 0  # jobs at the front of the queue that were submitted first
         self._busy = False
         self._limit = limit
         self._on_error = on_error
@@ -223,13 +298,13 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._running = ""
 
-    def submit(self, what: str, job: Job) -> None:
+    def submit(self, what: str, job: Job, first: bool = False) -> None:
         if self._inline:
             _run_job(what, job, self._client, self._on_error)
             return
         with self._changed:
             self._changed.wait_for(lambda: len(self._jobs) < self._limit)
-            self._jobs.append((what, job))
+            self._n_first = _queue(self._jobs, (what, job), first, self._n_first)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tuner-mlflow-writer", daemon=True)
                 self._thread.start()
@@ -247,6 +322,7 @@ class BackgroundWriter:
             with self._changed:
                 self._changed.wait_for(lambda: bool(self._jobs))
                 what, job = self._jobs.popleft()
+                self._n_first = max(self._n_first - 1, 0)
                 self._busy, self._running = True, what
                 self._changed.notify_all()
             try:
@@ -259,7 +335,8 @@ class BackgroundWriter:
 
 # --- the writer process ---------------------------------------------------------------------------------------
 # Frames on its pipes: an 8-byte little-endian length, then a pickle. In: (sequence number, tracking URI, what,
-# the pickled job). Out: "ready" once it has imported MLflow, then (sequence number, failures) per job.
+# the pickled job, whether it goes first). Out: "ready" once it has imported MLflow, then (sequence number,
+# failures, runs created) per job.
 
 _FRAME_HEADER = struct.Struct("<Q")
 
@@ -290,8 +367,8 @@ class _Lane:
         self.client = client
         self.on_error = on_error
 
-    def submit(self, what: str, job: Job) -> None:
-        self.writer.submit(self, what, job)
+    def submit(self, what: str, job: Job, first: bool = False) -> None:
+        self.writer.submit(self, what, job, first)
 
     def drain(self, timeout: float | None = None) -> list[str]:
         return self.writer.drain(timeout)
@@ -303,7 +380,8 @@ class ProcessWriter:
     Until the child has imported MLflow (a second or two, on the other core) and after it has stopped, jobs run
     in line here instead, so a study never waits for it to start. Jobs sent and not yet answered when it stops
     (killed, crashed) are run again here, in order: MLflow drops metrics logged twice and keeps a parameter
-    logged twice with the same value. ``submit`` waits while ``limit`` jobs are unanswered. The child runs in its
+    logged twice with the same value (a run the child created and did not answer is created again: the first
+    stays RUNNING, without metrics). ``submit`` waits while ``limit`` jobs are unanswered. The child runs in its
     own session, so a Ctrl-C meant for the study does not cut its writes short; at the end of its input (this
     process gone) it finishes the jobs it holds and exits.
     """
@@ -362,7 +440,7 @@ class ProcessWriter:
             self._changed.wait_for(lambda: self._state != "starting", timeout)
             return self._state == "ready"
 
-    def submit(self, lane: _Lane, what: str, job: Job) -> None:
+    def submit(self, lane: _Lane, what: str, job: Job, first: bool = False) -> None:
         try:
             payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError):
@@ -379,7 +457,7 @@ class ProcessWriter:
             if sent:
                 assert self._process is not None and self._process.stdin is not None
                 try:
-                    _write_frame(self._process.stdin, (sequence, lane.tracking_uri, what, payload))
+                    _write_frame(self._process.stdin, (sequence, lane.tracking_uri, what, payload, first))
                     return
                 except (OSError, ValueError):
                     pass  # the child is gone: its reader thread redoes what it held, this one included
@@ -422,7 +500,9 @@ class ProcessWriter:
                     self._state = "ready"
                     self._changed.notify_all()
                 continue
-            sequence, failures = answer
+            sequence, failures, created = answer
+            for run in created:  # known before the job counts as done: a drain then finds every run's id here
+                RUNS.record(run)
             with self._changed:
                 _, _, lane = self._pending.pop(sequence)
                 self._changed.notify_all()
@@ -481,13 +561,31 @@ def serve_writes() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow import MlflowClient
 
-    frames: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    jobs: deque[tuple[int, str, str, bytes]] = deque()
+    n_first = 0
+    ended = False
+    changed = threading.Condition()
 
     def read() -> None:
         # Read ahead, so the study's writes to the pipe never wait for a job to finish.
+        nonlocal n_first, ended
         while (frame := _read_frame(jobs_in)) is not None:
-            frames.put(frame)
-        frames.put(None)
+            sequence, tracking_uri, what, payload, first = pickle.loads(frame)
+            with changed:
+                n_first = _queue(jobs, (sequence, tracking_uri, what, payload), first, n_first)
+                changed.notify()
+        with changed:
+            ended = True
+            changed.notify()
+
+    def next_job() -> tuple[int, str, str, bytes] | None:
+        nonlocal n_first
+        with changed:
+            changed.wait_for(lambda: bool(jobs) or ended)
+            if not jobs:
+                return None
+            n_first = max(n_first - 1, 0)
+            return jobs.popleft()
 
     threading.Thread(target=read, name="tuner-mlflow-jobs", daemon=True).start()
     listening = True
@@ -501,9 +599,10 @@ def serve_writes() -> None:
                 listening = False
 
     answer("ready")
+    RUNS.answering = True
     clients: dict[str, Any] = {}
-    while (frame := frames.get()) is not None:
-        sequence, tracking_uri, what, payload = pickle.loads(frame)
+    while (job_in := next_job()) is not None:
+        sequence, tracking_uri, what, payload = job_in
         try:
             job = pickle.loads(payload)
             if tracking_uri not in clients:
@@ -511,7 +610,7 @@ def serve_writes() -> None:
             failures = job(clients[tracking_uri])
         except Exception as exc:  # answered as a failure: the study counts it and goes on
             failures = [(what, str(exc))]
-        answer((sequence, failures))
+        answer((sequence, failures, RUNS.take_new()))
 
 
 def call_by_name(target: str, *args: Any) -> Callable[[], Any]:
@@ -528,6 +627,19 @@ def _call_by_name(target: str, *args: Any) -> Any:
 
 
 # --- the jobs ---------------------------------------------------------------------------------------------------
+
+
+def open_run(
+    key: str, experiment_id: str, run_name: str, tags: dict[str, str], params: list[Any], client: Any
+) -> list[tuple[str, str]]:
+    """Create a trial's run, record its id under ``key`` (:data:`RUNS`), log its parameters."""
+    try:
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    except Exception as exc:  # any failure: the study waits for this key's outcome
+        RUNS.record(CreatedRun(key, None, None))
+        return [(f"start of {run_name}", str(exc))]
+    RUNS.record(CreatedRun(key, run.info.run_id, run.info.artifact_uri))
+    return describe_run(run.info.run_id, params, [], client)
 
 
 def describe_run(run_id: str, params: list[Any], tags: list[Any], client: Any) -> list[tuple[str, str]]:
@@ -547,18 +659,24 @@ def _send(client: Any, run_id: str, items: list[Any], tags: list[Any]) -> None:
 
 def close_run(
     tracking_uri: str,
-    run_id: str,
+    run: CreatedRun,
     items: list[Any],
     tags: list[Any],
     status: str,
     artifacts: dict[str, str | bytes],
     build_artifacts: Callable[[], dict[str, str | bytes]] | None,
-    artifact_uri: str | None,
     client: Any,
 ) -> list[tuple[str, str]]:
-    """A trial run's closing writes: metrics, tags, files (``build_artifacts`` drawn here), then its end."""
+    """A trial run's closing writes: metrics, tags, files (``build_artifacts`` drawn here), then its end. A run
+    whose id was not known when the close was sent is looked up here, where its creation ran."""
     from mlflow.exceptions import MlflowException
 
+    if run.run_id is None:
+        run = RUNS.get(run.key) or run
+    RUNS.forget(run.key)
+    run_id, artifact_uri = run.run_id, run.artifact_uri
+    if run_id is None:
+        return []  # never created: its creation's failure was counted
     failures = []
     try:
         _send(client, run_id, items, tags)
@@ -635,8 +753,7 @@ class MlflowTracker:
 
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment
-        self._buffers: dict[str, list[Any]] = {}
-        self._artifact_uris: dict[str, str] = {}  # each open trial run's, as create_run answered
+        self._buffers: dict[str, list[Any]] = {}  # each open trial run's epoch metrics, by key
         self.parent_run_id: str | None = None
         self.failed_writes = 0
         self._count_lock = threading.Lock()  # the writer's threads count failures too
@@ -712,33 +829,39 @@ class MlflowTracker:
 
     def start_trial(self, number: int, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         from mlflow.entities import Param
-        from mlflow.exceptions import MlflowException
 
+        # Created where the other writes go: each creation costs 5-15 ms of CPU (MLflow reads the experiment and
+        # the new run back), and in line that comes before every trial, and before every pack, once per member.
+        key = uuid.uuid4().hex
         all_tags = {"mlflow.parentRunId": self.parent_run_id or "", "tuner.kind": "trial", **tags}
-        try:
-            run = self.client.create_run(self.experiment_id, run_name=f"trial-{number:04d}", tags=all_tags)
-        except MlflowException as exc:
-            self._warn(f"start of trial {number}", exc)
-            return None
-        run_id: str = run.info.run_id
-        self._artifact_uris[run_id] = run.info.artifact_uri
         items = [Param(k, str(v)) for k, v in params.items()]
-        self._writer.submit(f"parameters of run {run_id}", functools.partial(describe_run, run_id, items, []))
-        self._buffers[run_id] = []
-        return run_id
+        self._buffers[key] = []
+        name = f"trial-{number:04d}"
+        self._writer.submit(
+            f"start of trial {number}",
+            functools.partial(open_run, key, self.experiment_id, name, all_tags, items),
+            first=True,
+        )
+        return key
 
-    def log_epoch(self, run_id: str | None, epoch: int, metrics: dict[str, float]) -> None:
+    def run_id(self, run_key: str | None) -> str | None:
+        if run_key is None:
+            return None
+        created = RUNS.wait(run_key)
+        return created.run_id if created is not None else None
+
+    def log_epoch(self, run_key: str | None, epoch: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
-        if run_id is None:
+        if run_key is None:
             return
         now = int(time.time() * 1000)
-        buffer = self._buffers.setdefault(run_id, [])
+        buffer = self._buffers.setdefault(run_key, [])
         buffer.extend(Metric(k, float(v), now, epoch) for k, v in metrics.items())
 
     def end_trial(
         self,
-        run_id: str | None,
+        run_key: str | None,
         state: str,
         metrics: dict[str, float],
         tags: dict[str, str],
@@ -747,17 +870,20 @@ class MlflowTracker:
     ) -> None:
         from mlflow.entities import Metric, RunTag
 
-        if run_id is None:
+        if run_key is None:
             return
         now = int(time.time() * 1000)
-        artifact_uri = self._artifact_uris.pop(run_id, None)
-        items = self._buffers.pop(run_id, []) + [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        items = self._buffers.pop(run_key, []) + [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        created = RUNS.get(run_key)
+        if created is not None:
+            RUNS.forget(run_key)  # the close carries what it needs
+        run = created or CreatedRun(run_key, None, None)
         run_tags = [RunTag(k, str(v)) for k, v in tags.items()]
         status = RUN_STATUS.get(state, "FAILED")
         close = functools.partial(
-            close_run, self.tracking_uri, run_id, items, run_tags, status, artifacts, build_artifacts, artifact_uri
+            close_run, self.tracking_uri, run, items, run_tags, status, artifacts, build_artifacts
         )
-        self._writer.submit(f"end of run {run_id}", close)
+        self._writer.submit(f"end of run {run.run_id or run_key}", close)
 
     def drain(self, timeout: float | None = None) -> int:
         left = self._writer.drain(timeout)
@@ -771,16 +897,24 @@ class MlflowTracker:
             )
         return len(left)
 
-    def close_lost_run(self, run_id: str | None, reason: str) -> None:
+    def close_lost_run(self, run_id: str | None, reason: str, study_name: str, trial_number: int) -> None:
         from mlflow.exceptions import MlflowException
 
-        if run_id is None:
-            return
         try:
-            self.client.set_tag(run_id, "stop_reason", reason)
-            self.client.set_terminated(run_id, status="KILLED")
+            if run_id is None:
+                found = self.client.search_runs(
+                    [self.experiment_id],
+                    f"tags.`optuna.trial_number` = '{trial_number}' and attributes.status = 'RUNNING'",
+                )
+                # The study's name is compared here: a filter would need it quoted.
+                ids = [r.info.run_id for r in found if r.data.tags.get("optuna.study_name") == study_name]
+            else:
+                ids = [run_id]
+            for lost in ids:
+                self.client.set_tag(lost, "stop_reason", reason)
+                self.client.set_terminated(lost, status="KILLED")
         except MlflowException as exc:
-            self._warn(f"closing lost run {run_id}", exc)
+            self._warn(f"closing the lost run of trial {trial_number}", exc)
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
         from mlflow.entities import Metric

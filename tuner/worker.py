@@ -935,8 +935,12 @@ def stale_trial_handler(
     """Called for each trial failed for a lost heartbeat: close its MLflow run KILLED, queue the retry."""
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        tracker.close_lost_run(run_id, f"worker lost: no heartbeat for {grace_period} s; retried with the same params")
+        tracker.close_lost_run(
+            trial.user_attrs.get("mlflow_run_id"),
+            f"worker lost: no heartbeat for {grace_period} s; retried with the same params",
+            study.study_name,
+            trial.number,
+        )
         # Retried here: the trial is already FAIL, so a caller's retry would not find it again to queue it.
         retrying(lambda: enqueue_retry(study, trial, max_retries, total), what=f"queue lost trial {trial.number} again")
 
