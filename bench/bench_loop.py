@@ -321,6 +321,7 @@ TRACKING_WORK = (
     ("tuner.tracking", "MlflowTracker", "log_epoch"),
     ("tuner.tracking", "MlflowTracker", "end_trial"),
     ("tuner.tracking", "MlflowTracker", "end_study"),
+    ("tuner.tracking", "MlflowTracker", "drain"),
     ("tuner.study", "Objective", "_plots"),
     ("tuner.study", None, "trial_model_files"),
 )
