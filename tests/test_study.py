@@ -433,7 +433,11 @@ def test_a_trial_run_the_store_refuses_is_one_warning_and_no_id(tmp_path, monkey
     monkeypatch.setattr(tracker.client, "create_run", refuse)
     with caplog.at_level(logging.WARNING, logger="tuner.tracking"):
         key = tracker.start_trial(3, {"lr": 0.1}, {})
-        assert tracker.run_id(key) is None
+        found: list[str | None] = []
+        asking = threading.Thread(target=lambda: found.append(tracker.run_id(key)), daemon=True)
+        asking.start()
+        asking.join(timeout=30)
+        assert found == [None]  # the refusal answers the wait for the id
         tracker.log_epoch(key, 0, {"val_loss": 1.0})
         tracker.end_trial(key, "COMPLETE", {"val_objective": 0.5}, {}, {"notes.txt": "x"})
         assert tracker.drain() == 0
