@@ -31,15 +31,17 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol
+from typing import IO, Any, Generic, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from tuner.errors import TrackingError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Optuna trial state -> MLflow run status.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -267,15 +269,33 @@ def _run_job(what: str, job: Job, client: Any, on_error: Callable[[str, str], No
         on_error(failed, error)
 
 
-def _queue(jobs: deque[Any], item: Any, first: bool, n_first: int) -> int:
-    """Put ``item`` in ``jobs``, after the ``n_first`` jobs queued ``first`` when it is one too; return their
-    number. A trial's run is created before the closing writes queued ahead of it (each job of a run is queued
-    after its creation, so each run's own writes keep their order): the trial's end waits for that creation."""
-    if first:
-        jobs.insert(n_first, item)
-        return n_first + 1
-    jobs.append(item)
-    return n_first
+class _JobQueue(Generic[T]):
+    """Jobs in the order they run: those put ``first`` ahead of the others, each kind in the order put.
+
+    A trial's run is created before the closing writes queued ahead of it (each job of a run is queued after its
+    creation, so each run's own writes keep their order): the trial's end waits for that creation.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[T] = deque()
+        self._n_first = 0  # the items at the front that were put first
+
+    def put(self, item: T, first: bool) -> None:
+        if first:
+            self._items.insert(self._n_first, item)
+            self._n_first += 1
+        else:
+            self._items.append(item)
+
+    def pop(self) -> T:
+        self._n_first = max(self._n_first - 1, 0)
+        return self._items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items)
 
 
 class BackgroundWriter:
@@ -288,8 +308,7 @@ class BackgroundWriter:
 
     def __init__(self, client: Any, limit: int, on_error: Callable[[str, str], None], *, inline: bool = False) -> None:
         self._client = client
-        self._jobs: deque[tuple[str, Job]] = deque()
-        self._n_first = 0  # jobs at the front of the queue that were submitted first
+        self._jobs: _JobQueue[tuple[str, Job]] = _JobQueue()
         self._busy = False
         self._limit = limit
         self._on_error = on_error
@@ -304,7 +323,7 @@ class BackgroundWriter:
             return
         with self._changed:
             self._changed.wait_for(lambda: len(self._jobs) < self._limit)
-            self._n_first = _queue(self._jobs, (what, job), first, self._n_first)
+            self._jobs.put((what, job), first)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tuner-mlflow-writer", daemon=True)
                 self._thread.start()
@@ -321,8 +340,7 @@ class BackgroundWriter:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: bool(self._jobs))
-                what, job = self._jobs.popleft()
-                self._n_first = max(self._n_first - 1, 0)
+                what, job = self._jobs.pop()
                 self._busy, self._running = True, what
                 self._changed.notify_all()
             try:
@@ -561,31 +579,26 @@ def serve_writes() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow import MlflowClient
 
-    jobs: deque[tuple[int, str, str, bytes]] = deque()
-    n_first = 0
+    jobs: _JobQueue[tuple[int, str, str, bytes]] = _JobQueue()
     ended = False
     changed = threading.Condition()
 
     def read() -> None:
         # Read ahead, so the study's writes to the pipe never wait for a job to finish.
-        nonlocal n_first, ended
+        nonlocal ended
         while (frame := _read_frame(jobs_in)) is not None:
             sequence, tracking_uri, what, payload, first = pickle.loads(frame)
             with changed:
-                n_first = _queue(jobs, (sequence, tracking_uri, what, payload), first, n_first)
+                jobs.put((sequence, tracking_uri, what, payload), first)
                 changed.notify()
         with changed:
             ended = True
             changed.notify()
 
     def next_job() -> tuple[int, str, str, bytes] | None:
-        nonlocal n_first
         with changed:
             changed.wait_for(lambda: bool(jobs) or ended)
-            if not jobs:
-                return None
-            n_first = max(n_first - 1, 0)
-            return jobs.popleft()
+            return jobs.pop() if jobs else None
 
     threading.Thread(target=read, name="tuner-mlflow-jobs", daemon=True).start()
     listening = True
