@@ -855,7 +855,7 @@ def fit_pack(
         health_rows: list[torch.Tensor] = []
         chunk_start = -chunk_rows
         # The pack's tensors never require gradients (they are computed by hand), so nothing is recorded anyway;
-        # one guard per epoch instead of one per call of the step's methods (2 us each).
+        # one guard per epoch instead of one per call of the step's methods (about 2 us each).
         with torch.no_grad():
             for step, start in enumerate(starts):
                 if start >= chunk_start + chunk_rows:
@@ -864,7 +864,8 @@ def fit_pack(
                     # The chunk's batches as views, cut in one call each (chunk_rows is a multiple of batch).
                     x_batches = train.x[chunk].split(batch, dim=1)
                     y_batches = train_y[chunk].split(batch, dim=1)
-                x_batch, y_batch = x_batches[(start - chunk_start) // batch], y_batches[(start - chunk_start) // batch]
+                at = (start - chunk_start) // batch
+                x_batch, y_batch = x_batches[at], y_batches[at]
                 pack.next_dropout()
                 sampled = config.health and (step == 0 if config.health_every == 0 else step % config.health_every == 0)
                 watched: list[torch.Tensor] | None = [] if sampled else None
