@@ -225,19 +225,16 @@ class RunIds:
                 self._new.append(created)
             self._changed.notify_all()
 
-    def get(self, key: str) -> CreatedRun | None:
-        with self._changed:
-            return self._found.get(key)
-
     def wait(self, key: str, timeout: float | None = None) -> CreatedRun | None:
         """The run of ``key`` once its creation has run (None after ``timeout`` seconds)."""
         with self._changed:
             self._changed.wait_for(lambda: key in self._found, timeout)
             return self._found.get(key)
 
-    def forget(self, key: str) -> None:
+    def take(self, key: str) -> CreatedRun | None:
+        """The run of ``key``, if its creation has run, no longer kept here (its close carries it)."""
         with self._changed:
-            self._found.pop(key, None)
+            return self._found.pop(key, None)
 
     def take_new(self) -> list[CreatedRun]:
         with self._changed:
@@ -684,9 +681,9 @@ def close_run(
     whose id was not known when the close was sent is looked up here, where its creation ran."""
     from mlflow.exceptions import MlflowException
 
-    if run.run_id is None:
-        run = RUNS.get(run.key) or run
-    RUNS.forget(run.key)
+    created = RUNS.take(run.key)
+    if run.run_id is None and created is not None:
+        run = created
     run_id, artifact_uri = run.run_id, run.artifact_uri
     if run_id is None:
         return []  # never created: its creation's failure was counted
@@ -887,10 +884,7 @@ class MlflowTracker:
             return
         now = int(time.time() * 1000)
         items = self._buffers.pop(run_key, []) + [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        created = RUNS.get(run_key)
-        if created is not None:
-            RUNS.forget(run_key)  # the close carries what it needs
-        run = created or CreatedRun(run_key, None, None)
+        run = RUNS.take(run_key) or CreatedRun(run_key, None, None)
         run_tags = [RunTag(k, str(v)) for k, v in tags.items()]
         status = RUN_STATUS.get(state, "FAILED")
         close = functools.partial(
