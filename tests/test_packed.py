@@ -10,7 +10,7 @@ import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
-from tiny import TINY_DATA, TINY_SPACE, stored_in, toy_parts
+from tiny import TINY_DATA, TINY_SPACE, Part, stored_in, toy_parts
 
 from tuner.config import spec_from_dict
 from tuner.packed import PackMember, fit_pack, pack_key
@@ -115,12 +115,43 @@ def test_a_pack_with_one_non_finite_trial_fails_only_that_trial():
     assert broken.health is not None and broken.health.name in ("exploding", "non-finite")
     assert "at epoch 0" in broken.stop_reason and "layer" in broken.stop_reason
     assert broken.epochs == 1
+    # The message names the failed trial's own layers, as its run alone does, not a pack mate's.
+    (broken_alone,) = fit_pack([PackMember(trials[1], 21)], train, validation, CONFIG, n_out=1)
+    assert broken.stop_reason == broken_alone.result.stop_reason
+    assert "32->4" in broken.stop_reason or "4->1" in broken.stop_reason
     for i in (0, 2):
         (alone,) = fit_pack([PackMember(trials[i], 20 + i)], train, validation, CONFIG, n_out=1)
         assert not packed[i].result.failed
         assert histories_close(packed[i].result.history, alone.result.history) <= TOLERANCE
         for value in packed[i].result.state_dict.values():
             assert torch.isfinite(value.float()).all()
+
+
+def test_a_trial_without_clipping_keeps_gradients_too_large_to_measure_when_a_pack_mate_clips():
+    # Inputs so large that a gradient's squared norm overflows float32: the clipping trial's norm is inf, and
+    # the trial that does not clip must train as it does alone, not get inf / inf = NaN from its pack mate's clip.
+    train, validation = toy_parts(device=DEVICE)
+    train = Part(train.x * 1e19, train.y)
+    validation = Part(validation.x * 1e19, validation.y)
+    config = FitConfig(max_epochs=3, patience=3, health=False)
+    unclipped = params(dropout=0.0)
+    clipping = params(dropout=0.0, widths=(8, 8), max_grad_norm=1.0)
+    packed = fit_pack([PackMember(unclipped, 1), PackMember(clipping, 2)], train, validation, config, n_out=1)
+    (alone,) = fit_pack([PackMember(unclipped, 1)], train, validation, config, n_out=1)
+    got, want = packed[0].result, alone.result
+    assert not want.failed and not got.failed, got.stop_reason
+    assert [h["val_loss"] for h in got.history] == pytest.approx([h["val_loss"] for h in want.history], rel=1e-5)
+
+
+def test_an_exported_batch_norm_layer_counts_the_steps_up_to_the_best_epoch():
+    train, validation = toy_parts(device=DEVICE)  # 400 rows at batch 64: 7 steps an epoch
+    config = FitConfig(max_epochs=10, patience=3)
+    trial = params(batch_norm=True, dropout=0.0, lr=0.05)
+    (outcome,) = fit_pack([PackMember(trial, 3)], train, validation, config, n_out=1)
+    result = outcome.result
+    assert result.best_epoch is not None and result.epochs > result.best_epoch + 1  # it trained past its best
+    counters = [v for k, v in result.state_dict.items() if k.endswith("num_batches_tracked")]
+    assert counters and all(int(c) == 7 * (result.best_epoch + 1) for c in counters)
 
 
 class StopAt:

@@ -155,6 +155,18 @@ def test_every_optimizer_and_activation_trains(optimizer, activation, batch_norm
     assert not result.failed and result.best_epoch is not None
 
 
+def test_nesterov_with_momentum_zero_trains_as_plain_sgd():
+    # The space allows momentum 0; torch.optim.SGD refuses Nesterov without momentum, the packed engine does not.
+    train, val = toy_parts()
+
+    def history(optimizer: str) -> list[dict[str, float]]:
+        params = TrialParams(**{**PARAMS.__dict__, "optimizer": optimizer, "momentum": 0.0})
+        model = build_mlp(4, params, 1, generator=torch.Generator().manual_seed(0))
+        return fit(model, train, val, params, FitConfig(max_epochs=2, patience=2), seed=0).history
+
+    assert history("nesterov") == history("sgd")
+
+
 def test_batch_norm_survives_a_final_batch_of_one_row():
     train, val = toy_parts()
     params = TrialParams(**{**PARAMS.__dict__, "batch_norm": True, "batch_size": 57})  # 400 % 57 == 1

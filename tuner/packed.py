@@ -380,8 +380,8 @@ class _Pack:
         self.any_l1 = bool((self.l1 > 0).any())
 
     def snapshot(self, row: int) -> dict[str, torch.Tensor]:
-        """A copy of one member's parameters and batch-norm statistics."""
-        out = {}
+        """A copy of one member's parameters and batch-norm statistics, with the batch-norm step count then."""
+        out = {"bn_steps": torch.tensor(self.bn_steps)}
         for name in ("weights", "biases", "gammas", "betas", "running_means", "running_vars"):
             for i, t in enumerate(getattr(self, name)):
                 out[f"{name}.{i}"] = t[row].detach().clone()
@@ -402,7 +402,7 @@ class _Pack:
                 bn.running_mean.copy_(saved[f"running_means.{i}"][0, :n])
                 bn.running_var.copy_(saved[f"running_vars.{i}"][0, :n])
                 if bn.num_batches_tracked is not None:
-                    bn.num_batches_tracked.fill_(self.bn_steps)
+                    bn.num_batches_tracked.copy_(saved["bn_steps"])
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward
@@ -644,7 +644,9 @@ class _Pack:
             return
         grads = self.grads
         total = torch.sqrt(torch.stack([g.pow(2).flatten(1).sum(dim=1) for g in grads]).sum(dim=0))
-        coef = (self.clip / (total + 1e-6)).clamp(max=1.0)
+        # A member without clipping keeps its gradients as they are: inf / inf (a norm that overflowed float32)
+        # would make them NaN, and only because a pack mate clips.
+        coef = torch.where(torch.isinf(self.clip), 1.0, (self.clip / (total + 1e-6)).clamp(max=1.0))
         for g in grads:
             g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
 
@@ -910,7 +912,7 @@ def fit_pack(
             metrics = {"train_loss": train_losses[row], "val_loss": val_loss_values[row]}
             problem = None
             if samples is not None:
-                health_metrics, problem = _epoch_health(samples[row], pack, epoch, thresholds)
+                health_metrics, problem = _epoch_health(samples[row], pack, slot.model, epoch, thresholds)
                 metrics.update(health_metrics)
             member_probs = probs[row] if probs is not None else None
             leaves = _end_epoch(slot, epoch, metrics, problem, member_probs, score_validation)
@@ -1000,11 +1002,12 @@ def _leave(
 
 
 def _epoch_health(
-    samples: list[list[float]], pack: _Pack, epoch: int, thresholds: HealthThresholds
+    samples: list[list[float]], pack: _Pack, model: nn.Sequential, epoch: int, thresholds: HealthThresholds
 ) -> tuple[dict[str, float], Problem | None]:
-    """One member's epoch of sampled statistics: per-layer means and the first problem, as tuner.health does."""
+    """One member's epoch of sampled statistics: per-layer means and the first problem (its layers named by the
+    member's own ``model``), as tuner.health does."""
     layers = pack.depth + 1
-    names = [describe(linear) for linear in _linears(pack.models[0])]
+    names = [describe(linear) for linear in _linears(model)]
     problem = None
     for row in samples:
         problem = find_problem(row[:layers], row[layers : 2 * layers], epoch, names, thresholds)

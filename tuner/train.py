@@ -115,13 +115,16 @@ class FitResult:
 
 
 def make_optimizer(model: nn.Module, params: TrialParams) -> torch.optim.Optimizer:
-    """SGD (plain or Nesterov momentum), Adam or AdamW; ``momentum`` is beta1 for the Adam family."""
+    """SGD (plain or Nesterov momentum), Adam or AdamW; ``momentum`` is beta1 for the Adam family.
+
+    Nesterov with momentum 0 is plain SGD (torch refuses the combination; the packed engine does the same).
+    """
     if params.optimizer in ("sgd", "nesterov"):
         return torch.optim.SGD(
             model.parameters(),
             lr=params.lr,
             momentum=params.momentum,
-            nesterov=params.optimizer == "nesterov",
+            nesterov=params.optimizer == "nesterov" and params.momentum > 0,
             weight_decay=params.weight_decay,
         )
     adam = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
