@@ -207,3 +207,14 @@ def test_a_process_that_exits_before_its_writer_process_is_ready_leaves_no_error
         timeout=120,
     )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_mlflows_http_retries_are_bounded_unless_the_user_set_them(tmp_path, monkeypatch):
+    # MLflow's defaults hold each request some 4 minutes once a tracking server is gone.
+    for name in tracking_mod.MLFLOW_HTTP_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "90")
+    tracking_mod.MlflowTracker(f"sqlite:///{tmp_path}/m.db", "bounded", str(tmp_path / "a"), writes="inline")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "90"  # the user's own value stays

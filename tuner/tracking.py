@@ -175,6 +175,42 @@ def _local_sqlite_dir(uri: str) -> Path | None:
     return None
 
 
+#: MLflow's HTTP retries unless the user sets them: 3 retries 0, 2 and 4 s apart, 30 s a request. MLflow's own
+#: (7 retries, back-off factor 2, 120 s) hold each request for about 4 minutes once a tracking server is gone:
+#: every trial's end then waited that long for its run, and a stopped worker outlived its 60 s grace period.
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+# How long a tracking server may take to accept a connection before a study refuses to start: MLflow's own
+# requests retry with back-off for minutes, which is right mid-study but leaves a mistyped URI silent that long.
+SERVER_CONNECT_TIMEOUT_S = 5.0
+
+
+def _check_server_reachable(uri: str) -> None:
+    """Raise OSError at once when an http(s) tracking server does not accept a connection."""
+    import socket
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # a port that is not a number from 0 to 65535
+        raise OSError(str(exc)) from None
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=SERVER_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise OSError(
+            f"no server accepts connections at {parts.hostname}:{port} ({reason}); start one with "
+            "`tuner ui` or `mlflow server`, or track to a local file (--tracking-uri sqlite:///mlruns/mlflow.db)"
+        ) from None
+
+
 def _write_ahead_log(path: Path) -> None:
     """Switch an SQLite MLflow store (created empty when missing) to write-ahead logging: one disk sync per
     commit instead of several. The mode stays with the file; a file that cannot switch stays as it was."""
@@ -757,6 +793,8 @@ class MlflowTracker:
         # MLflow prints two lines to stdout per run it closes on a tracking server; one per trial drowns the
         # study's own output. A user who wants them sets the variable to false.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        for name, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         import mlflow  # noqa: F401  (imported here so that importing tuner stays fast)
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
@@ -772,10 +810,11 @@ class MlflowTracker:
         # store at once (a local SQLite file takes one writer at a time).
         self.closes_from_threads = self.writes != "inline"
         sqlite_dir = _local_sqlite_dir(tracking_uri)
-        if sqlite_dir is not None:
-            sqlite_dir.mkdir(parents=True, exist_ok=True)
-            _write_ahead_log(Path(tracking_uri[len("sqlite:///") :]))
         try:
+            if sqlite_dir is not None:
+                sqlite_dir.mkdir(parents=True, exist_ok=True)
+                _write_ahead_log(Path(tracking_uri[len("sqlite:///") :]))
+            _check_server_reachable(tracking_uri)
             self.client = MlflowClient(tracking_uri=tracking_uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
