@@ -160,6 +160,22 @@ def test_not_a_mapping() -> None:
         ({"search_space": {"n_layers": {"low": 0, "high": 3}}}, ["search_space.n_layers:", ">= 1", "0"]),
         ({"data": {"features": ["u-g", "u-g"]}}, ["data.features:", "must not repeat", "u-g"]),
         ({"data": {"features": []}}, ["data.features:", "at least one feature"]),
+        ({"search_space": {"lr": {"value": 0}}}, ["search_space.lr:", "must be > 0", "low=0"]),
+        ({"study": {"name": "a/../../b"}}, ["study.name:", "file name", "'a/../../b'"]),
+        ({"study": {"name": ".."}}, ["study.name:", "file name", "'..'"]),
+        (
+            {"data": {"features": ["u-g", "ra"], "id_columns": ["ra", "dec"]}},
+            ["data.id_columns:", "['ra']", "also in data.features"],
+        ),
+        ({"data": {"features": ["u-g", "class"]}}, ["data.features:", "['class']", "the target is read from"]),
+        (
+            {"task": "regression", "data": {"target": "redshift", "positive": None, "features": ["u-g", "redshift"]}},
+            ["data.features:", "['redshift']", "the target is read from"],
+        ),
+        ({"data": {"features": ["u-g", "redshift"], "target": "redshift>1"}}, ["data.features:", "['redshift']"]),
+        ({"train": {"pos_weight": "balancedd"}}, ["train.pos_weight:", "> 0, 'balanced' or null", "'balancedd'"]),
+        ({"train": {"pos_weight": -1}}, ["train.pos_weight:", "> 0", "-1"]),
+        ({"study": {"engine": "eager", "pack": 4}}, ["study.engine: the eager engine", "pack=4"]),
     ],
 )
 def test_single_mistake_message(raw: dict[str, Any], needles: list[str]) -> None:
@@ -292,6 +308,19 @@ def test_yaml_syntax_error(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
+def test_a_study_file_not_in_utf8_is_one_message(tmp_path: Path) -> None:
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\x00\xff\xfe")
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert str(info.value) == f"invalid study file {path}: not a text file in UTF-8: byte 0xff at offset 1 is not UTF-8"
+
+
+def test_a_section_rule_is_named_once() -> None:
+    # The rule's own key, not its section's name in front of it ("study: study.engine: ...").
+    assert one_problem({"study": {"engine": "eager", "pack": 4}}).startswith("study.engine: ")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nowhere.yaml"
     with pytest.raises(ConfigError) as info:
@@ -408,3 +437,28 @@ def test_cli_missing_file_exits_2(
     assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--study-name", ""], "--study-name: must not be empty (it sets study.name)"),
+        (["--storage", " "], "--storage: must not be empty (it sets study.storage)"),
+        (["--no-tracking", "--tracking-uri", "sqlite:///x.db"], "--no-tracking and --tracking-uri contradict"),
+        (["--tracking-uri", "http://127.0.0.1:1"], "no server accepts connections at 127.0.0.1:1"),
+    ],
+)
+def test_cli_empty_contradictory_or_unreachable_flags_exit_2_and_create_nothing(
+    flags: list[str], needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump({"data": {"simulated": {"n_star": 300, "n_quasar": 60}}, "study": {"n_trials": 1}}))
+    assert main(["run", str(path), *flags]) == 2
+    err = squash(capsys.readouterr().err)
+    assert needle in err, err
+    assert err.count("error:") == 1
+    # no study file, no lock beside it, no MLflow store
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.yaml"]

@@ -77,6 +77,20 @@ def test_read_table_missing_file(tmp_path: Path) -> None:
     assert message.startswith("data.source:") and "not found" in message and "missing.csv" in message
 
 
+def test_read_table_header_only_says_there_are_no_rows(tmp_path: Path) -> None:
+    path = tmp_path / "cat.csv"
+    path.write_text("u,g,class\n")
+    with pytest.raises(DataError) as info:
+        read_table(path)
+    assert str(info.value) == f"data.source: {path} holds no rows (columns: u, g, class)"
+
+
+def test_read_table_a_directory_is_named_as_one(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        read_table(tmp_path)
+    assert str(info.value) == f"data.source: {tmp_path} is a directory; name a catalogue file in it"
+
+
 def test_read_table_unknown_type(tmp_path: Path) -> None:
     path = tmp_path / "cat.xlsx"
     path.write_text("whatever")

@@ -230,6 +230,29 @@ def test_export_refuses_bad_trials_and_occupied_directories(env, capsys):
     assert main([*base, "--out", str(env.root / "notes"), "--force"]) == 2
     assert "is not a previous export" in " ".join(capsys.readouterr().err.split())
     assert (env.root / "notes" / "keep.txt").read_text() == "mine"
+    # A folder that cannot be made is refused before the trial is rebuilt.
+    (env.root / "a-file").write_text("")
+    assert main([*base, "--out", str(env.root / "a-file" / "model")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--out: {env.root / 'a-file' / 'model'} cannot be made: {env.root / 'a-file'} is a file" in err
+
+
+def test_predictions_that_cannot_be_written_are_one_error_and_no_file(env, tmp_path, capsys, monkeypatch):
+    simulate_catalogue(n_star=50, n_quasar=5, seed=6).to_csv(tmp_path / "in.csv", index=False)
+    args = ["predict", str(env.exported.path), "--data", str(tmp_path / "in.csv")]
+    (tmp_path / "a-file").write_text("")
+    assert main([*args, "--out", str(tmp_path / "a-file" / "o.csv")]) == 2
+    assert "cannot be made" in " ".join(capsys.readouterr().err.split())
+
+    def disk_full(self, path, *a, **k):
+        Path(path).write_text("p_QSO,predicted_QSO\n0.1,")  # a first part written, then the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
+    assert main([*args, "--out", str(tmp_path / "o.csv")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--out: cannot write {tmp_path / 'o.csv'}: No space left on device" in err
+    assert not (tmp_path / "o.csv").exists()
 
 
 def test_register_twice_moves_champion_and_a_fresh_process_loads_it(env, tmp_path):

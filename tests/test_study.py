@@ -274,6 +274,33 @@ def test_bad_sampler_options_are_reported(tmp_path):
         study_mod.check_spec(spec)
 
 
+def test_sampler_and_pruner_options_of_the_wrong_type_are_refused_before_the_study(tmp_path):
+    # Optuna's constructors keep such values unchecked: they would fail mid-study, with a trial written.
+    spec = tiny_spec(
+        tmp_path,
+        **{
+            "study.sampler_options": {"n_startup_trials": "x", "consider_prior": 1, "prior_weight": 2},
+            "study.pruner": "median",
+            "study.pruner_options": {"n_warmup_steps": 1.5, "n_startup_trials": 2},
+        },
+    )
+    with pytest.raises(ConfigError) as info:
+        study_mod.check_spec(spec)
+    assert info.value.problems == [
+        "study.sampler_options.n_startup_trials: 'x' must be an integer (the tpe sampler)",
+        "study.sampler_options.consider_prior: 1 must be true or false or null (the tpe sampler)",
+        "study.pruner_options.n_warmup_steps: 1.5 must be an integer (the median pruner)",
+    ]
+
+
+def test_a_cuda_device_past_the_last_one_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(study_mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(study_mod.torch.cuda, "device_count", lambda: 2)
+    assert study_mod.resolve_device("cuda:1") == study_mod.torch.device("cuda:1")
+    with pytest.raises(ConfigError, match=r"--device: 'cuda:2' asked for, but only 2 CUDA device\(s\) are visible"):
+        study_mod.resolve_device("cuda:2")
+
+
 def test_unreachable_storage_is_a_storage_error_with_the_password_masked(tiny_dataset):
     spec = spec_from_dict(TINY).with_overrides(
         {"study.storage": "postgresql+psycopg://user:secret@127.0.0.1:1/none?connect_timeout=2"}

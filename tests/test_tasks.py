@@ -231,7 +231,7 @@ def test_labels_come_from_columns_or_conditions_and_rows_from_where(table):
     spec = spec_for(
         table,
         "multilabel",
-        data={"target": ["bright", "kind==X", "a>0"], "where": {"d": {"min": -2.0, "max": 2.0}}},
+        data={"target": ["bright", "kind==X", "value>300"], "where": {"d": {"min": -2.0, "max": 2.0}}},
     )
     dataset = build_dataset(spec)
     frame = pd.read_csv(table)
@@ -241,7 +241,7 @@ def test_labels_come_from_columns_or_conditions_and_rows_from_where(table):
     assert targets is not None and targets.shape == (len(kept), 3)
     assert np.array_equal(targets[:, 0], kept.bright.to_numpy())
     assert np.array_equal(targets[:, 1], (kept.kind == "X").to_numpy())
-    assert np.array_equal(targets[:, 2], (kept.a > 0).to_numpy())
+    assert np.array_equal(targets[:, 2], (kept.value > 300).to_numpy())
     assert dataset.n_out == 3 and dataset.train.y.shape[1] == 3
 
 
@@ -252,7 +252,7 @@ def test_labels_come_from_columns_or_conditions_and_rows_from_where(table):
         ("regression", {"target": "kind"}, "needs a numeric target column, got column 'kind'"),
         ("multilabel", {"target": ["bright", "kind"]}, "label column 'kind' must hold 0/1 or true/false"),
         ("multilabel", {"target": ["bright", "kind>1"]}, "needs a numeric column for >"),
-        ("multilabel", {"target": ["bright", "a>100"]}, "label 'a>100' holds 0 positive"),
+        ("multilabel", {"target": ["bright", "value>100000"]}, "label 'value>100000' holds 0 positive"),
         ("multilabel", {"target": ["bright", "nope==1"]}, "column 'nope' not in the catalogue"),
         ("regression", {"target": "value", "where": {"kind": "W"}}, "data.where: no row has kind='W'"),
     ],
@@ -344,13 +344,13 @@ def test_a_unit_regression_predicts_within_0_and_1(table):
 
 
 def test_a_multilabel_study_chooses_each_labels_threshold_on_validation(table, tmp_path):
-    names = ["bright", "kind==X", "a>0"]
+    names = ["bright", "kind==X", "value>300"]
     spec = spec_for(table, "multilabel", tmp_path, data={"target": names}, objective={"target_contamination": 0.15})
     study = run_study(spec, device="cpu").study
     best = study.best_trial
     attrs = best.user_attrs
     keys = [label_key(n) for n in names]
-    assert keys == ["bright", "kind_eq_X", "a_gt_0"]
+    assert keys == ["bright", "kind_eq_X", "value_gt_300"]
     per_label = [attrs[f"val_completeness_{k}"] for k in keys]
     assert math.isclose(best.value, float(np.mean(per_label)))
     assert math.isclose(

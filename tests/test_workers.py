@@ -26,6 +26,7 @@ import pytest
 import yaml
 from faults import restart_error
 
+from tuner.errors import StorageError
 from tuner.worker import LOST, RETRY_OF, SURPLUS, sqlite_single_process, sqlite_study_names
 
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
@@ -436,6 +437,21 @@ def test_workers_log_to_an_mlflow_server_over_http(tmp_path, pg_database):
         server.wait(timeout=30)
 
 
+def test_a_command_that_fails_before_the_study_file_exists_leaves_no_lock(tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    with pytest.raises(RuntimeError), sqlite_single_process(url):
+        assert (tmp_path / "optuna.db.lock").exists()
+        raise RuntimeError("refused before the study was made")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_is_not_a_database_is_named_as_such(tmp_path):
+    path = tmp_path / "optuna.db"
+    path.write_text("garbage")
+    with pytest.raises(StorageError, match=r"study\.storage: .*optuna\.db is not an SQLite database"):
+        sqlite_study_names(path)
+
+
 def test_a_second_process_on_an_sqlite_study_is_refused(tmp_path):
     study = write_study(tmp_path, n_trials=1)
     url = f"sqlite:///{tmp_path}/optuna.db"
@@ -541,7 +557,6 @@ def test_looking_at_an_sqlite_study_being_made_writes_nothing(tmp_path):
     written that would make that process fail."""
     import sqlite3
 
-    from tuner.errors import StorageError
     from tuner.worker import find_study, load_existing
 
     path = tmp_path / "optuna.db"

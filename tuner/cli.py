@@ -30,15 +30,20 @@ err_console = Console(stderr=True, highlight=False)
 def _spec_for(args: argparse.Namespace) -> StudySpec:
     spec = load_spec(args.study)
     overrides: dict[str, Any] = {}
-    if getattr(args, "storage", None):
-        overrides["study.storage"] = args.storage
-    if getattr(args, "study_name", None):
-        overrides["study.name"] = args.study_name
+    for flag, key in (("storage", "study.storage"), ("study_name", "study.name"), ("tracking_uri", "tracking.uri")):
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if not value.strip():
+            raise ConfigError(
+                f"--{flag.replace('_', '-')}: must not be empty (it sets {key}); leave the flag out instead"
+            )
+        overrides[key] = value
     if getattr(args, "n_trials", None) is not None:
         overrides["study.n_trials"] = args.n_trials
-    if getattr(args, "tracking_uri", None):
-        overrides["tracking.uri"] = args.tracking_uri
     if getattr(args, "no_tracking", False):
+        if getattr(args, "tracking_uri", None) is not None:
+            raise ConfigError("--no-tracking and --tracking-uri contradict each other: give one of them")
         overrides["tracking.enabled"] = False
     return spec.with_overrides(overrides) if overrides else spec
 

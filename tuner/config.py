@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -36,6 +37,8 @@ SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp", "nsga2")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "none")
 #: Pruners that can judge a k-fold trial, which reports once per fold (per-epoch pruners would mix folds and epochs).
 KFOLD_PRUNERS = ("wilcoxon", "none")
+#: A label derived from a condition on a column, such as "class==QSO" or "redshift>1": column, operator, value.
+CONDITION = re.compile(r"^\s*([^=!<>]+?)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
 OBJECTIVES = ("completeness_at_contamination", "val_loss", "roc_auc", "average_precision")
 #: Objectives of the regression tasks, measured on validation in the target's unit.
 REGRESSION_OBJECTIVES = ("mae", "rmse", "r2")
@@ -280,12 +283,20 @@ class SearchSpace(_Frozen):
             raise ValueError(f"dropout must lie in [0, 1), got low={low:g}, high={high:g}")
         return p
 
-    @field_validator("lr", "weight_decay")
+    @field_validator("weight_decay")
     @classmethod
     def _non_negative(cls, p: FloatParam) -> FloatParam:
         low, _ = _bounds(p)
         if low < 0:
             raise ValueError(f"must be >= 0, got low={low:g}")
+        return p
+
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, p: FloatParam) -> FloatParam:
+        low, _ = _bounds(p)
+        if low <= 0:
+            raise ValueError(f"a learning rate must be > 0 (at 0 nothing trains), got low={low:g}")
         return p
 
     @field_validator("max_grad_norm")
@@ -451,6 +462,26 @@ class DataSpec(_Frozen):
         """The target columns: one, or the labels of a multilabel task."""
         return self.target if isinstance(self.target, tuple) else (self.target,)
 
+    @model_validator(mode="after")
+    def _columns_keep_their_roles(self) -> DataSpec:
+        carried = [c for c in self.id_columns if c in self.features]
+        if carried:
+            raise ValueError(
+                f"data.id_columns: {carried} also in data.features; an identifier is carried through to the "
+                "predictions, never learned from: drop it from one of the two lists"
+            )
+        label_columns = set()
+        for target in self.targets:
+            condition = CONDITION.match(target)
+            label_columns.add(condition.group(1) if condition else target)
+        leaking = [f for f in self.features if f in label_columns]
+        if leaking:
+            raise ValueError(
+                f"data.features: {leaking} is the column the target is read from; a feature must not be the label "
+                "it predicts"
+            )
+        return self
+
     @field_validator("features")
     @classmethod
     def _features(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -472,12 +503,15 @@ class TrainSpec(_Frozen):
     eval_batch_size: int = Field(65_536, ge=1)
     pos_weight: float | Literal["balanced"] | None = None
 
-    @field_validator("pos_weight")
+    @field_validator("pos_weight", mode="before")
     @classmethod
-    def _pos_weight(cls, v: float | str | None) -> float | str | None:
-        if isinstance(v, float) and not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"pos_weight must be > 0, 'balanced' or null, got {v}")
-        return v
+    def _pos_weight(cls, v: Any) -> Any:
+        # Checked before pydantic's union, which would report one message per member.
+        if v is None or v == "balanced":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"pos_weight must be a number > 0, 'balanced' or null, got {v!r}")
+        return float(v)
 
 
 class ObjectiveSpec(_Frozen):
@@ -629,6 +663,16 @@ class StudySection(_Frozen):
     # What trains a trial: packed (tuner.packed, also for one trial at a time: fused updates, no module
     # overhead) or eager (torch.nn and torch.optim, tuner.train.fit). k-fold trials train eagerly.
     engine: Literal["packed", "eager"] = "packed"
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_file_name(cls, name: str) -> str:
+        # The name names files too (reports/NAME.html, exports/NAME-trial-N): it must stay one file name.
+        if "/" in name or "\\" in name or name in (".", "..") or any(ord(c) < 32 for c in name):
+            raise ValueError(
+                f"must be usable as a file name (no '/', '\\' or control characters, not '.' or '..'), got {name!r}"
+            )
+        return name
 
     @model_validator(mode="after")
     def _pack_needs_packed_engine(self) -> StudySection:
@@ -976,8 +1020,9 @@ def _format_error(err: Any) -> str:
     msg = str(err["msg"])
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-        # A cross-section rule names its own key; keep it instead of "(top level)".
-        if not loc and ":" in msg.split(" ", 1)[0]:
+        # A rule across keys names its own key: keep it instead of "(top level)" or its section's name.
+        named = msg.split(" ", 1)[0]
+        if ":" in named and (not loc or named.startswith(f"{where}.")):
             return msg
         return f"{where}: {msg}"
     return f"{where}: {msg}, got {err.get('input')!r}"
@@ -1025,9 +1070,16 @@ def load_spec(path: str | Path) -> StudySpec:
     if not path.is_file():
         raise ConfigError(f"study file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"not a text file in UTF-8: byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8",
+            source=str(path),
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the study file: {exc.strerror or exc}", source=str(path)) from None
     if raw is None:  # an empty file: every default, named after the file like any other
         raw = {}
     if isinstance(raw, dict) and isinstance(raw.get("study"), dict) and "name" not in raw["study"]:

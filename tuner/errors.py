@@ -19,7 +19,12 @@ class ConfigError(TunerError):
     def __init__(self, problems: list[str] | str, *, source: str | None = None) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         self.source = source
-        head = f"invalid study file {source}" if source else "invalid study specification"
+        if source:
+            head = f"invalid study file {source}"
+        elif all(p.startswith("--") for p in self.problems):
+            head = "invalid command-line arguments"
+        else:
+            head = "invalid study specification"
         if len(self.problems) == 1:
             text = f"{head}: {self.problems[0]}"
         else:

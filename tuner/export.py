@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -541,7 +542,19 @@ def _pick_trials(
     return chosen, (others[0] if others else None)
 
 
+def _check_creatable(path: Path, flag: str) -> None:
+    """Refuse, before any work, a path that cannot be made: one under a file, or in a folder without write access."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportError(f"{flag}: {path} cannot be made: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ExportError(f"{flag}: {path} cannot be made: no permission to write in {ancestor}")
+
+
 def _prepare_out(out: Path, force: bool) -> None:
+    _check_creatable(out, "--out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out: {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -2088,8 +2101,12 @@ def export_trial(
         (stage / _plot_file(spec.task)).write_text(_curve_html(dataset, spec, scored, title))
         if target.exists():
             shutil.rmtree(target)  # _prepare_out allowed it: empty, or a previous export with --force
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(stage, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(stage, target)
+        except OSError as exc:
+            shutil.rmtree(target, ignore_errors=True)  # no half-copied model
+            raise ExportError(f"--out: cannot write {target}: {exc.strerror or exc}") from None
 
     logged_uri = version = None
     if log_to_mlflow and run_id:
@@ -2274,6 +2291,7 @@ def predict_file(
     """
     out_path, data_path = Path(out), Path(data)
     kind = _writer(out_path)
+    _check_creatable(out_path, "--out")
     frame = _read_input(data_path)
     with tempfile.TemporaryDirectory(prefix="tuner-model-") as tmp:
         model_dir = load_model_dir(model, tracking_uri, tmp)
@@ -2293,11 +2311,17 @@ def predict_file(
             )
         scores = predict_frame(model_dir, frame)
     result = pd.concat([frame[ids].reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "parquet":
-        result.to_parquet(out_path, index=False)
-    else:
-        result.to_csv(out_path, index=False, sep="\t" if kind == "tsv" else ",")
+    existed = out_path.exists()
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "parquet":
+            result.to_parquet(out_path, index=False)
+        else:
+            result.to_csv(out_path, index=False, sep="\t" if kind == "tsv" else ",")
+    except OSError as exc:
+        if not existed:
+            out_path.unlink(missing_ok=True)  # no half-written predictions
+        raise ExportError(f"--out: cannot write {out_path}: {exc.strerror or exc}") from None
     positive = config["positive_class"]
     decision = f"predicted_{positive}" if positive is not None else None
     per_label = thresholds = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import os
 import platform
 import subprocess
 import time
+import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -92,18 +94,28 @@ log = logging.getLogger(__name__)
 # Strategies by name
 
 
+SAMPLER_CLASSES: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "gp": optuna.samplers.GPSampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+}
+
+PRUNER_CLASSES: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "wilcoxon": optuna.pruners.WilcoxonPruner,
+    "none": optuna.pruners.NopPruner,
+}
+
+
 def make_sampler(name: str, seed: int, options: dict[str, Any] | None = None) -> optuna.samplers.BaseSampler:
     """The sampler registered under ``name``, seeded by the study seed."""
-    options = dict(options or {})
-    factories: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
-        "tpe": optuna.samplers.TPESampler,
-        "random": optuna.samplers.RandomSampler,
-        "qmc": optuna.samplers.QMCSampler,
-        "cmaes": optuna.samplers.CmaEsSampler,
-        "gp": optuna.samplers.GPSampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-    }
-    return factories[name](seed=seed, **options)
+    return SAMPLER_CLASSES[name](seed=seed, **dict(options or {}))
 
 
 def make_pruner(name: str, options: dict[str, Any] | None = None) -> optuna.pruners.BasePruner:
@@ -115,19 +127,55 @@ def make_pruner(name: str, options: dict[str, Any] | None = None) -> optuna.prun
         # The first epochs' validation objective is noise (completeness at a contamination target is often 0
         # until the net separates the classes at all): do not prune on them.
         options.setdefault("n_warmup_steps", 3)
-    factories: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
-        "median": optuna.pruners.MedianPruner,
-        "percentile": optuna.pruners.PercentilePruner,
-        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-        "hyperband": optuna.pruners.HyperbandPruner,
-        "none": optuna.pruners.NopPruner,
-    }
     if name == "wilcoxon":
         # Experimental in Optuna 5: the study file asked for it by name, so the warning would only repeat that.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.pruners.WilcoxonPruner(**options)
-    return factories[name](**options)
+            return PRUNER_CLASSES[name](**options)
+    return PRUNER_CLASSES[name](**options)
+
+
+# The annotations an option's value can be checked against; any other makes the option the constructor's to check.
+_SIMPLE_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def option_type_problem(factory: Callable[..., Any], key: str, value: Any) -> str | None:
+    """What is wrong with ``value``'s type for the keyword ``key`` of an Optuna sampler or pruner, or None.
+
+    Optuna's constructors store most options unchecked, so a wrong type surfaces as a traceback mid-study.
+    The check reads the constructor's annotation (a string under postponed evaluation, such as ``"int | None"``)
+    and judges only simple ones: int, float, bool, str and None.
+    """
+    try:
+        parameter = inspect.signature(factory).parameters.get(key)
+    except (TypeError, ValueError):
+        return None
+    if parameter is None:
+        return None  # an unknown name: the constructor refuses it with its own message
+    annotation = parameter.annotation
+    if isinstance(annotation, str):
+        names = [part.strip() for part in annotation.split("|")]
+    elif isinstance(annotation, type):
+        names = [annotation.__name__]
+    else:
+        names = [getattr(arg, "__name__", repr(arg)) for arg in typing.get_args(annotation)]
+    names = ["None" if n == "NoneType" else n for n in names]
+    if not names or any(n not in _SIMPLE_TYPES for n in names):
+        return None
+    accepted = {_SIMPLE_TYPES[n] for n in names}
+    if isinstance(value, bool):
+        ok = bool in accepted
+    elif isinstance(value, int):
+        ok = int in accepted or float in accepted
+    elif isinstance(value, float):
+        ok = float in accepted
+    else:
+        ok = type(value) in accepted
+    if ok:
+        return None
+    wanted = " or ".join(_TYPE_WORDS[t] for t in (int, float, bool, str, type(None)) if t in accepted)
+    return f"{key}: {value!r} must be {wanted}"
 
 
 def enqueue_new(study: optuna.Study, entries: Sequence[dict[str, Any]]) -> int:
@@ -175,14 +223,29 @@ def check_spec(spec: StudySpec, extra_enqueue: Sequence[dict[str, Any]] = ()) ->
         ConfigError: Listing every problem.
     """
     problems: list[str] = []
-    for what, build in (
-        ("sampler", lambda: make_sampler(spec.study.sampler, spec.study.seed, spec.study.sampler_options)),
-        ("pruner", lambda: make_pruner(spec.study.pruner, spec.study.pruner_options)),
+    for what, factories, options, build in (
+        (
+            "sampler",
+            SAMPLER_CLASSES,
+            spec.study.sampler_options,
+            lambda: make_sampler(spec.study.sampler, spec.study.seed, spec.study.sampler_options),
+        ),
+        (
+            "pruner",
+            PRUNER_CLASSES,
+            spec.study.pruner_options,
+            lambda: make_pruner(spec.study.pruner, spec.study.pruner_options),
+        ),
     ):
+        name = getattr(spec.study, what)
+        typed = [option_type_problem(factories[name], key, value) for key, value in (options or {}).items()]
+        wrong = [f"study.{what}_options.{problem} (the {name} {what})" for problem in typed if problem]
+        if wrong:
+            problems += wrong
+            continue
         try:
             build()
         except (TypeError, ValueError) as exc:
-            name = getattr(spec.study, what)
             problems.append(f"study.{what}_options: not accepted by the {name} {what}: {exc}")
     entries: list[dict[str, Any]] = []
     all_entries = [(f"study.enqueue[{i}]", e) for i, e in enumerate(spec.study.enqueue)]
@@ -217,6 +280,11 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ConfigError(f"--device: unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device: {device!r} asked for, but no CUDA device is available; use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(
+            f"--device: {device!r} asked for, but only {count} CUDA device(s) are visible: cuda:0 to cuda:{count - 1}"
+        )
     return resolved
 
 

@@ -125,7 +125,11 @@ def find_study(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.
 
 
 def sqlite_study_names(path: Path) -> list[str]:
-    """Read-only: the studies an SQLite file holds; none while its tables are still being made, or no file."""
+    """Read-only: the studies an SQLite file holds; none while its tables are still being made, or no file.
+
+    Raises:
+        StorageError: The file is not an SQLite database.
+    """
     import sqlite3
     from contextlib import closing
 
@@ -134,8 +138,10 @@ def sqlite_study_names(path: Path) -> list[str]:
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
             return [row[0] for row in conn.execute("SELECT study_name FROM studies ORDER BY study_id")]
-    except sqlite3.Error:  # no tables yet, or a file that is not a study
+    except sqlite3.OperationalError:  # no tables yet (another process is making them), or a database of another kind
         return []
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"study.storage: {path} is not an SQLite database ({exc})") from None
 
 
 def load_existing(name: str, storage: str) -> optuna.Study:
@@ -291,9 +297,11 @@ def sqlite_single_process(url: str) -> Iterator[None]:
     lock_path = path.with_name(path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     handle: IO[str] = open(lock_path, "a+")  # noqa: SIM115 (held for the whole block)
+    locked = False
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
@@ -307,6 +315,10 @@ def sqlite_single_process(url: str) -> Iterator[None]:
         handle.flush()
         yield
     finally:
+        if locked and not path.exists():
+            # Nothing was stored (the command failed before the study file was made): leave nothing behind.
+            # Unlinked while still held, so no other process can have locked this file in the meantime.
+            lock_path.unlink(missing_ok=True)
         handle.close()
 
 

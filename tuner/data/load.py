@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tuner.config import REGRESSION_TASKS, DataSpec
+from tuner.config import CONDITION, REGRESSION_TASKS, DataSpec
 from tuner.errors import DataError
 
 #: Fewest rows of a class that a stratified train / validation / holdout split can place in every part.
@@ -22,7 +21,6 @@ MAX_BINS = 10
 MIN_PER_BIN = 50
 #: A multilabel combination of labels rarer than this is stratified together with the other rare ones.
 MIN_PER_COMBINATION = 10
-_CONDITION = re.compile(r"^\s*([^=!<>]+?)\s*(==|!=|>=|<=|>|<)\s*(.+?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -51,16 +49,23 @@ def read_table(path: Path) -> pd.DataFrame:
     Raises:
         DataError: The file is missing, of an unknown type, or unreadable.
     """
+    if path.is_dir():
+        raise DataError(f"data.source: {path} is a directory; name a catalogue file in it")
     if not path.is_file():
         raise DataError(f"data.source: catalogue file not found: {path}")
     suffixes = [s.lower() for s in path.suffixes]
+    frame = None
     try:
         if ".parquet" in suffixes or ".pq" in suffixes:
-            return pd.read_parquet(path)
-        if ".csv" in suffixes or ".tsv" in suffixes:
-            return pd.read_csv(path, sep="\t" if ".tsv" in suffixes else ",")
+            frame = pd.read_parquet(path)
+        elif ".csv" in suffixes or ".tsv" in suffixes:
+            frame = pd.read_csv(path, sep="\t" if ".tsv" in suffixes else ",")
     except (OSError, ValueError) as exc:
         raise DataError(f"data.source: cannot read {path}: {exc}") from None
+    if frame is not None:
+        if frame.empty:
+            raise DataError(f"data.source: {path} holds no rows (columns: {', '.join(map(str, frame.columns))})")
+        return frame
     raise DataError(
         f"data.source: unknown file type {''.join(path.suffixes)!r} for {path}; use .csv, .csv.gz, .tsv or .parquet"
     )
@@ -163,7 +168,7 @@ def label_column(frame: pd.DataFrame, name: str) -> np.ndarray:
                 "a condition such as 'class==QSO' or 'redshift>1' derives a label"
             )
         return series.astype(bool).to_numpy().astype(np.float64)
-    match = _CONDITION.match(name)
+    match = CONDITION.match(name)
     if match is None:
         return _column(frame, name, "data.target").to_numpy()  # raises: not a column, not a condition
     column, op, raw = match.groups()
