@@ -248,11 +248,15 @@ def test_predictions_that_cannot_be_written_are_one_error_and_no_file(env, tmp_p
         Path(path).write_text("p_QSO,predicted_QSO\n0.1,")  # a first part written, then the disk fills
         raise OSError(28, "No space left on device")
 
+    (tmp_path / "earlier.csv").write_text("the scores of an earlier run\n")
     monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
-    assert main([*args, "--out", str(tmp_path / "o.csv")]) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert f"--out: cannot write {tmp_path / 'o.csv'}: No space left on device" in err
-    assert not (tmp_path / "o.csv").exists()
+    for name in ("o.csv", "earlier.csv"):
+        assert main([*args, "--out", str(tmp_path / name)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"--out: cannot write {tmp_path / name}: No space left on device" in err
+    # No half-written file, and the earlier file as it was.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "earlier.csv", "in.csv"]
+    assert (tmp_path / "earlier.csv").read_text() == "the scores of an earlier run\n"
 
 
 def test_register_twice_moves_champion_and_a_fresh_process_loads_it(env, tmp_path):

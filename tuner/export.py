@@ -2311,16 +2311,18 @@ def predict_file(
             )
         scores = predict_frame(model_dir, frame)
     result = pd.concat([frame[ids].reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
-    existed = out_path.exists()
+    # Written beside the target under a name with the same suffixes (the compression follows them), then moved
+    # into place: a failed write leaves neither a half-written file nor a damaged earlier one.
+    partial = out_path.with_name(f".partial-{os.getpid()}-{out_path.name}")
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         if kind == "parquet":
-            result.to_parquet(out_path, index=False)
+            result.to_parquet(partial, index=False)
         else:
-            result.to_csv(out_path, index=False, sep="\t" if kind == "tsv" else ",")
+            result.to_csv(partial, index=False, sep="\t" if kind == "tsv" else ",")
+        os.replace(partial, out_path)
     except OSError as exc:
-        if not existed:
-            out_path.unlink(missing_ok=True)  # no half-written predictions
+        partial.unlink(missing_ok=True)
         raise ExportError(f"--out: cannot write {out_path}: {exc.strerror or exc}") from None
     positive = config["positive_class"]
     decision = f"predicted_{positive}" if positive is not None else None
