@@ -19,6 +19,7 @@ from tiny import TINY_DATA, TINY_SPACE, stored_in
 from tuner import tracking as tracking_mod
 from tuner.config import spec_from_dict
 from tuner.data.dataset import build_dataset
+from tuner.errors import TrackingError
 from tuner.study import run_study
 from tuner.tracking import ProcessWriter
 
@@ -218,3 +219,15 @@ def test_mlflows_http_retries_are_bounded_unless_the_user_set_them(tmp_path, mon
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
     assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "90"  # the user's own value stays
+
+
+def test_an_artifact_folder_that_cannot_be_made_stops_the_study_before_it_starts(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    uri = f"sqlite:///{tmp_path}/m.db"
+    with pytest.raises(TrackingError) as info:
+        tracking_mod.MlflowTracker(uri, "lost-artifacts", str(tmp_path / "a-file" / "art"), writes="inline")
+    assert str(info.value) == (
+        f"tracking.artifact_location: artifacts cannot be written under {tmp_path / 'a-file' / 'art'}: "
+        f"{tmp_path / 'a-file'} is a file, not a directory"
+    )
+    assert MlflowClient(uri).get_experiment_by_name("lost-artifacts") is None  # nothing made before the refusal

@@ -38,6 +38,7 @@ from tuner.data.preprocess import Preprocessor
 from tuner.errors import DataError, ExportError, TunerError
 from tuner.evaluation import MultilabelEvaluation, RegressionEvaluation, label_key
 from tuner.model import load_state_dict_file, mlp_from_record, params_from_record
+from tuner.paths import cannot_create
 from tuner.space import TrialParams
 from tuner.tasks import REGRESSION, SINGLE_LABEL
 from tuner.train import mean_probabilities, predict_logits, probabilities
@@ -543,14 +544,10 @@ def _pick_trials(
 
 
 def _check_creatable(path: Path, flag: str) -> None:
-    """Refuse, before any work, a path that cannot be made: one under a file, or in a folder without write access."""
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ExportError(f"{flag}: {path} cannot be made: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ExportError(f"{flag}: {path} cannot be made: no permission to write in {ancestor}")
+    """Refuse, before any work, a path that cannot be made."""
+    problem = cannot_create(path)
+    if problem:
+        raise ExportError(f"{flag}: {path} cannot be made: {problem}")
 
 
 def _prepare_out(out: Path, force: bool) -> None:

@@ -211,6 +211,24 @@ def _check_server_reachable(uri: str) -> None:
         ) from None
 
 
+def _check_artifact_dir(location: str | None, what: str) -> None:
+    """Refuse a local artifact folder that cannot be made before the study starts: its artifacts would be lost,
+    each with a warning. Not local (a server's store, a bucket) or MLflow's default: nothing to check here."""
+    from urllib.parse import unquote
+
+    from tuner.paths import cannot_create
+
+    if not location:
+        return
+    parts = urlsplit(location)
+    if parts.scheme not in ("", "file"):
+        return
+    path = Path(unquote(parts.path)) if parts.scheme == "file" else Path(location)
+    problem = cannot_create(path / "run")
+    if problem:
+        raise TrackingError(f"{what}: artifacts cannot be written under {path}: {problem}")
+
+
 def _write_ahead_log(path: Path) -> None:
     """Switch an SQLite MLflow store (created empty when missing) to write-ahead logging: one disk sync per
     commit instead of several. The mode stays with the file; a file that cannot switch stays as it was."""
@@ -826,8 +844,10 @@ class MlflowTracker:
                     location = artifact_location
                 # A local path means nothing to a tracking server that workers on other machines share:
                 # there the server's own artifact store (mlflow-artifacts:/) is used.
+                _check_artifact_dir(location, "tracking.artifact_location")
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
+                _check_artifact_dir(found.artifact_location, f"the artifact location of experiment {experiment!r}")
                 self.experiment_id = found.experiment_id
         except (MlflowException, OSError) as exc:
             raise TrackingError(f"tracking.uri: cannot use MLflow store {mask_password(tracking_uri)}: {exc}") from None
