@@ -161,6 +161,8 @@ def test_not_a_mapping() -> None:
         ({"data": {"features": ["u-g", "u-g"]}}, ["data.features:", "must not repeat", "u-g"]),
         ({"data": {"features": []}}, ["data.features:", "at least one feature"]),
         ({"search_space": {"lr": {"value": 0}}}, ["search_space.lr:", "must be > 0", "low=0"]),
+        ({"search_space": {"n_layers": True}}, ["search_space.n_layers:", "must be a number, got True"]),
+        ({"search_space": {"lr": {"low": True, "high": 0.1}}}, ["search_space.lr.low:", "must be a number"]),
         ({"study": {"name": "a/../../b"}}, ["study.name:", "file name", "'a/../../b'"]),
         ({"study": {"name": ".."}}, ["study.name:", "file name", "'..'"]),
         (

@@ -103,6 +103,13 @@ def _scalar_to_fixed(data: Any) -> Any:
     return {"value": data}
 
 
+def _not_a_bool(v: Any) -> Any:
+    # pydantic takes true for 1 in a number field: `n_layers: true` would be one layer, `lr: true` a rate of 1.
+    if isinstance(v, bool):
+        raise ValueError(f"must be a number, got {v!r}")
+    return v
+
+
 class FloatParam(_Frozen):
     """A float hyperparameter: a range ``{low, high, log}`` or a fixed ``value``."""
 
@@ -112,6 +119,7 @@ class FloatParam(_Frozen):
     value: float | None = None
 
     _to_fixed = model_validator(mode="before")(_scalar_to_fixed)
+    _numbers = field_validator("low", "high", "value", mode="before")(_not_a_bool)
 
     @model_validator(mode="after")
     def _check(self) -> FloatParam:
@@ -147,6 +155,7 @@ class IntParam(_Frozen):
     value: int | None = None
 
     _to_fixed = model_validator(mode="before")(_scalar_to_fixed)
+    _numbers = field_validator("low", "high", "value", mode="before")(_not_a_bool)
 
     @model_validator(mode="after")
     def _check(self) -> IntParam:
