@@ -7,6 +7,7 @@ machine without PostgreSQL they skip with the reason.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import shutil
@@ -75,7 +76,14 @@ def pg_database() -> Iterator[Callable[[], str]]:
 
 
 def write_study(
-    tmp_path: Path, *, n_trials: int, big: bool = False, tracking: str | None = None, writes: str = "auto", **study
+    tmp_path: Path,
+    *,
+    n_trials: int,
+    big: bool = False,
+    epochs: int | None = None,
+    tracking: str | None = None,
+    writes: str = "auto",
+    **study,
 ) -> Path:
     # "big" trials last seconds (1-2 s on a 2-core AMD EPYC): long enough to be interrupted mid-trial, not between
     # two trials, on a fast machine too.
@@ -88,7 +96,7 @@ def write_study(
             "batch_size": {"value": 32} if big else {"low": 128, "high": 256, "log": True, "powers_of_two": True},
             "optimizer": {"choices": ["adam", "nesterov"]},
         },
-        "train": {"max_epochs": 20 if big else 2, "patience": 20 if big else 2},
+        "train": {"max_epochs": epochs or (20 if big else 2), "patience": epochs or (20 if big else 2)},
         "study": {
             "name": "workers",
             "n_trials": n_trials,
@@ -190,8 +198,12 @@ def _sqlite_study_exists(url: str) -> bool:
     return "workers" in sqlite_study_names(Path(url[len("sqlite:///") :]))
 
 
-def has_running_tracked_trial(url: str, tracking: str) -> bool:
-    """A trial is RUNNING and its MLflow run is open; False while the study is still being created."""
+def has_running_tracked_trial(url: str, tracking: str, started_within: float | None = None) -> bool:
+    """A trial is RUNNING and its MLflow run is open; False while the study is still being created.
+
+    With ``started_within`` (seconds), only a trial that started that recently counts: one with most of its
+    training ahead, so that a signal sent now finds it running, not finished.
+    """
     from sqlalchemy.exc import SQLAlchemyError
 
     if url.startswith("sqlite:///") and not _sqlite_study_exists(url):
@@ -201,7 +213,13 @@ def has_running_tracked_trial(url: str, tracking: str) -> bool:
     except (KeyError, SQLAlchemyError):  # the tuner process is still creating the tables or the study
         _STORAGES.pop(url, None)
         return False
-    running = {str(t.number) for t in trials if t.state.name == "RUNNING"}
+    now = datetime.datetime.now()  # Optuna stores start times in local time, naive
+    running = {
+        str(t.number)
+        for t in trials
+        if t.state.name == "RUNNING"
+        and (started_within is None or (now - t.datetime_start).total_seconds() <= started_within)
+    }
     # Asked only once a trial runs: by then tuner has made the MLflow store's tables and experiment.
     return bool(running) and any(
         r.info.status == "RUNNING" and r.data.tags.get("optuna.trial_number") in running
@@ -437,6 +455,24 @@ def test_workers_log_to_an_mlflow_server_over_http(tmp_path, pg_database):
         server.wait(timeout=30)
 
 
+def test_a_stop_as_a_finished_trials_heartbeat_ends_records_the_trial_complete(monkeypatch):
+    # The trial's run is closed FINISHED by then: failing the trial and running it again would contradict it.
+    from tuner import worker
+
+    def stopped_at_exit(self, *exc):
+        raise worker.Terminated("signal 15")
+
+    monkeypatch.setattr(worker.Heartbeat, "__exit__", stopped_at_exit)
+    study = optuna.create_study(study_name="workers")
+    trial = study.ask()
+    worker.CUT_SHORT.clear()
+    with pytest.raises(worker.Terminated):
+        worker._run_one(study, trial, lambda t: 0.75, max_retries=3, total=5)
+    (told,) = study.get_trials()
+    assert (told.state.name, told.value) == ("COMPLETE", 0.75)
+    assert worker.CUT_SHORT == [] and worker.interrupted_summary() == "no trial was cut short"
+
+
 def test_a_command_that_fails_before_the_study_file_exists_leaves_no_lock(tmp_path):
     url = f"sqlite:///{tmp_path}/optuna.db"
     with pytest.raises(RuntimeError), sqlite_single_process(url):
@@ -467,13 +503,16 @@ def test_a_second_process_on_an_sqlite_study_is_refused(tmp_path):
 @pytest.mark.parametrize("writes", ["inline", "background", "process"])
 def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_path, writes):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    study = write_study(tmp_path, n_trials=3, big=True, tracking=tracking, writes=writes)
+    study = write_study(tmp_path, n_trials=3, big=True, epochs=80, tracking=tracking, writes=writes)
     url = f"sqlite:///{tmp_path}/optuna.db"
     proc = tuner("run", str(study), "--storage", url, "--quiet", cwd=tmp_path)
     wait_until(
-        lambda: (tmp_path / "optuna.db").exists() and has_running_tracked_trial(url, tracking),
+        # 80 epochs take seconds: a trial that started within the last second is mid-training when the signal
+        # lands. Past its last epoch, a SIGTERM that Python lost in a finaliser is raised again only once the
+        # finished trial is recorded, and then no trial is cut short.
+        lambda: (tmp_path / "optuna.db").exists() and has_running_tracked_trial(url, tracking, started_within=1.0),
         timeout=120,
-        what="a running trial",
+        what="a trial that has just started",
         proc=proc,
     )
     sent = time.monotonic()
@@ -482,11 +521,13 @@ def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_
     assert code == 143, out
     assert time.monotonic() - sent < 30, "the worker must exit promptly"
     trials = trials_of(url)
+    assert [t.state.name for t in trials].count("FAIL") == 1, ([(t.number, t.state.name) for t in trials], out)
     failed = next(t for t in trials if t.state.name == "FAIL")
     queued = next(t for t in trials if t.state.name == "WAITING")
     assert queued.user_attrs[RETRY_OF] == failed.number
     assert queued.system_attrs["fixed_params"] == failed.params  # a queued trial holds its params there
     assert failed.user_attrs[LOST] == "interrupted (Ctrl-C or SIGTERM)"
+    assert f"terminated: trial(s) {failed.number} recorded FAIL and queued again" in " ".join(out.split())
     runs = {r.info.run_id: r for r in mlflow_runs(tracking)}
     assert runs[failed.user_attrs["mlflow_run_id"]].info.status == "FAILED"
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]

@@ -21,7 +21,7 @@ from rich.table import Table
 from tuner.config import StudySpec, load_spec
 from tuner.errors import ConfigError, TunerError
 from tuner.tracking import mask_password
-from tuner.worker import Terminated
+from tuner.worker import Terminated, interrupted_summary
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -738,10 +738,10 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"error: {exc}", markup=False)
         return exc.exit_code
     except KeyboardInterrupt:
-        err_console.print("interrupted: the running trial was recorded FAIL, queued again, and its MLflow run closed")
+        err_console.print(f"interrupted: {interrupted_summary()}")
         return 130
     except Terminated:
-        err_console.print("terminated: the running trial was recorded FAIL, queued again, and its MLflow run closed")
+        err_console.print(f"terminated: {interrupted_summary()}")
         return 143
 
 

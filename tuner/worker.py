@@ -1010,6 +1010,18 @@ def heartbeat_settings(study: optuna.Study) -> tuple[int, float]:
 
 
 _terminated = threading.Event()
+_held = threading.Event()
+
+
+@contextmanager
+def sigterm_held() -> Iterator[None]:
+    """Within the block SIGTERM is only remembered (:func:`check_terminated` raises it after): for the writes
+    that record a finished trial, which a stop between them would leave half done."""
+    _held.set()
+    try:
+        yield
+    finally:
+        _held.clear()
 
 
 def check_terminated() -> None:
@@ -1033,7 +1045,8 @@ def terminate_on_sigterm() -> Iterator[None]:
 
     def handler(signum: int, frame: object) -> None:
         _terminated.set()
-        raise Terminated(f"signal {signum}")
+        if not _held.is_set():
+            raise Terminated(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -1219,6 +1232,7 @@ def _run_one(
     total: int,
 ) -> FrozenTrial:
     interval, grace = heartbeat_settings(study)
+    value: float | Sequence[float] | None = None
     try:
         with Heartbeat(study, trial._trial_id, interval, check_every=grace / 2):
             value = objective(trial)
@@ -1228,6 +1242,12 @@ def _run_one(
         log.info("trial %d failed: %s", trial.number, exc)
         return _tell(study, trial, state=TrialState.FAIL)
     except (KeyboardInterrupt, Terminated):
+        if value is not None:
+            # The stop came as the heartbeat ended, after the trial had finished and its run was closed
+            # FINISHED: it is recorded as what it is, not failed and run again.
+            with sigterm_held():
+                _tell(study, trial, values=value)
+            raise
         _fail_and_retry(study, trial, max_retries, total, INTERRUPTED)
         raise
     except Exception as exc:
@@ -1237,7 +1257,11 @@ def _run_one(
         # The database went away mid-trial (a restart): the trial is lost, not wrong; run it again.
         log.warning("trial %d lost to a storage error, queued again: %s", trial.number, exc)
         return _fail_and_retry(study, trial, max_retries, total, LOST_TO_STORAGE)
-    return _tell(study, trial, values=value)
+    # A SIGTERM now would leave the finished trial RUNNING, its run FINISHED: it waits until the trial is told.
+    with sigterm_held():
+        frozen = _tell(study, trial, values=value)
+    check_terminated()
+    return frozen
 
 
 def _run_pack(
@@ -1298,13 +1322,36 @@ def _tell_outcome(
     return _tell(study, trial, values=outcome)
 
 
+#: What a stop (Ctrl-C, SIGTERM) did to the trials it cut short, in this process: (trial number, queued again).
+#: Filled only once each trial's FAIL and retry are stored, so that what the CLI reports has happened.
+CUT_SHORT: list[tuple[int, bool]] = []
+
+
 def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, max_retries: int, total: int, why: str) -> FrozenTrial:
     # A trial finished meanwhile (an attempt whose reply a restart lost, another worker's stale check) is left as
     # it is: the FAIL that follows skips it as well.
     retrying(_mark_lost_once(trial.storage, trial._trial_id, why), what=f"mark lost trial {trial.number}")
     frozen = _tell(study, trial, state=TrialState.FAIL)
-    retrying(lambda: enqueue_retry(study, frozen, max_retries, total), what=f"queue lost trial {trial.number} again")
+    queued = retrying(
+        lambda: enqueue_retry(study, frozen, max_retries, total), what=f"queue lost trial {trial.number} again"
+    )
+    if why == INTERRUPTED:
+        CUT_SHORT.append((trial.number, queued))
     return frozen
+
+
+def interrupted_summary() -> str:
+    """What the stop did to the running trials, for the CLI's last line."""
+    if not CUT_SHORT:
+        return "no trial was cut short"
+    queued = [n for n, again in CUT_SHORT if again]
+    not_queued = [n for n, again in CUT_SHORT if not again]
+    parts = []
+    if queued:
+        parts.append(f"trial(s) {', '.join(map(str, queued))} recorded FAIL and queued again")
+    if not_queued:
+        parts.append(f"trial(s) {', '.join(map(str, not_queued))} recorded FAIL, not queued again (see above)")
+    return "; ".join(parts)
 
 
 def _tell(
