@@ -322,6 +322,7 @@ def test_tracker_closes_a_run_even_when_interrupted(tmp_path, tiny_dataset, monk
         run_study(spec, dataset=tiny_dataset, n_trials=2)
     _, parents, children = runs_of(spec)
     assert [r.info.status for r in children] == ["FAILED"]
+    assert children[0].data.tags["stop_reason"] == "interrupted (Ctrl-C or SIGTERM)"
     assert parents[0].info.status == "KILLED"
     trial = optuna.load_study(study_name="tiny", storage=spec.study.storage).trials[0]
     assert trial.state.name == "FAIL"

@@ -530,6 +530,7 @@ def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_
     assert f"terminated: trial(s) {failed.number} recorded FAIL and queued again" in " ".join(out.split())
     runs = {r.info.run_id: r for r in mlflow_runs(tracking)}
     assert runs[failed.user_attrs["mlflow_run_id"]].info.status == "FAILED"
+    assert runs[failed.user_attrs["mlflow_run_id"]].data.tags["stop_reason"] == "interrupted (Ctrl-C or SIGTERM)"
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
 
 

@@ -63,6 +63,7 @@ from tuner.tracking import (
 )
 from tuner.train import FitConfig, FitResult, fit, mean_probabilities, predict_logits, probabilities
 from tuner.worker import (
+    INTERRUPTED,
     Terminated,
     TrialFailed,
     TrialLost,
@@ -1403,6 +1404,10 @@ class Objective:
                     plots = self._plots(result, ev, trial.number)
             state = "COMPLETE"
             return list(ev.values) if self.spec.objective.multi else ev.objective
+        except (KeyboardInterrupt, Terminated):
+            # Stopped while training (``error``) or while being judged: the run says why it ended, as others do.
+            tags["stop_reason"] = INTERRUPTED
+            raise
         finally:
             self._close(run, state, attrs, final, tags, plots)
 
