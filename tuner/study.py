@@ -128,12 +128,11 @@ def make_pruner(name: str, options: dict[str, Any] | None = None) -> optuna.prun
         # The first epochs' validation objective is noise (completeness at a contamination target is often 0
         # until the net separates the classes at all): do not prune on them.
         options.setdefault("n_warmup_steps", 3)
-    if name == "wilcoxon":
-        # Experimental in Optuna 5: the study file asked for it by name, so the warning would only repeat that.
-        with warnings.catch_warnings():
+    with warnings.catch_warnings():
+        if name == "wilcoxon":
+            # Experimental in Optuna 5: the study file asked for it by name, so the warning would only repeat that.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return PRUNER_CLASSES[name](**options)
-    return PRUNER_CLASSES[name](**options)
+        return PRUNER_CLASSES[name](**options)
 
 
 # The annotations an option's value can be checked against; any other makes the option the constructor's to check.
