@@ -162,6 +162,41 @@ def test_resume_continues_to_the_total_and_reuses_the_parent_run(tmp_path, tiny_
     assert len(parents) == 1 and len(children) == 4
 
 
+def test_creating_a_study_that_exists_leaves_its_parent_run_open_only_while_trials_remain(tmp_path, tiny_dataset):
+    spec = tiny_spec(tmp_path)
+    run_study(spec, dataset=tiny_dataset, n_trials=2)
+    run_study(spec, dataset=tiny_dataset, n_trials=2, mode="create")
+    _, parents, _ = runs_of(spec)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    run_study(spec, dataset=tiny_dataset, n_trials=3, mode="create")
+    _, parents, _ = runs_of(spec)
+    assert [p.info.status for p in parents] == ["RUNNING"]  # a worker has a trial to run and closes it
+
+
+def test_a_trial_left_running_by_a_dead_process_is_closed_with_what_happened_and_run_again(tmp_path, tiny_dataset):
+    spec = tiny_spec(tmp_path)
+    run_study(spec, dataset=tiny_dataset, tracker=NullTracker(), n_trials=1)
+    # The process that ran trial 1 was killed mid-trial: its trial stays RUNNING in the study's SQLite file.
+    left = optuna.load_study(study_name="tiny", storage=spec.study.storage).ask()
+    closed: list[tuple[int, str]] = []
+
+    class Recording(NullTracker):
+        def close_lost_run(self, run_id, reason, study_name, trial_number):
+            closed.append((trial_number, reason))
+
+    result = run_study(spec, dataset=tiny_dataset, tracker=Recording(), n_trials=2)
+    assert closed == [
+        (
+            left.number,
+            "worker lost: the process running it died; found RUNNING when the study started again; "
+            "retried with the same params",
+        )
+    ]
+    states = {t.number: t.state for t in result.study.trials}
+    assert states[left.number] == optuna.trial.TrialState.FAIL
+    assert list(states.values()).count(optuna.trial.TrialState.COMPLETE) == 2
+
+
 def test_a_study_opened_while_its_database_restarts_still_opens_whole(tmp_path, tiny_dataset, monkeypatch):
     # A worker that starts as the database restarts: its first read and first write of the study's attributes fail.
 

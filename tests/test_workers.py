@@ -644,7 +644,7 @@ def test_a_trial_taken_as_the_database_went_away_is_failed_and_run_again(tmp_pat
     from tuner.tracking import NullTracker
 
     url = f"sqlite:///{tmp_path}/orphan.db"
-    on_stale = worker.stale_trial_handler(NullTracker(), max_retries=3, grace_period=2)
+    on_stale = worker.stale_trial_handler(NullTracker(), max_retries=3, lost="no heartbeat for 2 s")
     storage = worker.make_storage(url, heartbeat_interval=1, grace_period=2, on_stale=on_stale)
     study = optuna.create_study(study_name="orphan", storage=storage)
     real_ask = worker._ask

@@ -1784,7 +1784,9 @@ def run_study(
                 url,
                 heartbeat_interval=spec.study.heartbeat_interval,
                 grace_period=spec.study.grace_period,
-                on_stale=stale_trial_handler(tracker, spec.study.max_retries, spec.study.grace_period, total),
+                on_stale=stale_trial_handler(
+                    tracker, spec.study.max_retries, f"no heartbeat for {spec.study.grace_period} s", total
+                ),
                 create_tables=mode != "worker",
             )
             if url
@@ -1877,7 +1879,8 @@ def run_study(
                     summary = retrying(lambda: _study_summary_metrics(study, elapsed), what="summarise the study")
                     tracker.end_study(status, summary)
                 elif mode == "create":
-                    tracker.end_study("RUNNING")
+                    # Workers close the run when they finish the study; one already finished stays closed.
+                    tracker.end_study("FINISHED" if finished else "RUNNING")
             finally:
                 if status == "FINISHED":
                     tracker.drain(None)
@@ -1930,7 +1933,9 @@ def _check_compatible(
 
 
 def _fail_orphans(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> None:
-    on_stale = stale_trial_handler(tracker, spec.study.max_retries, 0)
+    on_stale = stale_trial_handler(
+        tracker, spec.study.max_retries, "the process running it died; found RUNNING when the study started again"
+    )
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
             log.warning("trial %d was left RUNNING by a process that died; marked FAIL and queued again", trial.number)

@@ -942,14 +942,15 @@ def _fail_once(storage: optuna.storages.BaseStorage, trial_id: int) -> Callable[
 
 
 def stale_trial_handler(
-    tracker: Tracker, max_retries: int, grace_period: int, total: int | None = None
+    tracker: Tracker, max_retries: int, lost: str, total: int | None = None
 ) -> Callable[[optuna.Study, FrozenTrial], None]:
-    """Called for each trial failed for a lost heartbeat: close its MLflow run KILLED, queue the retry."""
+    """Called for each trial failed because its worker is gone (``lost`` says how that was found): close its
+    MLflow run KILLED, queue the retry."""
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
         tracker.close_lost_run(
             trial.user_attrs.get("mlflow_run_id"),
-            f"worker lost: no heartbeat for {grace_period} s; retried with the same params",
+            f"worker lost: {lost}; retried with the same params",
             study.study_name,
             trial.number,
         )
