@@ -27,6 +27,7 @@ import pytest
 import yaml
 from faults import restart_error
 
+from tuner import worker as tuner_worker
 from tuner.errors import StorageError
 from tuner.worker import LOST, RETRY_OF, SURPLUS, sqlite_single_process, sqlite_study_names
 
@@ -466,11 +467,54 @@ def test_a_stop_as_a_finished_trials_heartbeat_ends_records_the_trial_complete(m
     study = optuna.create_study(study_name="workers")
     trial = study.ask()
     worker.CUT_SHORT.clear()
+    finished: list = []
     with pytest.raises(worker.Terminated):
-        worker._run_one(study, trial, lambda t: 0.75, max_retries=3, total=5)
+        worker._run_one(study, trial, lambda t: 0.75, max_retries=3, total=5, finished=finished)
     (told,) = study.get_trials()
     assert (told.state.name, told.value) == ("COMPLETE", 0.75)
+    assert [t.number for t in finished] == [0]  # reported: it has its progress line
     assert worker.CUT_SHORT == [] and worker.interrupted_summary() == "no trial was cut short"
+
+
+class SettlesThenStops:
+    """A pack objective: its first trial leaves the pack with 0.75, then a stop cuts the rest short."""
+
+    def __call__(self, trial):
+        raise AssertionError("runs trials as a pack")
+
+    def run_pack(self, trials, on_settled=None):
+        on_settled(0, 0.75)
+        raise tuner_worker.Terminated("signal 15")
+
+
+@pytest.mark.parametrize("stop", ["after-telling", "sigterm-while-telling", "ctrl-c-before-telling"])
+def test_a_stop_in_a_pack_keeps_the_trials_it_finished_and_queues_the_rest_again(monkeypatch, stop):
+    worker = tuner_worker
+    study = optuna.create_study(study_name="workers")
+    trials = [study.ask() for _ in range(3)]
+    real_tell = worker._tell_outcome
+    calls: list[int] = []
+
+    def stopped_while_telling(study, trial, outcome):
+        calls.append(trial.number)
+        if stop == "sigterm-while-telling":
+            os.kill(os.getpid(), signal.SIGTERM)  # lands in this (main) thread, mid-tell: held until it is told
+        elif len(calls) == 1:
+            raise KeyboardInterrupt  # the trial's run is closed, its telling cut short: told after all
+        return real_tell(study, trial, outcome)
+
+    if stop != "after-telling":
+        monkeypatch.setattr(worker, "_tell_outcome", stopped_while_telling)
+    worker.CUT_SHORT.clear()
+    finished: list = []
+    raised = KeyboardInterrupt if stop == "ctrl-c-before-telling" else worker.Terminated
+    with worker.terminate_on_sigterm(), pytest.raises(raised):
+        worker._run_pack(study, trials, SettlesThenStops(), 3, 5, finished)
+    states = [(t.number, t.state.name, t.value) for t in study.get_trials()]
+    assert states[:3] == [(0, "COMPLETE", 0.75), (1, "FAIL", None), (2, "FAIL", None)]
+    assert [t.number for t in finished] == [0]  # reported: it has its progress line
+    assert worker.CUT_SHORT == [(1, True), (2, True)]
+    assert [t.state.name for t in study.get_trials()[3:]] == ["WAITING", "WAITING"]  # queued again
 
 
 def test_a_command_that_fails_before_the_study_file_exists_leaves_no_lock(tmp_path):
@@ -1206,3 +1250,19 @@ def test_a_study_counts_only_its_own_workers_waiting_for_its_budget_lock(pg_data
         release.set()
         for thread in threads:
             thread.join(timeout=60)
+
+
+def test_a_stopped_worker_still_reports_the_trials_it_finished():
+    study = optuna.create_study(study_name="workers")
+    reported: list[tuple[int, str]] = []
+    tuner_worker.CUT_SHORT.clear()
+    with pytest.raises(tuner_worker.Terminated):
+        tuner_worker.work(
+            study,
+            SettlesThenStops(),
+            total=3,
+            pack=3,
+            callbacks=[lambda study, trial: reported.append((trial.number, trial.state.name))],
+        )
+    assert reported == [(0, "COMPLETE")]  # its progress line; the trials cut short are in the CLI's last line
+    assert tuner_worker.interrupted_summary() == "trial(s) 1, 2 recorded FAIL and queued again"

@@ -1017,7 +1017,11 @@ _held = threading.Event()
 @contextmanager
 def sigterm_held() -> Iterator[None]:
     """Within the block SIGTERM is only remembered (:func:`check_terminated` raises it after): for the writes
-    that record a finished trial, which a stop between them would leave half done."""
+    that record a finished trial, which a stop between them would leave half done. Only the main thread is
+    interrupted by the signal, so elsewhere (a pack's settling threads) there is nothing to hold."""
+    if threading.current_thread() is not threading.main_thread() or _held.is_set():
+        yield
+        return
     _held.set()
     try:
         yield
@@ -1129,16 +1133,32 @@ def work(
                 # Other workers hold the last slots; one may die and its retry need a taker.
                 time.sleep(poll_interval)
                 continue
-            if pack > 1 and isinstance(objective, PackObjective):
-                finished = _run_pack(study, taken, objective, max_retries, total)
-            else:
-                finished = [_run_one(study, trial, objective, max_retries, total) for trial in taken]
+            # The trials told so far: a stop (Ctrl-C, SIGTERM) still reports those finished before it.
+            finished: list[FrozenTrial] = []
+            try:
+                if pack > 1 and isinstance(objective, PackObjective):
+                    _run_pack(study, taken, objective, max_retries, total, finished)
+                else:
+                    for trial in taken:
+                        _run_one(study, trial, objective, max_retries, total, finished)
+            except (KeyboardInterrupt, Terminated):
+                with suppress(Exception):
+                    _report(study, finished, callbacks)
+                raise
             ran += len(finished)
-            for frozen in finished:
-                for callback in callbacks:
-                    # Callbacks read the study (the best value so far): a restart then must not end the worker.
-                    retrying(functools.partial(callback, study, frozen), what=f"report trial {frozen.number}")
+            _report(study, finished, callbacks)
     return WorkResult(ran=ran, finished_study=retrying(lambda: budget(study, total), what="count trials").done)
+
+
+def _report(
+    study: optuna.Study,
+    finished: Sequence[FrozenTrial],
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
+) -> None:
+    for frozen in finished:
+        for callback in callbacks:
+            # Callbacks read the study (the best value so far): a restart then must not end the worker.
+            retrying(functools.partial(callback, study, frozen), what=f"report trial {frozen.number}")
 
 
 def _take_trials(study: optuna.Study, total: int, most: int) -> list[optuna.Trial]:
@@ -1231,23 +1251,27 @@ def _run_one(
     objective: Callable[[optuna.Trial], float | Sequence[float]],
     max_retries: int,
     total: int,
-) -> FrozenTrial:
+    finished: list[FrozenTrial],
+) -> None:
+    """Run one trial and tell Optuna how it ended; the told trial is appended to ``finished``."""
     interval, grace = heartbeat_settings(study)
     value: float | Sequence[float] | None = None
     try:
         with Heartbeat(study, trial._trial_id, interval, check_every=grace / 2):
             value = objective(trial)
     except optuna.TrialPruned:
-        return _tell(study, trial, state=TrialState.PRUNED)
+        finished.append(_tell(study, trial, state=TrialState.PRUNED))
+        return
     except TrialFailed as exc:
         log.info("trial %d failed: %s", trial.number, exc)
-        return _tell(study, trial, state=TrialState.FAIL)
+        finished.append(_tell(study, trial, state=TrialState.FAIL))
+        return
     except (KeyboardInterrupt, Terminated):
         if value is not None:
             # The stop came as the heartbeat ended, after the trial had finished and its run was closed
             # FINISHED: it is recorded as what it is, not failed and run again.
             with sigterm_held():
-                _tell(study, trial, values=value)
+                finished.append(_tell(study, trial, values=value))
             raise
         _fail_and_retry(study, trial, max_retries, total, INTERRUPTED)
         raise
@@ -1257,28 +1281,45 @@ def _run_one(
             raise
         # The database went away mid-trial (a restart): the trial is lost, not wrong; run it again.
         log.warning("trial %d lost to a storage error, queued again: %s", trial.number, exc)
-        return _fail_and_retry(study, trial, max_retries, total, LOST_TO_STORAGE)
+        finished.append(_fail_and_retry(study, trial, max_retries, total, LOST_TO_STORAGE))
+        return
     # A SIGTERM now would leave the finished trial RUNNING, its run FINISHED: it waits until the trial is told.
     with sigterm_held():
-        frozen = _tell(study, trial, values=value)
+        finished.append(_tell(study, trial, values=value))
     check_terminated()
-    return frozen
 
 
 def _run_pack(
-    study: optuna.Study, trials: list[optuna.Trial], objective: PackObjective, max_retries: int, total: int
-) -> list[FrozenTrial]:
+    study: optuna.Study,
+    trials: list[optuna.Trial],
+    objective: PackObjective,
+    max_retries: int,
+    total: int,
+    finished: list[FrozenTrial],
+) -> None:
+    """Run trials as packs and tell Optuna how each ended; each told trial is appended to ``finished``."""
     interval, grace = heartbeat_settings(study)
     # Each trial is told as soon as its pack member leaves (see Objective.run_pack), not when the pack ends: the
     # pruner and the sampler see it at once, and it no longer shows RUNNING.
     told: dict[int, FrozenTrial] = {}
+    # Outcomes handed over whose telling a stop cut short: the trial's run is closed, so it is told after all.
+    settled: dict[int, float | Sequence[float] | Exception] = {}
+
+    def record(index: int, frozen: FrozenTrial) -> None:
+        told[index] = frozen
+        finished.append(frozen)
 
     def tell(index: int, outcome: float | Sequence[float] | Exception) -> None:
+        settled[index] = outcome
         if isinstance(outcome, TrialLost):
             log.warning("trial %d lost to a storage error, queued again: %s", trials[index].number, outcome)
-            told[index] = _fail_and_retry(study, trials[index], max_retries, total, LOST_TO_STORAGE)
+            record(index, _fail_and_retry(study, trials[index], max_retries, total, LOST_TO_STORAGE))
             return
-        told[index] = _tell_outcome(study, trials[index], outcome)
+        # As in a trial run alone: a SIGTERM waits until the trial is told, then stops the pack.
+        with sigterm_held():
+            record(index, _tell_outcome(study, trials[index], outcome))
+        if threading.current_thread() is threading.main_thread():
+            check_terminated()
 
     def unsettled() -> list[optuna.Trial]:
         return [t for i, t in enumerate(trials) if i not in told]
@@ -1291,25 +1332,28 @@ def _run_pack(
                 beats.enter_context(Heartbeat(study, trial._trial_id, interval, check_every=check_every))
             outcomes = objective.run_pack(trials, on_settled=tell)
     except (KeyboardInterrupt, Terminated):
-        for trial in unsettled():
-            _fail_and_retry(study, trial, max_retries, total, INTERRUPTED)
+        with sigterm_held():
+            for index, outcome in settled.items():
+                if index not in told and not isinstance(outcome, TrialLost):
+                    record(index, _tell_outcome(study, trials[index], outcome))
+            for trial in unsettled():
+                _fail_and_retry(study, trial, max_retries, total, INTERRUPTED)
         raise
     except Exception as exc:
         transient = is_transient(exc)
-        finished = list(told.values())
-        for trial in unsettled():
+        lost = unsettled()
+        for trial in lost:
             if transient:
                 finished.append(_fail_and_retry(study, trial, max_retries, total, LOST_TO_STORAGE))
             else:
                 finished.append(_tell(study, trial, state=TrialState.FAIL))
         if not transient:
             raise
-        log.warning("trials %s lost to a storage error, queued again: %s", [t.number for t in unsettled()], exc)
-        return finished
+        log.warning("trials %s lost to a storage error, queued again: %s", [t.number for t in lost], exc)
+        return
     for i, outcome in enumerate(outcomes):
         if i not in told:  # an objective that settles its trials only at the end
             tell(i, outcome)
-    return [told[i] for i in range(len(trials))]
 
 
 def _tell_outcome(
