@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import datetime
 import functools
 import inspect
 import json
@@ -1828,6 +1829,11 @@ def run_study(
         }
         stored_parent = retrying(lambda: study.user_attrs.get("tuner.mlflow_parent_run_id"), what="read the study")
         parent = tracker.start_study(spec.study.name, spec_params(spec), tags, stored_parent)
+        # Under the SQLite lock no other process is closing runs; elsewhere a run's end may still be on its way.
+        retrying(
+            lambda: close_runs_left_open(study, tracker, settled_for=0.0 if url and is_sqlite(url) else LEFT_OPEN_S),
+            what="read the trials of runs left open",
+        )
         if parent is not None and stored_parent != parent:
             retrying(
                 lambda: study.set_user_attr("tuner.mlflow_parent_run_id", parent), what="record the study's MLflow run"
@@ -1940,6 +1946,41 @@ def _fail_orphans(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> Non
         if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
             log.warning("trial %d was left RUNNING by a process that died; marked FAIL and queued again", trial.number)
             on_stale(study, study._storage.get_trial(trial._trial_id))
+
+
+#: A finished trial's run still open this many seconds after the trial ended lost its end to a tracking outage:
+#: a live worker's writes (tracking.writes) close it well within that.
+LEFT_OPEN_S = 600.0
+
+
+def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: float) -> int:
+    """Close the runs of trials that finished more than ``settled_for`` seconds ago but whose runs are still open,
+    their end lost to a tracking outage; return how many. Runs of trials still running are left alone."""
+    open_runs = tracker.open_trial_runs(study.study_name)
+    closed = 0
+    for number, run_id in sorted(open_runs.items()):
+        try:
+            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        except KeyError:
+            continue
+        trial = study._storage.get_trial(trial_id)
+        ended = trial.datetime_complete
+        if not trial.state.is_finished() or ended is None:
+            continue
+        if (datetime.datetime.now() - ended).total_seconds() < settled_for:
+            continue
+        value = trial.value if trial.state == TrialState.COMPLETE and len(study.directions) == 1 else None
+        tracker.close_run_left_open(
+            run_id,
+            trial.state.name,
+            value,
+            f"the trial ended {trial.state.name} but its run's end was never recorded (the tracking store was "
+            "unreachable); closed when the study started again, without the trial's final metrics and artifacts",
+        )
+        closed += 1
+    if closed:
+        log.warning("closed %d MLflow run(s) left open by a tracking outage (tag tracking_incomplete)", closed)
+    return closed
 
 
 def _where(storage: str | optuna.storages.BaseStorage) -> str:

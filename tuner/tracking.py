@@ -111,6 +111,15 @@ class Tracker(Protocol):
         ``run_id`` (the worker died before the trial's end recorded it) the run is found by its trial's tags."""
         ...
 
+    def open_trial_runs(self, study_name: str) -> dict[int, str]:
+        """The study's trial runs still RUNNING, by trial number: each one's run id."""
+        ...
+
+    def close_run_left_open(self, run_id: str, state: str, value: float | None, reason: str) -> None:
+        """Close a finished trial's run whose end was never recorded (the store was unreachable then): with the
+        status of the trial's Optuna ``state``, its ``value`` as ``val_objective``, and ``reason`` as a tag."""
+        ...
+
     def drain(self, timeout: float | None = None) -> int:
         """Wait up to ``timeout`` seconds (None: as long as it takes) for the writes still being sent; return how
         many are left unsent."""
@@ -157,6 +166,12 @@ class NullTracker:
         return None
 
     def close_lost_run(self, run_id: str | None, reason: str, study_name: str, trial_number: int) -> None:
+        return None
+
+    def open_trial_runs(self, study_name: str) -> dict[int, str]:
+        return {}
+
+    def close_run_left_open(self, run_id: str, state: str, value: float | None, reason: str) -> None:
         return None
 
     def drain(self, timeout: float | None = None) -> int:
@@ -981,6 +996,42 @@ class MlflowTracker:
                 self.client.set_terminated(lost, status="KILLED")
         except MlflowException as exc:
             self._warn(f"closing the lost run of trial {trial_number}", exc)
+
+    def open_trial_runs(self, study_name: str) -> dict[int, str]:
+        from mlflow.exceptions import MlflowException
+
+        found: dict[int, str] = {}
+        token = None
+        try:
+            while True:
+                page = self.client.search_runs(
+                    [self.experiment_id],
+                    "tags.`tuner.kind` = 'trial' and attributes.status = 'RUNNING'",
+                    max_results=1000,
+                    page_token=token,
+                )
+                for run in page:
+                    tags = run.data.tags
+                    # The study's name is compared here: a filter would need it quoted.
+                    if tags.get("optuna.study_name") == study_name and tags.get("optuna.trial_number", "").isdigit():
+                        found[int(tags["optuna.trial_number"])] = run.info.run_id
+                token = page.token
+                if not token:
+                    return found
+        except MlflowException as exc:
+            self._warn("looking for trial runs left open", exc)
+            return found
+
+    def close_run_left_open(self, run_id: str, state: str, value: float | None, reason: str) -> None:
+        from mlflow.entities import Metric, RunTag
+        from mlflow.exceptions import MlflowException
+
+        try:
+            metrics = [Metric("val_objective", value, int(time.time() * 1000), 0)] if value is not None else []
+            self.client.log_batch(run_id, metrics=metrics, tags=[RunTag("tracking_incomplete", reason)])
+            self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
+        except MlflowException as exc:
+            self._warn(f"closing run {run_id}, left open", exc)
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
         from mlflow.entities import Metric
