@@ -173,7 +173,8 @@ def test_creating_a_study_that_exists_leaves_its_parent_run_open_only_while_tria
     assert [p.info.status for p in parents] == ["RUNNING"]  # a worker has a trial to run and closes it
 
 
-def test_runs_a_tracking_outage_left_open_are_closed_when_the_study_starts_again(tmp_path, tiny_dataset):
+def test_runs_a_tracking_outage_left_open_are_closed_when_the_study_starts_again(tmp_path, tiny_dataset, monkeypatch):
+    monkeypatch.setattr(study_mod, "LEFT_OPEN_LOCKED_S", 0.0)  # as if the study started again a minute later
     spec = tiny_spec(tmp_path)
     first = run_study(spec, dataset=tiny_dataset, n_trials=2)
     client, _, children = runs_of(spec)

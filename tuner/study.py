@@ -1829,9 +1829,11 @@ def run_study(
         }
         stored_parent = retrying(lambda: study.user_attrs.get("tuner.mlflow_parent_run_id"), what="read the study")
         parent = tracker.start_study(spec.study.name, spec_params(spec), tags, stored_parent)
-        # Under the SQLite lock no other process is closing runs; elsewhere a run's end may still be on its way.
+        # Under the SQLite lock only an earlier run's writer process may still be closing runs; elsewhere a live
+        # worker's may be.
+        settled_for = LEFT_OPEN_LOCKED_S if url and is_sqlite(url) else LEFT_OPEN_S
         retrying(
-            lambda: close_runs_left_open(study, tracker, settled_for=0.0 if url and is_sqlite(url) else LEFT_OPEN_S),
+            lambda: close_runs_left_open(study, tracker, settled_for),
             what="read the trials of runs left open",
         )
         if parent is not None and stored_parent != parent:
@@ -1951,6 +1953,9 @@ def _fail_orphans(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> Non
 #: A finished trial's run still open this many seconds after the trial ended lost its end to a tracking outage:
 #: a live worker's writes (tracking.writes) close it well within that.
 LEFT_OPEN_S = 600.0
+#: The same in a local SQLite study, whose lock proves no other study process runs: an earlier one's writer
+#: process (tracking.writes: process) may still be sending what it holds, briefly.
+LEFT_OPEN_LOCKED_S = 60.0
 
 
 def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: float) -> int:
