@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import math
 import os
 import shutil
@@ -1266,3 +1267,21 @@ def test_a_stopped_worker_still_reports_the_trials_it_finished():
         )
     assert reported == [(0, "COMPLETE")]  # its progress line; the trials cut short are in the CLI's last line
     assert tuner_worker.interrupted_summary() == "trial(s) 1, 2 recorded FAIL and queued again"
+
+
+def test_each_retry_of_a_storage_call_is_one_line(caplog, monkeypatch):
+    monkeypatch.setattr(tuner_worker.time, "sleep", lambda seconds: None)
+    calls: list[int] = []
+
+    def refused_twice() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise restart_error("SELECT 1\nFROM studies", "connection refused\n\tIs the server running?")
+        return "opened"
+
+    with caplog.at_level(logging.WARNING, logger="tuner.worker"):
+        assert tuner_worker.retrying(refused_twice, what="open the study") == "opened"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("\n" not in line for line in lines), lines
+    assert lines[0].startswith("storage error (attempt 1/8, retrying in 0.5s): OperationalError: ")
+    assert "connection refused" in lines[0]

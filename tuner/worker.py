@@ -275,7 +275,14 @@ def retrying(fn: Callable[[], T], *, what: str, attempts: int = RESTART_ATTEMPTS
                 raise StorageError(
                     f"study.storage: cannot {what} after {attempts} attempts: {storage_error_summary(exc)}"
                 ) from None
-            log.warning("storage error (attempt %d/%d, retrying in %.1fs): %s", attempt, attempts, wait, exc)
+            # One line each: the driver's message goes on with the SQL and a link, five times over.
+            log.warning(
+                "storage error (attempt %d/%d, retrying in %.1fs): %s",
+                attempt,
+                attempts,
+                wait,
+                storage_error_summary(exc),
+            )
             time.sleep(wait)  # backoff before reconnecting, not synchronisation
             wait *= 2
     raise AssertionError("unreachable")
