@@ -234,6 +234,20 @@ def test_all_mistakes_reported_at_once() -> None:
         assert sum(needle in p for p in problems) == 1, (needle, problems)
 
 
+def test_every_rule_across_sections_is_reported_at_once() -> None:
+    # Each section is valid on its own; three rules across them are broken.
+    problems = problems_of(
+        {
+            "task": "regression",
+            "data": {"positive": "QSO"},
+            "validation": {"k": 5},
+            "study": {"pruner": "wilcoxon"},
+        }
+    )
+    assert [p.split(":", 1)[0] for p in problems] == ["data.positive", "validation.k", "study.pruner"], problems
+    assert "got 'QSO'" in problems[0] and "got k=5" in problems[1] and "got wilcoxon" in problems[2]
+
+
 def test_load_spec_lists_every_problem(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(BAD))

@@ -811,144 +811,147 @@ class StudySpec(_Frozen):
                 data = {**data, "study": {**study, "pruner": "wilcoxon"}}
         return data
 
-    def _check_task(self) -> None:
+    def _task_rules(self, problems: list[str]) -> None:
         task, data, space = self.task, self.data, self.search_space
         if task == "multilabel":
             if len(data.targets) < 2:
-                raise ValueError(
+                problems.append(
                     f"data.target: a multilabel task needs a list of 2 or more label columns, got {data.target!r}"
                 )
         elif isinstance(data.target, tuple):
-            raise ValueError(
+            problems.append(
                 f"data.target: a list of label columns is for task multilabel; a {task} task has one target column, "
                 f"got {list(data.target)}"
             )
         if task not in SINGLE_LABEL_TASKS and data.positive is not None:
-            raise ValueError(
+            problems.append(
                 f"data.positive: a {task} task has no positive class (each label or value is scored on its own), "
                 f"got {data.positive!r}; drop data.positive"
             )
         allowed = TASK_OBJECTIVES[task] + (THRESHOLD_METRICS if task in SINGLE_LABEL_TASKS else ())
         for metric in self.objective.metrics:
             if metric not in allowed:
-                raise ValueError(
+                problems.append(
                     f"objective.metric: {metric} does not apply to a {task} task; use one of {', '.join(allowed)}"
                 )
         guard = self.objective.guard
         if guard is not None and guard not in TASK_OBJECTIVES[task]:
-            raise ValueError(
+            problems.append(
                 f"objective.guard: {guard} does not apply to a {task} task; "
                 f"use one of {', '.join(TASK_OBJECTIVES[task])}"
             )
         if task in TASK_LOSSES and self.train.monitor in ("val_auc", "val_ap"):
-            raise ValueError(
+            problems.append(
                 f"train.monitor: {self.train.monitor} needs classes; a {task} task monitors val_loss or "
                 f"val_objective, got {self.train.monitor}"
             )
         if self.train.pos_weight is not None and task not in ("binary", "multilabel"):
-            raise ValueError(
+            problems.append(
                 f"train.pos_weight: weights positive rows of a binary or multilabel task, got "
                 f"{self.train.pos_weight!r} with task {task}"
             )
         if space.loss is not None:
             losses = TASK_LOSSES.get(task)
             if losses is None:
-                raise ValueError(
+                problems.append(
                     f"search_space.loss: the loss of a {task} task is fixed by the task "
                     f"({'cross-entropy' if task == 'multiclass' else 'BCE'}); loss is chosen for regression and "
                     f"unit_regression, got {list(space.loss.options)}"
                 )
-            wrong = [x for x in space.loss.options if x not in losses]
-            if wrong:
-                raise ValueError(
+            elif wrong := [x for x in space.loss.options if x not in losses]:
+                problems.append(
                     f"search_space.loss: a {task} task trains with {' or '.join(losses)}, got {', '.join(wrong)}"
                 )
         if not space.huber_delta.off and (space.loss is None or "huber" not in space.loss.options):
             options = "unset" if space.loss is None else list(space.loss.options)
-            raise ValueError(
+            problems.append(
                 f"search_space.huber_delta: Huber's delta is used with loss huber only, got search_space.loss "
                 f"{options}; add huber to search_space.loss or drop huber_delta"
             )
         if task not in SINGLE_LABEL_TASKS and self.validation.kind == "kfold":
-            raise ValueError(
+            problems.append(
                 f"validation.kind: k-fold cross-validation is available for binary and multiclass tasks, got kfold "
                 f"with task {task}; use kind split"
             )
 
     @model_validator(mode="after")
     def _cross(self) -> StudySpec:
-        self._check_task()
+        # Every rule across sections is checked, so that a file's mistakes are all listed at once.
+        problems: list[str] = []
+        self._task_rules(problems)
         if self.task == "binary" and self.data.positive is None:
-            raise ValueError("data.positive: a binary task needs the positive class, got null")
-        if self.task in SINGLE_LABEL_TASKS and self.data.positive is None:
+            problems.append("data.positive: a binary task needs the positive class, got null")
+        elif self.task in SINGLE_LABEL_TASKS and self.data.positive is None:
             # Without a positive class these would score whichever class comes first, not what the user meant.
             for metric in (*self.objective.metrics, *([self.objective.guard] if self.objective.guard else [])):
                 if metric not in ("val_loss",):
-                    raise ValueError(
+                    problems.append(
                         f"data.positive: objective {metric} scores one class against the rest and needs a positive "
                         "class, got null; name data.positive, or use objective val_loss (every class's figures are "
                         "reported either way)"
                     )
             if self.train.monitor in ("val_auc", "val_ap"):
-                raise ValueError(
+                problems.append(
                     f"data.positive: train.monitor {self.train.monitor} scores one class against the rest and needs "
                     "a positive class, got null; name data.positive, or monitor val_loss"
                 )
         kfold = self.validation.kind == "kfold"
         if not kfold and "k" in self.validation.model_fields_set:
-            raise ValueError(
+            problems.append(
                 f"validation.k: k is used by kind kfold only, got k={self.validation.k} with kind split; "
                 "add kind: kfold or drop k"
             )
         if kfold and self.study.pruner not in KFOLD_PRUNERS:
-            raise ValueError(
+            problems.append(
                 "study.pruner: with validation.kind kfold a trial reports once per fold, so only wilcoxon or none "
                 f"can prune it, got {self.study.pruner}"
             )
         if not kfold and self.study.pruner == "wilcoxon":
-            raise ValueError(
+            problems.append(
                 "study.pruner: wilcoxon compares trials fold by fold and needs validation.kind kfold; with one split "
                 f"use one of {', '.join(p for p in PRUNERS if p != 'wilcoxon')}, got wilcoxon"
             )
         if kfold and self.study.pack != "auto" and self.study.pack > 1:
-            raise ValueError(
+            problems.append(
                 "study.pack: packing is not available with validation.kind kfold; use pack 1 (or auto), "
                 f"got pack={self.study.pack}"
             )
         if self.objective.multi:
-            self._check_multi_objective()
+            self._multi_objective_rules(problems)
+        if problems:
+            raise RuleProblems(problems)
         return self
 
-    def _check_multi_objective(self) -> None:
+    def _multi_objective_rules(self, problems: list[str]) -> None:
         objective, study, metrics = self.objective, self.study, list(self.objective.metrics)
         if study.sampler not in MULTI_OBJECTIVE_SAMPLERS:
-            raise ValueError(
+            problems.append(
                 f"study.sampler: {study.sampler} cannot optimise several objectives (objective.metric {metrics}); "
                 f"use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}"
             )
         if self.validation.kind == "kfold":
-            raise ValueError(
+            problems.append(
                 f"validation.kind: a multi-objective study (objective.metric {metrics}) runs on one split for now; "
                 "use kind split, got kfold"
             )
         if self.train.monitor == "val_objective":
-            raise ValueError(
+            problems.append(
                 f"train.monitor: val_objective is ambiguous with several objectives ({metrics}); "
                 f"use one of {', '.join(m for m in MONITORS if m != 'val_objective')}"
             )
         if study.pruner not in MULTI_OBJECTIVE_PRUNERS:
-            raise ValueError(
+            problems.append(
                 f"study.pruner: a multi-objective study prunes with the median rule on objective.guard, or not at "
                 f"all; use one of {', '.join(MULTI_OBJECTIVE_PRUNERS)}, got {study.pruner}"
             )
-        if study.pruner != "none" and objective.guard is None:
-            raise ValueError(
+        elif study.pruner != "none" and objective.guard is None:
+            problems.append(
                 f"objective.guard: Optuna cannot prune on several objectives ({metrics}); name the scalar metric "
                 f"to prune on (one of {', '.join(OBJECTIVES)}), or set study.pruner: none"
             )
         unknown = sorted(set(study.pruner_options) - set(GUARD_PRUNER_OPTIONS))
         if unknown:
-            raise ValueError(
+            problems.append(
                 f"study.pruner_options: the guard's median rule takes {', '.join(GUARD_PRUNER_OPTIONS)} only, "
                 f"got {', '.join(unknown)}"
             )
@@ -985,6 +988,14 @@ class StudySpec(_Frozen):
                 node = child
             node[leaf] = value
         return spec_from_dict(raw, base_dir=self.base_dir)
+
+
+class RuleProblems(ValueError):
+    """Every rule across sections that a study file breaks, each message naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
@@ -1059,7 +1070,11 @@ def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str | None =
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as exc:
-        problems = list(dict.fromkeys(_format_error(e) for e in exc.errors()))
+        found: list[str] = []
+        for error in exc.errors():
+            rules = error.get("ctx", {}).get("error")
+            found.extend(rules.problems if isinstance(rules, RuleProblems) else [_format_error(error)])
+        problems = list(dict.fromkeys(found))
         raise ConfigError(problems, source=source) from None
 
 
