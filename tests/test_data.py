@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -407,3 +408,30 @@ def test_sdss_sample() -> None:
         170,
         170,
     ]
+
+
+# --- features that look made from the label -----------------------------------------------------------------
+
+
+def test_a_feature_that_alone_tells_the_class_is_named_as_a_possible_leak(caplog: pytest.LogCaptureFixture) -> None:
+    frame = make_frame(n_star=900, n_qso=100)
+    rng = np.random.default_rng(1)
+    # A "redshift" measured from the spectrum that defines the class: quasars far, stars near, a little overlap.
+    frame["redshift"] = np.where(
+        frame["class"] == "QSO", rng.normal(2.0, 0.5, len(frame)), rng.normal(0, 0.2, len(frame))
+    )
+    spec = spec_from_dict({"data": {"features": ["u-g", "g-r", "redshift"]}})
+    catalogue = catalogue_from_frame(frame, spec.data, task="binary", source="test")
+    with caplog.at_level("WARNING", logger="tuner.data.dataset"):
+        build_dataset(spec, catalogue=catalogue)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert re.match(
+        r"data\.features: redshift alone tells QSO from the rest \(ROC AUC (0\.99\d|1\.000) on the ", warning
+    )
+    assert "leaks the label" in warning
+
+
+def test_the_default_colours_are_not_taken_for_a_leak(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="tuner.data.dataset"):
+        build_dataset(spec_from_dict({"data": {"simulated": {"n_star": 20000, "n_quasar": 1000}}}))
+    assert caplog.records == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -13,7 +15,15 @@ from tuner.data.load import Catalogue, catalogue_from_frame, read_table
 from tuner.data.preprocess import Preprocessor
 from tuner.data.split import SplitIndices, stratified_folds, stratified_split
 from tuner.errors import DataError
+from tuner.metrics import roc_auc
 from tuner.tasks import n_outputs
+
+log = logging.getLogger(__name__)
+
+#: A feature that alone ranks the positive class this well (ROC AUC on the training rows, either way round) is
+#: more likely made from what defines the class than measured beside it: SDSS's spectroscopic redshift reaches
+#: 0.993 for QSO, its best colour (u-g) 0.968, and the simulated catalogue's 0.954.
+LABEL_LIKE_AUC = 0.99
 
 
 @dataclass(frozen=True)
@@ -239,6 +249,16 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
         positive_index = catalogue.class_names.index(spec.data.positive)
     else:
         positive_index = 0
+    if spec.task == "binary" or (spec.task == "multiclass" and spec.data.positive):
+        for name, auc in label_like_features(catalogue, split.train, positive_index):
+            log.warning(
+                "data.features: %s alone tells %s from the rest (ROC AUC %.3f on the training rows, above %s); if "
+                "it comes from what defines the class (a spectroscopic redshift, say), it leaks the label",
+                name,
+                catalogue.class_names[positive_index],
+                auc,
+                LABEL_LIKE_AUC,
+            )
     return Dataset(
         train=part(split.train),
         validation=part(split.validation),
@@ -252,6 +272,18 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
         task=spec.task,
         target_scaling=target_scaling,
     )
+
+
+def label_like_features(catalogue: Catalogue, rows: np.ndarray, positive_index: int) -> list[tuple[str, float]]:
+    """The features that alone separate the positive class from the rest on ``rows`` with a ROC AUC (either way
+    round) of at least :data:`LABEL_LIKE_AUC`, with that AUC."""
+    is_positive = catalogue.labels[rows] == positive_index
+    found = []
+    for column, name in enumerate(catalogue.feature_names):
+        auc = roc_auc(is_positive, catalogue.features[rows, column])
+        if not math.isnan(auc) and max(auc, 1 - auc) >= LABEL_LIKE_AUC:
+            found.append((name, max(auc, 1 - auc)))
+    return found
 
 
 def _check_labels_in_parts(catalogue: Catalogue, split: SplitIndices) -> None:
