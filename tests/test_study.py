@@ -174,26 +174,34 @@ def test_creating_a_study_that_exists_leaves_its_parent_run_open_only_while_tria
 
 
 def test_runs_a_tracking_outage_left_open_are_closed_when_the_study_starts_again(tmp_path, tiny_dataset, monkeypatch):
-    monkeypatch.setattr(study_mod, "LEFT_OPEN_LOCKED_S", 0.0)  # as if the study started again a minute later
-    spec = tiny_spec(tmp_path)
+    spec = tiny_spec(tmp_path, **{"tracking.writes": "inline"})
+    real_close = tracking_mod.close_run
+    closes: list[int] = []
+
+    def store_gone_for_the_second(*args, **kwargs):
+        closes.append(1)
+        return [] if len(closes) == 2 else real_close(*args, **kwargs)
+
+    # The store was unreachable as trial 1 ended: its run never got its metrics, tags, files or end.
+    monkeypatch.setattr(tracking_mod, "close_run", store_gone_for_the_second)
     first = run_study(spec, dataset=tiny_dataset, n_trials=2)
+    monkeypatch.setattr(tracking_mod, "close_run", real_close)
     client, _, children = runs_of(spec)
-    by_number = {int(r.data.tags["optuna.trial_number"]): r.info.run_id for r in children}
-    # The store was unreachable as trial 1 ended: its run never got its end.
-    client.update_run(by_number[1], status="RUNNING")
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    assert by_number[1].info.status == "RUNNING" and "val_objective" not in by_number[1].data.metrics
     study = first.study
-    # A trial that ended moments ago may have its end still on the way: left alone unless it ended long enough ago.
+    # A trial that ended moments ago may have its end still on the way (a writer process): left alone.
     tracker = MlflowTracker(spec.tracking.uri, spec.study.name, None, writes="inline")
     tracker.start_study(spec.study.name, {}, {}, study.user_attrs["tuner.mlflow_parent_run_id"])
     assert study_mod.close_runs_left_open(study, tracker, settled_for=study_mod.LEFT_OPEN_S) == 0
-    assert client.get_run(by_number[1]).info.status == "RUNNING"
     tracker.end_study()
+    monkeypatch.setattr(study_mod, "LEFT_OPEN_S", 0.0)  # as if the study started again ten minutes later
     run_study(spec, dataset=tiny_dataset, n_trials=2)
-    repaired = client.get_run(by_number[1])
+    repaired = client.get_run(by_number[1].info.run_id)
     assert repaired.info.status == "FINISHED"
     assert "run's end was never recorded" in repaired.data.tags["tracking_incomplete"]
     assert repaired.data.metrics["val_objective"] == study.trials[1].value
-    assert "tracking_incomplete" not in client.get_run(by_number[0]).data.tags
+    assert "tracking_incomplete" not in client.get_run(by_number[0].info.run_id).data.tags
 
 
 def test_a_trial_left_running_by_a_dead_process_is_closed_with_what_happened_and_run_again(tmp_path, tiny_dataset):

@@ -514,6 +514,8 @@ def test_a_stop_in_a_pack_keeps_the_trials_it_finished_and_queues_the_rest_again
     states = [(t.number, t.state.name, t.value) for t in study.get_trials()]
     assert states[:3] == [(0, "COMPLETE", 0.75), (1, "FAIL", None), (2, "FAIL", None)]
     assert [t.number for t in finished] == [0]  # reported: it has its progress line
+    # A SIGTERM while the trial is told waits for it; a Ctrl-C cuts the telling short, and it is told again.
+    assert calls == {"after-telling": [], "sigterm-while-telling": [0], "ctrl-c-before-telling": [0, 0]}[stop]
     assert worker.CUT_SHORT == [(1, True), (2, True)]
     assert [t.state.name for t in study.get_trials()[3:]] == ["WAITING", "WAITING"]  # queued again
 
@@ -1285,3 +1287,36 @@ def test_each_retry_of_a_storage_call_is_one_line(caplog, monkeypatch):
     assert len(lines) == 2 and all("\n" not in line for line in lines), lines
     assert lines[0].startswith("storage error (attempt 1/8, retrying in 0.5s): OperationalError: ")
     assert "connection refused" in lines[0]
+
+
+class SettlesAtTheEnd:
+    """A pack objective that hands back every trial's outcome only once the pack is done."""
+
+    def __call__(self, trial):
+        raise AssertionError("runs trials as a pack")
+
+    def run_pack(self, trials, on_settled=None):
+        return [0.25, 0.5, 0.75]
+
+
+def test_a_sigterm_while_a_pack_that_ended_is_told_still_records_every_outcome(monkeypatch):
+    study = optuna.create_study(study_name="workers")
+    trials = [study.ask() for _ in range(3)]
+    real_tell = tuner_worker._tell_outcome
+
+    def signalled_at_the_first(study, trial, outcome):
+        if trial.number == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_tell(study, trial, outcome)
+
+    monkeypatch.setattr(tuner_worker, "_tell_outcome", signalled_at_the_first)
+    tuner_worker.CUT_SHORT.clear()
+    finished: list = []
+    with tuner_worker.terminate_on_sigterm(), pytest.raises(tuner_worker.Terminated):
+        tuner_worker._run_pack(study, trials, SettlesAtTheEnd(), 3, 5, finished)
+    assert [(t.state.name, t.value) for t in study.get_trials()] == [
+        ("COMPLETE", 0.25),
+        ("COMPLETE", 0.5),
+        ("COMPLETE", 0.75),
+    ]
+    assert sorted(t.number for t in finished) == [0, 1, 2] and tuner_worker.CUT_SHORT == []

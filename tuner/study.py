@@ -1829,13 +1829,11 @@ def run_study(
         }
         stored_parent = retrying(lambda: study.user_attrs.get("tuner.mlflow_parent_run_id"), what="read the study")
         parent = tracker.start_study(spec.study.name, spec_params(spec), tags, stored_parent)
-        # Under the SQLite lock only an earlier run's writer process may still be closing runs; elsewhere a live
-        # worker's may be.
-        settled_for = LEFT_OPEN_LOCKED_S if url and is_sqlite(url) else LEFT_OPEN_S
-        retrying(
-            lambda: close_runs_left_open(study, tracker, settled_for),
-            what="read the trials of runs left open",
-        )
+        if url and is_sqlite(url):
+            # Under the lock no other study process writes runs (on a database server live workers may).
+            retrying(
+                lambda: close_runs_left_open(study, tracker, LEFT_OPEN_S), what="read the trials of runs left open"
+            )
         if parent is not None and stored_parent != parent:
             retrying(
                 lambda: study.set_user_attr("tuner.mlflow_parent_run_id", parent), what="record the study's MLflow run"
@@ -1950,17 +1948,18 @@ def _fail_orphans(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> Non
             on_stale(study, study._storage.get_trial(trial._trial_id))
 
 
-#: A finished trial's run still open this many seconds after the trial ended lost its end to a tracking outage:
-#: a live worker's writes (tracking.writes) close it well within that.
+#: A finished trial's run still open this many seconds after the trial ended lost its end to a tracking outage.
+#: An earlier study process's writer process (tracking.writes: process) may still be sending what it holds: on
+#: a tracking server that does not answer, its requests take minutes each.
 LEFT_OPEN_S = 600.0
-#: The same in a local SQLite study, whose lock proves no other study process runs: an earlier one's writer
-#: process (tracking.writes: process) may still be sending what it holds, briefly.
-LEFT_OPEN_LOCKED_S = 60.0
 
 
 def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: float) -> int:
     """Close the runs of trials that finished more than ``settled_for`` seconds ago but whose runs are still open,
-    their end lost to a tracking outage; return how many. Runs of trials still running are left alone."""
+    their end lost to a tracking outage; return how many. Runs of trials still running are left alone.
+
+    Only for a study no other process runs (the SQLite lock): the trials' end times are this machine's clock.
+    """
     open_runs = tracker.open_trial_runs(study.study_name)
     closed = 0
     for number, run_id in sorted(open_runs.items()):
@@ -1970,15 +1969,26 @@ def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: flo
             continue
         trial = study._storage.get_trial(trial_id)
         ended = trial.datetime_complete
-        if not trial.state.is_finished() or ended is None:
+        if (
+            not trial.state.is_finished()
+            or ended is None
+            or trial.user_attrs.get("mlflow_run_id") not in (None, run_id)
+        ):
             continue
         if (datetime.datetime.now() - ended).total_seconds() < settled_for:
             continue
-        value = trial.value if trial.state == TrialState.COMPLETE and len(study.directions) == 1 else None
+        metrics: dict[str, float] = {}
+        if trial.state == TrialState.COMPLETE and trial.values is not None:
+            values = trial.values
+            metrics = (
+                {"val_objective": values[0]}
+                if len(values) == 1
+                else {f"val_objective_{i}": v for i, v in enumerate(values)}
+            )
         tracker.close_run_left_open(
             run_id,
             trial.state.name,
-            value,
+            metrics,
             f"the trial ended {trial.state.name} but its run's end was never recorded (the tracking store was "
             "unreachable); closed when the study started again, without the trial's final metrics and artifacts",
         )

@@ -112,12 +112,12 @@ class Tracker(Protocol):
         ...
 
     def open_trial_runs(self, study_name: str) -> dict[int, str]:
-        """The study's trial runs still RUNNING, by trial number: each one's run id."""
+        """The trial runs under the study's parent run that are still RUNNING, by trial number: each one's id."""
         ...
 
-    def close_run_left_open(self, run_id: str, state: str, value: float | None, reason: str) -> None:
+    def close_run_left_open(self, run_id: str, state: str, metrics: dict[str, float], reason: str) -> None:
         """Close a finished trial's run whose end was never recorded (the store was unreachable then): with the
-        status of the trial's Optuna ``state``, its ``value`` as ``val_objective``, and ``reason`` as a tag."""
+        status of the trial's Optuna ``state``, the ``metrics`` Optuna holds, and ``reason`` as a tag."""
         ...
 
     def drain(self, timeout: float | None = None) -> int:
@@ -171,7 +171,7 @@ class NullTracker:
     def open_trial_runs(self, study_name: str) -> dict[int, str]:
         return {}
 
-    def close_run_left_open(self, run_id: str, state: str, value: float | None, reason: str) -> None:
+    def close_run_left_open(self, run_id: str, state: str, metrics: dict[str, float], reason: str) -> None:
         return None
 
     def drain(self, timeout: float | None = None) -> int:
@@ -1001,12 +1001,16 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
 
         found: dict[int, str] = {}
+        if self.parent_run_id is None:
+            return found
         token = None
         try:
             while True:
+                # Under this study's parent run only: a study of the same name made again has runs of its own.
                 page = self.client.search_runs(
                     [self.experiment_id],
-                    "tags.`tuner.kind` = 'trial' and attributes.status = 'RUNNING'",
+                    f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`tuner.kind` = 'trial' "
+                    "and attributes.status = 'RUNNING'",
                     max_results=1000,
                     page_token=token,
                 )
@@ -1018,19 +1022,23 @@ class MlflowTracker:
                 token = page.token
                 if not token:
                     return found
-        except MlflowException as exc:
+        except (MlflowException, OSError) as exc:
             self._warn("looking for trial runs left open", exc)
             return found
 
-    def close_run_left_open(self, run_id: str, state: str, value: float | None, reason: str) -> None:
+    def close_run_left_open(self, run_id: str, state: str, metrics: dict[str, float], reason: str) -> None:
         from mlflow.entities import Metric, RunTag
         from mlflow.exceptions import MlflowException
 
+        now = int(time.time() * 1000)
         try:
-            metrics = [Metric("val_objective", value, int(time.time() * 1000), 0)] if value is not None else []
-            self.client.log_batch(run_id, metrics=metrics, tags=[RunTag("tracking_incomplete", reason)])
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(key, value, now, 0) for key, value in metrics.items()],
+                tags=[RunTag("tracking_incomplete", reason)],
+            )
             self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
-        except MlflowException as exc:
+        except (MlflowException, OSError) as exc:
             self._warn(f"closing run {run_id}, left open", exc)
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:

@@ -1029,8 +1029,8 @@ def sigterm_held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or _held.is_set():
         yield
         return
-    _held.set()
     try:
+        _held.set()
         yield
     finally:
         _held.clear()
@@ -1149,23 +1149,18 @@ def work(
                     for trial in taken:
                         _run_one(study, trial, objective, max_retries, total, finished)
             except (KeyboardInterrupt, Terminated):
-                with suppress(Exception):
-                    _report(study, finished, callbacks)
+                # One attempt each: retrying through a storage outage here could outlast the stop's grace period.
+                for frozen in finished:
+                    for callback in callbacks:
+                        with suppress(Exception):
+                            callback(study, frozen)
                 raise
             ran += len(finished)
-            _report(study, finished, callbacks)
+            for frozen in finished:
+                for callback in callbacks:
+                    # Callbacks read the study (the best value so far): a restart then must not end the worker.
+                    retrying(functools.partial(callback, study, frozen), what=f"report trial {frozen.number}")
     return WorkResult(ran=ran, finished_study=retrying(lambda: budget(study, total), what="count trials").done)
-
-
-def _report(
-    study: optuna.Study,
-    finished: Sequence[FrozenTrial],
-    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
-) -> None:
-    for frozen in finished:
-        for callback in callbacks:
-            # Callbacks read the study (the best value so far): a restart then must not end the worker.
-            retrying(functools.partial(callback, study, frozen), what=f"report trial {frozen.number}")
 
 
 def _take_trials(study: optuna.Study, total: int, most: int) -> list[optuna.Trial]:
@@ -1318,13 +1313,13 @@ def _run_pack(
 
     def tell(index: int, outcome: float | Sequence[float] | Exception) -> None:
         settled[index] = outcome
-        if isinstance(outcome, TrialLost):
-            log.warning("trial %d lost to a storage error, queued again: %s", trials[index].number, outcome)
-            record(index, _fail_and_retry(study, trials[index], max_retries, total, LOST_TO_STORAGE))
-            return
         # As in a trial run alone: a SIGTERM waits until the trial is told, then stops the pack.
         with sigterm_held():
-            record(index, _tell_outcome(study, trials[index], outcome))
+            if isinstance(outcome, TrialLost):
+                log.warning("trial %d lost to a storage error, queued again: %s", trials[index].number, outcome)
+                record(index, _fail_and_retry(study, trials[index], max_retries, total, LOST_TO_STORAGE))
+            else:
+                record(index, _tell_outcome(study, trials[index], outcome))
         if threading.current_thread() is threading.main_thread():
             check_terminated()
 
@@ -1338,6 +1333,11 @@ def _run_pack(
                 check_every = grace / 2 if i == 0 else math.inf
                 beats.enter_context(Heartbeat(study, trial._trial_id, interval, check_every=check_every))
             outcomes = objective.run_pack(trials, on_settled=tell)
+            # An objective that settles its trials only at the end: each is settled, to be told even after a stop.
+            settled.update((i, outcome) for i, outcome in enumerate(outcomes) if i not in settled)
+            for i, outcome in enumerate(outcomes):
+                if i not in told:
+                    tell(i, outcome)
     except (KeyboardInterrupt, Terminated):
         with sigterm_held():
             for index, outcome in settled.items():
@@ -1357,10 +1357,6 @@ def _run_pack(
         if not transient:
             raise
         log.warning("trials %s lost to a storage error, queued again: %s", [t.number for t in lost], exc)
-        return
-    for i, outcome in enumerate(outcomes):
-        if i not in told:  # an objective that settles its trials only at the end
-            tell(i, outcome)
 
 
 def _tell_outcome(
