@@ -515,6 +515,22 @@ def test_a_trials_run_is_created_off_the_line_and_its_id_known_once_it_exists(tm
     assert [m.value for m in tracker.client.get_metric_history(run_id, "val_loss")] == [1.0]
 
 
+def test_a_trial_runs_table_figure_is_its_objective_not_its_last_epochs(tmp_path):
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/m.db", "final", str(tmp_path / "a"), writes="inline")
+    tracker.start_study("s", {}, {}, None)
+    key = tracker.start_trial(0, {}, {"optuna.trial_number": "0"})
+    run_id = tracker.run_id(key)
+    for epoch, value in enumerate([0.5, 0.9, 0.7]):  # early stopping restores epoch 1's weights
+        tracker.log_epoch(key, epoch, {"val_objective": value, "val_loss": 1.0 - value})
+    tracker.end_trial(key, "COMPLETE", {"val_objective": 0.9, "best_epoch": 1}, {}, {})
+    assert tracker.drain() == 0
+    run = tracker.client.get_run(run_id)
+    assert run.data.metrics["val_objective"] == 0.9 and run.data.metrics["best_epoch"] == 1
+    reader = tracking_mod.MlflowRuns(f"sqlite:///{tmp_path}/m.db")
+    curve = reader.epoch_history(run.info.run_id, ("val_objective", "val_loss"))
+    assert [epoch["val_objective"] for epoch in curve] == [0.5, 0.9, 0.7]
+
+
 def test_a_trial_run_the_store_refuses_is_one_warning_and_no_id(tmp_path, monkeypatch, caplog):
     from mlflow.exceptions import MlflowException
 

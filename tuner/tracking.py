@@ -956,8 +956,12 @@ class MlflowTracker:
 
         if run_key is None:
             return
-        now = int(time.time() * 1000)
-        items = self._buffers.pop(run_key, []) + [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        epochs = self._buffers.pop(run_key, [])
+        # A run's table shows each metric at its last step: the final figures go at the last epoch's step, stamped
+        # after it, so that val_objective there is the trial's (its best epoch's), not its last epoch's.
+        last_step = max((m.step for m in epochs), default=0)
+        stamp = max([int(time.time() * 1000), *(m.timestamp + 1 for m in epochs)])
+        items = epochs + [Metric(k, float(v), stamp, last_step) for k, v in metrics.items()]
         run = RUNS.take(run_key) or CreatedRun(run_key, None, None)
         run_tags = [RunTag(k, str(v)) for k, v in tags.items()]
         status = RUN_STATUS.get(state, "FAILED")
@@ -1291,7 +1295,8 @@ class MlflowRuns:
     def epoch_history(self, run_id: str, keys: tuple[str, ...]) -> list[dict[str, float]]:
         """Per-epoch metrics of a run as one mapping per epoch (step), for the given keys.
 
-        A key logged more than once at a step keeps its first value: final metrics are logged at step 0 too.
+        A key logged more than once at a step keeps its first value: final metrics are logged at the last epoch's
+        step too, after it.
         """
         from mlflow.exceptions import MlflowException
 
