@@ -1829,8 +1829,9 @@ def run_study(
         }
         stored_parent = retrying(lambda: study.user_attrs.get("tuner.mlflow_parent_run_id"), what="read the study")
         parent = tracker.start_study(spec.study.name, spec_params(spec), tags, stored_parent)
-        if url and is_sqlite(url):
-            # Under the lock no other study process writes runs (on a database server live workers may).
+        if url and is_sqlite(url) and stored_parent is not None:
+            # Under the lock no other study process writes runs (on a database server live workers may). A study
+            # run just made has no trial runs yet.
             retrying(
                 lambda: close_runs_left_open(study, tracker, LEFT_OPEN_S), what="read the trials of runs left open"
             )
