@@ -204,6 +204,26 @@ def test_runs_a_tracking_outage_left_open_are_closed_when_the_study_starts_again
     assert "tracking_incomplete" not in client.get_run(by_number[0].info.run_id).data.tags
 
 
+def test_the_worker_command_tuner_create_prints_joins_the_study_it_made(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    import yaml
+
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    study_file = tmp_path / "tiny.yaml"
+    study_file.write_text(yaml.safe_dump({**TINY, "study": {**TINY["study"], "n_trials": 2}}))
+    storage, tracking = f"sqlite:///{tmp_path}/s.db", f"sqlite:///{tmp_path}/m.db"
+    flags = ["--storage", storage, "--study-name", "joined", "--n-trials", "1", "--tracking-uri", tracking]
+    assert main(["create", str(study_file), *flags]) == 0
+    (hint,) = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("tuner worker")]
+    command = shlex.split(hint)
+    assert command[:3] == ["tuner", "worker", str(study_file)] and sorted(command[3:]) == sorted(flags)
+    assert main([*command[1:], "--quiet"]) == 0
+    assert len(optuna.load_study(study_name="joined", storage=storage).trials) == 1
+
+
 def test_a_trial_left_running_by_a_dead_process_is_closed_with_what_happened_and_run_again(tmp_path, tiny_dataset):
     spec = tiny_spec(tmp_path)
     run_study(spec, dataset=tiny_dataset, tracker=NullTracker(), n_trials=1)

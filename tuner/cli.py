@@ -327,7 +327,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     counts = {k: v for k, v in retrying(lambda: state_counts(study), what="count trials").items() if v}
     if args.mode == "create":
         console.print(f"study {spec.study.name!r} is ready in {mask_password(spec.study.storage)}; start workers with:")
-        console.print(f"  tuner worker {args.study} --storage URL")
+        console.print("  " + worker_command(args, spec.study.storage), soft_wrap=True)  # whole, to paste
         return 0
     console.print(
         f"this process ran {result.n_run} trial(s); the study holds: "
@@ -724,6 +724,23 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("study", help="study file (YAML)")
     val.set_defaults(func=cmd_validate)
     return parser
+
+
+def worker_command(args: argparse.Namespace, storage: str) -> str:
+    """The ``tuner worker`` command that joins the study ``tuner create`` just made: the same study and stores
+    (passwords masked, for the user to fill in)."""
+    import shlex
+
+    words = ["tuner", "worker", args.study, "--storage", mask_password(storage)]
+    if args.study_name:
+        words += ["--study-name", args.study_name]
+    if args.n_trials:
+        words += ["--n-trials", str(args.n_trials)]
+    if args.no_tracking:
+        words.append("--no-tracking")
+    elif args.tracking_uri:
+        words += ["--tracking-uri", mask_password(args.tracking_uri)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def main(argv: list[str] | None = None) -> int:
