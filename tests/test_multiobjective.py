@@ -193,6 +193,9 @@ def test_export_by_rule_picks_the_most_complete_front_trial_under_the_contaminat
     assert result.trial_number == expected.number
     assert result.card["objective"]["values"] == expected.values
     assert any("chosen from the Pareto front" in n for n in result.notes)
+    # The card says which figures are at the objectives' fixed threshold and which at the frozen one.
+    card = " ".join((tmp_path / "m" / "model_card.md").read_text().split())
+    assert f"measured at the fixed score threshold {spec.objective.threshold}, not at the frozen one" in card
 
 
 def test_export_of_a_front_needs_a_choice_and_a_sound_rule(mo_study, capsys):

@@ -1284,7 +1284,7 @@ def render_card(card: dict[str, Any]) -> str:
         "",
         f"Objective: {card['objective']['metric']} ({card['objective']['direction']}), target contamination "
         f"{card['objective']['target_contamination']}. The threshold is chosen on validation and frozen; the holdout "
-        "only measures it. Intervals are 95% Wilson intervals.",
+        "only measures it. Intervals are 95% Wilson intervals." + _fixed_threshold_note(card["objective"]),
         "",
         *_figure_table(
             card,
@@ -1351,6 +1351,22 @@ def _input_lines(d: dict[str, Any]) -> list[str]:
         f"- raw input columns: {', '.join(d['input_columns'])}; preprocessing: {d['preprocess']} "
         "(fitted on the training rows only, stored as numbers)",
     ]
+
+
+def _fixed_threshold_note(objective: dict[str, Any]) -> str:
+    """A study whose objectives are measured at a fixed score threshold: which figures are at which threshold."""
+    if "threshold" not in objective:
+        return ""
+    values = objective.get("values")
+    measured = (
+        f" ({', '.join(f'{m} {_fmt(v, 6)}' for m, v in zip(objective['metric'].split(', '), values, strict=False))})"
+        if values
+        else ""
+    )
+    return (
+        f" The objective{measured} is measured at the fixed score threshold {objective['threshold']}, not at the "
+        "frozen one: the validation objective below is at that fixed threshold, every other figure at the frozen one."
+    )
 
 
 def _trial_lines(card: dict[str, Any]) -> list[str]:
