@@ -80,6 +80,14 @@ def test_the_objective_is_the_mean_of_the_five_recorded_fold_scores(kfold):
         assert plots == {"plots/learning_curves.html", "plots/roc.html", "plots/completeness_efficiency.html"}
 
 
+def test_tuner_best_names_each_folds_best_epoch(kfold, capsys):
+    spec, best = kfold["spec"], kfold["study"].best_trial
+    assert main(["best", spec.study.name, "--storage", spec.study.storage]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    folds = ", ".join(map(str, best.user_attrs["fold_best_epochs"]))
+    assert f"epochs {best.user_attrs['epochs']} (5 folds, best epochs {folds});" in out
+
+
 def test_folds_are_stratified_and_cover_the_modelling_set_once():
     spec = spec_from_dict(KFOLD)
     dataset = build_dataset(spec)

@@ -139,9 +139,12 @@ def print_trial(trial: Any, spec: StudySpec, title: str = "Best trial") -> None:
             f"{attrs['holdout_macro_contamination']:.4f}, accuracy {attrs['holdout_accuracy']:.4f} "
             "(each row to its most probable class)"
         )
-    console.print(
-        f"epochs {attrs.get('epochs', '?')} (best {attrs.get('best_epoch', '?')}); {attrs.get('stop_reason', '')}"
-    )
+    if "fold_best_epochs" in attrs:
+        # k-fold: the epochs of every fold together, each fold with its own best epoch.
+        best = f"{len(attrs['fold_best_epochs'])} folds, best epochs {', '.join(map(str, attrs['fold_best_epochs']))}"
+    else:
+        best = f"best {attrs.get('best_epoch', '?')}"
+    console.print(f"epochs {attrs.get('epochs', '?')} ({best}); {attrs.get('stop_reason', '')}")
     if "mlflow_run_id" in attrs:
         console.print(f"MLflow run {attrs['mlflow_run_id']}")
 
