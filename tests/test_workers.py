@@ -899,6 +899,11 @@ def test_status_tells_trials_lost_by_the_machinery_from_trials_failed_in_trainin
     out = " ".join(capsys.readouterr().out.split())
     lost = "2 lost (worker died or stopped, or the database went away), 1 of them queued again, 1 surplus"
     assert f"failed: 1 in training; {lost}" in out
+    # Failed in training only: said so, not left to be guessed.
+    only = optuna.create_study(study_name="trained", storage=url)
+    only.tell(only.ask(), state=FAIL)
+    assert main(["status", "trained", "--storage", url]) == 0
+    assert "failed: 1 in training; none lost" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_trial_callback_that_meets_a_database_restart_is_retried(tmp_path, monkeypatch):

@@ -385,13 +385,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(state, str(n))
     console.print(table)
     lost = losses(study) if counts["FAIL"] else None
-    if lost is not None and lost.lost:
+    if lost is not None:
         # A failed trial is either the parameters' doing or the machinery's: the second kind is run again.
         surplus = f", {lost.surplus} surplus (made beyond n_trials in a database outage; not counted)"
-        console.print(
-            f"failed: {counts['FAIL'] - lost.lost} in training; {lost.lost} lost (worker died or stopped, or the "
-            f"database went away), {lost.queued_again} of them queued again{surplus if lost.surplus else ''}"
+        machinery = (
+            f"{lost.lost} lost (worker died or stopped, or the database went away), {lost.queued_again} of them "
+            f"queued again{surplus if lost.surplus else ''}"
+            if lost.lost
+            else "none lost (worker died or stopped, or the database went away)"
         )
+        console.print(f"failed: {counts['FAIL'] - lost.lost} in training; {machinery}")
     if counts["COMPLETE"] and len(study.directions) > 1:
         from tuner.pareto import front, objective_names
 
