@@ -435,3 +435,16 @@ def test_the_default_colours_are_not_taken_for_a_leak(caplog: pytest.LogCaptureF
     with caplog.at_level("WARNING", logger="tuner.data.dataset"):
         build_dataset(spec_from_dict({"data": {"simulated": {"n_star": 20000, "n_quasar": 1000}}}))
     assert caplog.records == []
+
+
+def test_every_missing_column_is_named_at_once() -> None:
+    features = ["u-g", "i-y", "redshfit", "R"]
+    message = data_error(make_frame(), target="clas", features=features, id_columns=["objid"])
+    assert message.splitlines() == [
+        "4 problems with the catalogue's columns:",
+        "  - data.target: column 'clas' not in the catalogue (did you mean 'class'?)",
+        "  - data.features: column 'i-y' not in the catalogue, nor magnitude 'y' to derive it",
+        "  - data.features: column 'redshfit' not in the catalogue",
+        "  - data.features: column 'R' not in the catalogue (did you mean 'r'?)",
+        "  the catalogue's columns: u, g, r, i, z, class, objid",
+    ]

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from tuner.config import CONDITION, REGRESSION_TASKS, DataSpec
 from tuner.errors import DataError
+
+T = TypeVar("T")
 
 #: Fewest rows of a class that a stratified train / validation / holdout split can place in every part.
 MIN_PER_CLASS = 3
@@ -74,7 +78,7 @@ def read_table(path: Path) -> pd.DataFrame:
 def _column(frame: pd.DataFrame, name: str, key: str) -> pd.Series:
     if name in frame.columns:
         return frame[name]
-    hint = difflib.get_close_matches(name, [str(c) for c in frame.columns], n=1, cutoff=0.6)
+    hint = _close_columns(frame, name)
     suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
     raise DataError(
         f"{key}: column {name!r} not in the catalogue{suggestion}; columns: {', '.join(map(str, frame.columns))}"
@@ -96,17 +100,24 @@ def derive_feature(frame: pd.DataFrame, name: str) -> pd.Series:
         # A colour with one magnitude misspelt ('u-gg'): suggest the colour built from the closest column.
         missing = right if left in frame.columns else left
         hint = _close_columns(frame, missing)
-        if hint:
-            guess = f"{left}-{hint[0]}" if missing == right else f"{hint[0]}-{right}"
-            raise DataError(
-                f"data.features: column {name!r} not in the catalogue, nor magnitude {missing!r} to derive "
-                f"it (did you mean {guess!r}?); columns: {', '.join(map(str, frame.columns))}"
-            )
+        guess = f"{left}-{hint[0]}" if hint and missing == right else f"{hint[0]}-{right}" if hint else None
+        raise DataError(
+            f"data.features: column {name!r} not in the catalogue, nor magnitude {missing!r} to derive it"
+            + (f" (did you mean {guess!r}?)" if guess else "")
+            + f"; columns: {', '.join(map(str, frame.columns))}"
+        )
     return _column(frame, name, "data.features")
 
 
+def _feature_column(frame: pd.DataFrame, name: str) -> pd.Series:
+    return _numeric(derive_feature(frame, name), name)
+
+
 def _close_columns(frame: pd.DataFrame, name: str) -> list[str]:
-    return difflib.get_close_matches(name, [str(c) for c in frame.columns], n=1, cutoff=0.6)
+    columns = [str(c) for c in frame.columns]
+    # A column that differs in case only ('R' for 'r') is the likeliest meant; difflib sees no likeness there.
+    same_but_case = [c for c in columns if c.lower() == name.lower()]
+    return same_but_case[:1] or difflib.get_close_matches(name, columns, n=1, cutoff=0.6)
 
 
 def _numeric(series: pd.Series, name: str) -> pd.Series:
@@ -260,17 +271,37 @@ def catalogue_from_frame(frame: pd.DataFrame, spec: DataSpec, *, task: str, sour
             label without positives or negatives, a unit_regression target outside [0, 1].
     """
     frame = keep_rows(frame, spec.where)
+    # Every column the study names is looked for before any is used, so that all the missing ones are named at once.
+    problems: list[str] = []
+
+    def looked_up(find: Callable[[], T]) -> T | None:
+        try:
+            return find()
+        except DataError as exc:
+            problems.append(str(exc))
+            return None
+
     if task == "multilabel":
-        label_names = spec.targets
-        for name in label_names:
-            label_column(frame, name)  # a missing column fails before the features are read
+        for name in spec.targets:
+            looked_up(partial(label_column, frame, name))
     else:
-        target = _column(frame, str(spec.target), "data.target")
+        target = looked_up(lambda: _column(frame, str(spec.target), "data.target"))
     for col in spec.id_columns:
-        _column(frame, col, "data.id_columns")
+        looked_up(partial(_column, frame, col, "data.id_columns"))
     columns = {}
     for name in spec.features:
-        columns[name] = _numeric(derive_feature(frame, name), name)
+        column = looked_up(partial(_feature_column, frame, name))
+        if column is not None:
+            columns[name] = column
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        listed = f"; columns: {', '.join(map(str, frame.columns))}"
+        raise DataError(
+            f"{len(problems)} problems with the catalogue's columns:\n"
+            + "\n".join(f"  - {p.removesuffix(listed)}" for p in problems)
+            + f"\n  the catalogue's columns: {', '.join(map(str, frame.columns))}"
+        )
     features = pd.DataFrame(columns)
     for name in spec.features:
         bad = ~np.isfinite(features[name].to_numpy())
@@ -284,6 +315,7 @@ def catalogue_from_frame(frame: pd.DataFrame, spec: DataSpec, *, task: str, sour
     ids = frame[list(spec.id_columns)].reset_index(drop=True)
     if task == "multilabel":
         return _multilabel(frame, matrix, ids, spec, source)
+    assert target is not None  # found, or the problems above were raised
     if task in REGRESSION_TASKS:
         return _regression(target, matrix, ids, spec, task, source)
     if target.isna().any():
