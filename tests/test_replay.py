@@ -73,7 +73,9 @@ def test_cli_replay_exits_1_and_says_so_when_the_value_differs(tiny, capsys, mon
 
 def test_cli_replay_of_a_missing_trial_is_a_mistake_to_fix(tiny, capsys):
     assert main(["replay", "tiny-replay", "9", "--storage", tiny["spec"].study.storage]) == 2
-    assert "TRIAL: study 'tiny-replay' has no trial 9; its trials are numbered 0 to 1" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "TRIAL: study 'tiny-replay' has no trial 9; its trials are numbered 0 to 1" in captured.err
+    assert "replaying" not in captured.out  # nothing is announced that does not happen
 
 
 def test_every_trial_run_holds_its_manifest_and_gradient_health(tiny, tmp_path):

@@ -592,8 +592,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from tuner.study import replay_trial
 
     study, spec = _open_study(args)
-    _say(f"replaying trial {args.trial} of study {spec.study.name!r} alone on the CPU, from its parameters and seed")
-    replay = replay_trial(study, spec, args.trial)
+    announce = (
+        f"replaying trial {args.trial} of study {spec.study.name!r} alone on the CPU, from its parameters and seed"
+    )
+    replay = replay_trial(study, spec, args.trial, on_start=lambda: _say(announce))
     for note in replay.notes:
         err_console.print(f"note: {note}", markup=False, soft_wrap=True)
     for line in replay.summary():

@@ -2154,6 +2154,7 @@ def replay_trial(
     *,
     dataset: Dataset | None = None,
     tolerance: float = REPLAY_TOLERANCE,
+    on_start: Callable[[], None] | None = None,
 ) -> Replay:
     """Retrain one trial alone on the CPU, from its stored parameters and seed, and compare it with the record.
 
@@ -2166,6 +2167,7 @@ def replay_trial(
         number: The trial number.
         dataset: The study's data on the CPU, when already built (tests, notebooks).
         tolerance: Largest difference of validation objectives that still counts as reproduced.
+        on_start: Called once the trial is known to be one that can be replayed, before the retraining.
 
     Returns:
         The comparison; ``matches`` says whether the trial reproduced.
@@ -2196,6 +2198,8 @@ def replay_trial(
         params = suggest(trial, spec.search_space)
     except (KeyError, ValueError) as exc:
         raise StorageError(f"TRIAL: trial {number} holds no parameters for this search space: {exc}") from None
+    if on_start is not None:
+        on_start()
     seed = int(attrs.get("seed", spec.study.seed + number))
     dataset = dataset or build_dataset(spec, "cpu")
     _check_folds(spec, dataset)
