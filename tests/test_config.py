@@ -444,6 +444,21 @@ def test_cli_bad_file_exits_2_and_creates_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
 
+def test_cli_bad_data_is_one_message_on_stderr_and_nothing_on_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cat.csv").write_text("u,g,r,i,z,class\n" + "\n".join(f"{i},1,1,1,1,STAR" for i in range(20)) + "\n")
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"data": {"source": "cat.csv", "features": ["u-g", "redshfit"]}}))
+    assert main(["run", str(study)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "data.features: column 'redshfit' not in the catalogue" in squash(captured.err)
+
+
 def test_cli_missing_file_exits_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -273,6 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     task_id = progress.add_task(spec.study.name, total=None, best="-")
     last = [time.monotonic()]
+    started: list[bool] = []  # stopping a progress display never started prints an empty line
 
     def on_start(study: Any, remaining: int) -> None:
         from tuner.worker import budget
@@ -287,6 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         progress.update(task_id, total=remaining)
         progress.start()
+        started.append(True)
 
     def on_trial(study: Any, trial: Any) -> None:
         now = time.monotonic()
@@ -320,7 +322,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             mode=getattr(args, "mode", "run"),
         )
     finally:
-        progress.stop()
+        if started:
+            progress.stop()
     study = result.study
     from optuna.trial import TrialState
 
