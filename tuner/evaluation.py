@@ -20,6 +20,12 @@ from tuner.regression import STATISTICS, RegressionFigures, metric, regression_f
 _OPERATORS = {"==": "_eq_", "!=": "_ne_", ">=": "_ge_", "<=": "_le_", ">": "_gt_", "<": "_lt_"}
 
 
+def objective_values(values: Sequence[float]) -> dict[str, float]:
+    """A multi-objective trial's value per objective as MLflow metrics (``val_objective_0``, ...); nothing for
+    one objective, whose value is ``val_objective`` alone."""
+    return {f"val_objective_{i}": v for i, v in enumerate(values)} if len(values) > 1 else {}
+
+
 def label_key(name: str) -> str:
     """A label or class name as part of an MLflow metric key (letters, digits, ``_ - . /`` and spaces only).
 
@@ -54,8 +60,7 @@ class RegressionEvaluation:
         out = {"val_objective": self.objective}
         out.update(self.validation.as_metrics("val"))
         out.update(self.holdout.as_metrics("holdout"))
-        if len(self.objectives) > 1:
-            out.update({f"val_objective_{i}": v for i, v in enumerate(self.objectives)})
+        out.update(objective_values(self.objectives))
         return out
 
 
@@ -154,8 +159,7 @@ class MultilabelEvaluation:
                     f"holdout_auc_{key}": f.holdout_auc,
                 }
             )
-        if len(self.objectives) > 1:
-            out.update({f"val_objective_{i}": v for i, v in enumerate(self.objectives)})
+        out.update(objective_values(self.objectives))
         return out
 
 

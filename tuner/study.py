@@ -46,6 +46,7 @@ from tuner.evaluation import (
     evaluate_multilabel,
     evaluate_regression,
     multilabel_scorer,
+    objective_values,
     per_class_figures,
     regression_scorer,
 )
@@ -367,8 +368,7 @@ class Evaluation:
             "holdout_contamination_high": h.contamination_ci.high,
             "holdout_auc": self.holdout_auc,
         }
-        if len(self.objectives) > 1:
-            out.update({f"val_objective_{i}": v for i, v in enumerate(self.objectives)})
+        out.update(objective_values(self.objectives))
         if self.val_fixed is not None and self.holdout_fixed is not None:
             v, f = self.val_fixed, self.holdout_fixed
             out.update(
@@ -1980,12 +1980,7 @@ def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: flo
             continue
         metrics: dict[str, float] = {}
         if trial.state == TrialState.COMPLETE and trial.values is not None:
-            values = trial.values
-            metrics = (
-                {"val_objective": values[0]}
-                if len(values) == 1
-                else {f"val_objective_{i}": v for i, v in enumerate(values)}
-            )
+            metrics = {"val_objective": trial.values[0], **objective_values(trial.values)}
         tracker.close_run_left_open(
             run_id,
             trial.state.name,

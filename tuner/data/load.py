@@ -285,7 +285,7 @@ def catalogue_from_frame(frame: pd.DataFrame, spec: DataSpec, *, task: str, sour
         for name in spec.targets:
             looked_up(partial(label_column, frame, name))
     else:
-        target = looked_up(lambda: _column(frame, str(spec.target), "data.target"))
+        target = looked_up(partial(_column, frame, str(spec.target), "data.target"))
     for col in spec.id_columns:
         looked_up(partial(_column, frame, col, "data.id_columns"))
     columns = {}
@@ -296,11 +296,11 @@ def catalogue_from_frame(frame: pd.DataFrame, spec: DataSpec, *, task: str, sour
     if len(problems) == 1:
         raise DataError(problems[0])
     if problems:
-        listed = f"; columns: {', '.join(map(str, frame.columns))}"
+        names = ", ".join(map(str, frame.columns))
         raise DataError(
             f"{len(problems)} problems with the catalogue's columns:\n"
-            + "\n".join(f"  - {p.removesuffix(listed)}" for p in problems)
-            + f"\n  the catalogue's columns: {', '.join(map(str, frame.columns))}"
+            + "\n".join(f"  - {p.removesuffix(f'; columns: {names}')}" for p in problems)
+            + f"\n  the catalogue's columns: {names}"
         )
     features = pd.DataFrame(columns)
     for name in spec.features:
