@@ -15,6 +15,7 @@ from faults import restart_error
 from mlflow import MlflowClient
 from tiny import TINY_DATA, TINY_SPACE, stored_in
 
+from tuner import export as export_mod
 from tuner import study as study_mod
 from tuner import tracking as tracking_mod
 from tuner.config import StudySpec, spec_from_dict
@@ -202,6 +203,54 @@ def test_runs_a_tracking_outage_left_open_are_closed_when_the_study_starts_again
     assert "run's end was never recorded" in repaired.data.tags["tracking_incomplete"]
     assert repaired.data.metrics["val_objective"] == study.trials[1].value
     assert "tracking_incomplete" not in client.get_run(by_number[0].info.run_id).data.tags
+
+
+def test_runs_a_tracking_outage_left_out_are_created_when_the_study_starts_again(tmp_path, tiny_dataset, monkeypatch):
+    spec = tiny_spec(tmp_path, **{"tracking.writes": "inline"})
+    real_open = tracking_mod.open_run
+    opens: list[int] = []
+
+    def store_gone_for_the_second(key, *args, **kwargs):
+        opens.append(1)
+        if len(opens) == 2:
+            tracking_mod.RUNS.record(tracking_mod.CreatedRun(key, None, None))
+            return [("start of trial-0001", "connection refused")]
+        return real_open(key, *args, **kwargs)
+
+    # The store was unreachable as trial 1 started: its run was never created.
+    monkeypatch.setattr(tracking_mod, "open_run", store_gone_for_the_second)
+    first = run_study(spec, dataset=tiny_dataset, n_trials=3)
+    monkeypatch.setattr(tracking_mod, "open_run", real_open)
+    client, _, children = runs_of(spec)
+    assert sorted(r.data.tags["optuna.trial_number"] for r in children) == ["0", "2"]
+    left_out = first.study.trials[1]
+    assert "mlflow_run_id" not in left_out.user_attrs and study_mod.RUN_LEFT_OUT in left_out.user_attrs
+
+    run_study(spec, dataset=tiny_dataset, n_trials=3)
+    run_study(spec, dataset=tiny_dataset, n_trials=3)  # made once, not again
+    client, _, children = runs_of(spec)
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    assert sorted(by_number) == [0, 1, 2] and len(children) == 3
+    made, whole = by_number[1], by_number[0]
+    assert made.info.status == "FINISHED"
+    assert "unreachable as the trial started" in made.data.tags["tracking_incomplete"]
+    assert made.data.tags["mlflow.parentRunId"] == whole.data.tags["mlflow.parentRunId"]
+    assert made.data.tags["stop_reason"] == left_out.user_attrs["stop_reason"]
+    assert made.data.params.keys() == whole.data.params.keys()
+    assert made.data.params["lr"] == str(left_out.params["lr"])
+    assert made.data.metrics["val_objective"] == left_out.value
+    per_trial = {key for key in whole.data.metrics if not key[-1].isdigit()}  # not per layer: depths differ
+    assert {key for key in made.data.metrics if not key[-1].isdigit()} == per_trial
+    for key in ("train_loss", "val_objective"):
+        curve = client.get_metric_history(made.info.run_id, key)
+        by_step = {m.step: m.value for m in curve if m.timestamp == made.info.end_time}
+        assert len(by_step) == left_out.user_attrs["epochs"]
+    assert by_step == left_out.intermediate_values  # val_objective: what the trial reported each epoch
+    assert made.info.start_time == int(left_out.datetime_start.timestamp() * 1000)
+    assert made.info.end_time == int(left_out.datetime_complete.timestamp() * 1000)
+    assert [f.path for f in client.list_artifacts(made.info.run_id)] == [study_mod.MANIFEST_ARTIFACT]
+    # An export retrains it, and says why its weights are missing.
+    assert "could not be created (the tracking store was unreachable)" in export_mod._no_run(left_out)
 
 
 def test_the_worker_command_tuner_create_prints_joins_the_study_it_made(tmp_path, monkeypatch, capsys):

@@ -918,6 +918,18 @@ class _Trained:
     notes: list[str] = field(default_factory=list)
 
 
+def _no_run(trial: optuna.trial.FrozenTrial) -> str:
+    """Why a trial has no run with model files: tracking was off, or a tracking outage left its run out."""
+    from tuner.study import RUN_LEFT_OUT
+
+    if RUN_LEFT_OUT in trial.user_attrs:
+        return (
+            f"trial {trial.number}'s MLflow run could not be created (the tracking store was unreachable), so its "
+            "model files were never logged"
+        )
+    return f"trial {trial.number} has no MLflow run (tracking was off)"
+
+
 def _fetch_trial(
     trial: optuna.trial.FrozenTrial, tracking_uri: str, tmp: Path
 ) -> tuple[Path | None, dict[str, Any] | None, str | None]:
@@ -927,7 +939,7 @@ def _fetch_trial(
 
     run_id = trial.user_attrs.get("mlflow_run_id")
     if not run_id:
-        return None, None, f"trial {trial.number} has no MLflow run (tracking was off)"
+        return None, None, _no_run(trial)
     meta_file = download_run_artifact(tracking_uri, run_id, MODEL_META_ARTIFACT, tmp)
     weights = download_run_artifact(tracking_uri, run_id, WEIGHTS_ARTIFACT, tmp)
     meta = json.loads(meta_file.read_text()) if meta_file is not None else None
@@ -967,7 +979,7 @@ def _stored_folds(
     params = _params_record(_trial_params(trial, spec))
     run_id = trial.user_attrs.get("mlflow_run_id")
     if not run_id:
-        return None, params, f"trial {trial.number} has no MLflow run (tracking was off)"
+        return None, params, _no_run(trial)
     paths = [FOLD_WEIGHTS_ARTIFACT.format(fold=i) for i in range(len(dataset.folds))]
     # One folder per fold: a downloaded file lands under its base name, and every fold's is state_dict.pt.
     files = [download_run_artifact(tracking_uri, run_id, path, tmp / f"fold_{i}") for i, path in enumerate(paths)]

@@ -58,6 +58,7 @@ from tuner.tasks import REGRESSION, SINGLE_LABEL
 from tuner.tracking import (
     MlflowTracker,
     NullTracker,
+    RunRecord,
     Tracker,
     call_by_name,
     mask_password,
@@ -1427,6 +1428,11 @@ class Objective:
             run_id = self.tracker.run_id(run.run_key)
             if run_id is not None:
                 attrs["mlflow_run_id"] = run_id
+            elif run.run_key is not None:
+                # Its run could not be created (the store unreachable): kept for the next start to create it.
+                keys = dict.fromkeys(key for epoch in run.tracking.history for key in epoch)
+                curves = {key: [epoch.get(key) for epoch in run.tracking.history] for key in keys}
+                attrs[RUN_LEFT_OUT] = {"metrics": final, "tags": tags, "curves": curves}
             record_trial(run.trial, attrs, held)
         except BaseException:
             state = "FAIL"  # a trial whose figures were not stored is not complete
@@ -1835,6 +1841,7 @@ def run_study(
             retrying(
                 lambda: close_runs_left_open(study, tracker, LEFT_OPEN_S), what="read the trials of runs left open"
             )
+            retrying(lambda: create_runs_left_out(study, tracker, spec), what="read the trials of runs left out")
         if parent is not None and stored_parent != parent:
             retrying(
                 lambda: study.set_user_attr("tuner.mlflow_parent_run_id", parent), what="record the study's MLflow run"
@@ -1992,6 +1999,67 @@ def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: flo
     if closed:
         log.warning("closed %d MLflow run(s) left open by a tracking outage (tag tracking_incomplete)", closed)
     return closed
+
+
+#: User attribute of a trial whose MLflow run could not be created: its run's final metrics and tags, which
+#: :func:`create_runs_left_out` needs besides what Optuna holds.
+RUN_LEFT_OUT = "mlflow_run_left_out"
+
+
+def create_runs_left_out(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> int:
+    """Create the runs of finished trials whose runs could not be created (the tracking store unreachable as they
+    started), from what the study holds: parameters, tags, per-epoch and final metrics, the manifest. Return how
+    many. Their plots and model files are lost.
+
+    Only for a study no other process runs (the SQLite lock): two processes could make the same run twice.
+    """
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    left_out = [t for t in study.get_trials(deepcopy=False, states=finished) if RUN_LEFT_OUT in t.user_attrs]
+    if not left_out:
+        return 0
+    # A finished trial's attributes cannot change, so the run an earlier start made is known by its tags only.
+    made = tracker.trial_run_numbers(study.study_name)
+    if made is None:  # not searched (warned): making them now could make some twice
+        return 0
+    layers = max_layers(spec.search_space)
+    created = 0
+    for trial in left_out:
+        if trial.number in made or trial.datetime_start is None or trial.datetime_complete is None:
+            continue
+        stored = trial.user_attrs[RUN_LEFT_OUT]
+        try:
+            params = suggest(trial, spec.search_space).as_record(layers)
+        except (ValueError, KeyError):  # the study file's search space has changed since
+            params = dict(trial.params)
+        attrs = trial.user_attrs
+        tags = {
+            "optuna.trial_number": str(trial.number),
+            "optuna.study_name": study.study_name,
+            **{key: str(attrs[key]) for key in ("seed", "engine") if key in attrs},
+            **stored.get("tags", {}),
+            "tracking_incomplete": "the tracking store was unreachable as the trial started; this run was created "
+            "when the study started again, from what the study holds: its parameters, tags and metrics, without its "
+            "plots and model files",
+        }
+        curves = {
+            key: {step: float(value) for step, value in enumerate(values) if value is not None}
+            for key, values in stored.get("curves", {}).items()
+        }
+        record = RunRecord(
+            params=params,
+            tags=tags,
+            curves=curves,
+            metrics={key: float(value) for key, value in stored.get("metrics", {}).items()},
+            state=trial.state.name,
+            started_ms=int(trial.datetime_start.timestamp() * 1000),
+            ended_ms=int(trial.datetime_complete.timestamp() * 1000),
+            artifacts={MANIFEST_ARTIFACT: json.dumps(attrs["manifest"], indent=2)} if "manifest" in attrs else {},
+        )
+        tracker.create_run_left_out(trial.number, record)
+        created += 1
+    if created:
+        log.warning("created %d MLflow run(s) a tracking outage left out (tag tracking_incomplete)", created)
+    return created
 
 
 def _where(storage: str | optuna.storages.BaseStorage) -> str:

@@ -54,6 +54,20 @@ _BATCH_LIMIT = 1000
 WRITE_QUEUE_LIMIT = 16
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished trial's run as the study can rebuild it after the fact (:meth:`Tracker.create_run_left_out`)."""
+
+    params: dict[str, Any]
+    tags: dict[str, str]
+    curves: dict[str, dict[int, float]]  # metric name -> epoch -> value
+    metrics: dict[str, float]  # final figures, logged at the last epoch's step as a trial's end logs them
+    state: str  # the trial's Optuna state
+    started_ms: int
+    ended_ms: int
+    artifacts: dict[str, str | bytes]
+
+
 def mask_password(url: str) -> str:
     """The URL with any password replaced by ``***``, for messages and tags."""
     try:
@@ -120,6 +134,15 @@ class Tracker(Protocol):
         status of the trial's Optuna ``state``, the ``metrics`` Optuna holds, and ``reason`` as a tag."""
         ...
 
+    def trial_run_numbers(self, study_name: str) -> set[int] | None:
+        """The trial numbers that have a run under the study's parent run, whatever its status; None when the
+        store could not be searched."""
+        ...
+
+    def create_run_left_out(self, number: int, run: RunRecord) -> None:
+        """Create, whole and closed, the run of a finished trial whose run could not be created as it started."""
+        ...
+
     def drain(self, timeout: float | None = None) -> int:
         """Wait up to ``timeout`` seconds (None: as long as it takes) for the writes still being sent; return how
         many are left unsent."""
@@ -172,6 +195,12 @@ class NullTracker:
         return {}
 
     def close_run_left_open(self, run_id: str, state: str, metrics: dict[str, float], reason: str) -> None:
+        return None
+
+    def trial_run_numbers(self, study_name: str) -> set[int] | None:
+        return None
+
+    def create_run_left_out(self, number: int, run: RunRecord) -> None:
         return None
 
     def drain(self, timeout: float | None = None) -> int:
@@ -1002,19 +1031,28 @@ class MlflowTracker:
             self._warn(f"closing the lost run of trial {trial_number}", exc)
 
     def open_trial_runs(self, study_name: str) -> dict[int, str]:
+        found = self._trial_runs(study_name, " and attributes.status = 'RUNNING'", "looking for trial runs left open")
+        return found or {}
+
+    def trial_run_numbers(self, study_name: str) -> set[int] | None:
+        found = self._trial_runs(study_name, "", "looking for the study's trial runs")
+        return None if found is None else set(found)
+
+    def _trial_runs(self, study_name: str, condition: str, what: str) -> dict[int, str] | None:
+        """The trial runs under the study's parent run that meet ``condition`` (a search filter's ``and ...``),
+        by trial number: each one's id; None when the store could not be searched (warned)."""
         from mlflow.exceptions import MlflowException
 
-        found: dict[int, str] = {}
         if self.parent_run_id is None:
-            return found
+            return None
+        found: dict[int, str] = {}
         token = None
         try:
             while True:
                 # Under this study's parent run only: a study of the same name made again has runs of its own.
                 page = self.client.search_runs(
                     [self.experiment_id],
-                    f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`tuner.kind` = 'trial' "
-                    "and attributes.status = 'RUNNING'",
+                    f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`tuner.kind` = 'trial'{condition}",
                     max_results=1000,
                     page_token=token,
                 )
@@ -1027,8 +1065,8 @@ class MlflowTracker:
                 if not token:
                     return found
         except (MlflowException, OSError) as exc:
-            self._warn("looking for trial runs left open", exc)
-            return found
+            self._warn(what, exc)
+            return None
 
     def close_run_left_open(self, run_id: str, state: str, metrics: dict[str, float], reason: str) -> None:
         from mlflow.entities import Metric, RunTag
@@ -1044,6 +1082,33 @@ class MlflowTracker:
             self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
         except (MlflowException, OSError) as exc:
             self._warn(f"closing run {run_id}, left open", exc)
+
+    def create_run_left_out(self, number: int, run: RunRecord) -> None:
+        from mlflow.entities import Metric, Param
+        from mlflow.exceptions import MlflowException
+
+        tags = {"mlflow.parentRunId": self.parent_run_id or "", "tuner.kind": "trial", **run.tags}
+        # Stamped in the trial's own time, so that the run's duration and curves read as the trial's.
+        epochs = [
+            Metric(key, value, run.ended_ms, step)
+            for key, by_step in run.curves.items()
+            for step, value in by_step.items()
+        ]
+        last_step = max((m.step for m in epochs), default=0)
+        items = epochs + [Metric(key, value, run.ended_ms + 1, last_step) for key, value in run.metrics.items()]
+        try:
+            created = self.client.create_run(
+                self.experiment_id, start_time=run.started_ms, tags=tags, run_name=f"trial-{number:04d}"
+            )
+            run_id = created.info.run_id
+            try:
+                describe_run(run_id, [Param(k, str(v)) for k, v in run.params.items()], [], self.client)
+                _send(self.client, run_id, items, [])
+                _log_files(self.client, self.tracking_uri, run_id, run.artifacts, created.info.artifact_uri)
+            finally:
+                self.client.set_terminated(run_id, status=RUN_STATUS.get(run.state, "FAILED"), end_time=run.ended_ms)
+        except (MlflowException, OSError) as exc:
+            self._warn(f"creating the run of trial {number}, left out", exc)
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
         from mlflow.entities import Metric
