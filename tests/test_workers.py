@@ -606,6 +606,63 @@ def test_the_budget_check_holds_a_postgres_advisory_lock(pg_database):
 
 @postgres
 @needs_pg
+def test_on_postgres_the_worker_holding_the_repair_lock_creates_the_runs_a_tracking_outage_left_out(
+    tmp_path, pg_database, monkeypatch
+):
+    from mlflow import MlflowClient
+    from tiny import TINY_DATA, TINY_SPACE
+
+    from tuner import tracking as tracking_mod
+    from tuner.config import spec_from_dict
+    from tuner.data.dataset import build_dataset
+    from tuner.study import run_study
+    from tuner.worker import repair_lock
+
+    url = pg_database()
+    spec = spec_from_dict(
+        {
+            "data": TINY_DATA,
+            "search_space": TINY_SPACE,
+            "train": {"max_epochs": 3, "patience": 2},
+            "study": {"name": "repairs", "n_trials": 2, "seed": 3, "pruner": "none", "storage": url},
+            "tracking": {
+                "uri": f"sqlite:///{tmp_path}/mlflow.db",
+                "artifact_location": str(tmp_path / "art"),
+                "writes": "inline",  # open_run, patched here, runs in this process
+            },
+        }
+    )
+    dataset = build_dataset(spec)
+    real_open = tracking_mod.open_run
+
+    def store_gone_for_trial_1(key, experiment_id, run_name, *args):
+        if run_name != "trial-0001":
+            return real_open(key, experiment_id, run_name, *args)
+        tracking_mod.RUNS.record(tracking_mod.CreatedRun(key, None, None))
+        return [(f"start of {run_name}", "connection refused")]
+
+    def trial_runs() -> list[str]:
+        client = MlflowClient(spec.tracking.uri)
+        runs = client.search_runs([client.get_experiment_by_name("repairs").experiment_id])
+        return sorted(r.data.tags["optuna.trial_number"] for r in runs if r.data.tags["tuner.kind"] == "trial")
+
+    monkeypatch.setattr(tracking_mod, "open_run", store_gone_for_trial_1)
+    run_study(spec, dataset=dataset)
+    monkeypatch.setattr(tracking_mod, "open_run", real_open)
+    assert trial_runs() == ["0"]
+    other = optuna.load_study(study_name="repairs", storage=url)
+    with repair_lock(other) as held:
+        assert held  # another worker, repairing: this one leaves the runs to it
+        run_study(spec, dataset=dataset)
+        assert trial_runs() == ["0"]
+    run_study(spec, dataset=dataset)
+    run_study(spec, dataset=dataset)
+    assert trial_runs() == ["0", "1"]
+    other._storage._backend.engine.dispose()  # type: ignore[attr-defined]
+
+
+@postgres
+@needs_pg
 def test_a_worker_gone_while_it_holds_the_budget_lock_frees_it_after_the_grace_period(tmp_path, pg_database):
     # A process that takes the lock and then does nothing stands for a machine that vanished mid-take: its
     # connection stays open, so without a limit the server would keep the lock for hours.

@@ -79,6 +79,7 @@ from tuner.worker import (
     make_storage,
     params_stored_at_once,
     record_trial,
+    repair_lock,
     retrying,
     sqlite_single_process,
     stale_trial_handler,
@@ -1842,6 +1843,9 @@ def run_study(
                 lambda: close_runs_left_open(study, tracker, LEFT_OPEN_S), what="read the trials of runs left open"
             )
             retrying(lambda: create_runs_left_out(study, tracker, spec), what="read the trials of runs left out")
+        elif url and stored_parent is not None:
+            # Workers start at once: the one holding the repair lock makes the missing runs, the others go on.
+            retrying(lambda: _create_runs_left_out_alone(study, tracker, spec), what="read the trials of runs left out")
         if parent is not None and stored_parent != parent:
             retrying(
                 lambda: study.set_user_attr("tuner.mlflow_parent_run_id", parent), what="record the study's MLflow run"
@@ -2011,7 +2015,8 @@ def create_runs_left_out(study: optuna.Study, tracker: Tracker, spec: StudySpec)
     started), from what the study holds: parameters, tags, per-epoch and final metrics, the manifest. Return how
     many. Their plots and model files are lost.
 
-    Only for a study no other process runs (the SQLite lock): two processes could make the same run twice.
+    Only for a study no other process runs (the SQLite lock) or by the holder of its repair lock (PostgreSQL):
+    two processes could make the same run twice.
     """
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     left_out = [t for t in study.get_trials(deepcopy=False, states=finished) if RUN_LEFT_OUT in t.user_attrs]
@@ -2060,6 +2065,12 @@ def create_runs_left_out(study: optuna.Study, tracker: Tracker, spec: StudySpec)
     if created:
         log.warning("created %d MLflow run(s) a tracking outage left out (tag tracking_incomplete)", created)
     return created
+
+
+def _create_runs_left_out_alone(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> None:
+    with repair_lock(study) as alone:
+        if alone:
+            create_runs_left_out(study, tracker, spec)
 
 
 def _where(storage: str | optuna.storages.BaseStorage) -> str:

@@ -423,6 +423,31 @@ def budget_lock(study: optuna.Study) -> Iterator[None]:
             conn.commit()
 
 
+@contextmanager
+def repair_lock(study: optuna.Study) -> Iterator[bool]:
+    """Whether this process alone may repair the study's MLflow runs now: on PostgreSQL, when it gets the study's
+    repair lock (an advisory lock that a worker's death frees); elsewhere never (SQLite's own file lock is what
+    answers there)."""
+    backend = _rdb_backend(study._storage)
+    engine = backend.engine if backend is not None else None
+    if engine is None or engine.dialect.name != "postgresql":
+        yield False
+        return
+    from sqlalchemy import text
+
+    digest = hashlib.sha256(f"repairs:{study.study_name}".encode()).digest()
+    key = int.from_bytes(digest[:8], "big", signed=True)
+    with engine.connect() as conn:
+        held = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}))
+        conn.commit()  # a session's lock: no transaction left idle while the repairs write to MLflow
+        try:
+            yield held
+        finally:
+            if held:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Budget and retries
 
