@@ -74,6 +74,7 @@ from tuner.worker import (
     budget,
     check_terminated,
     find_study,
+    finished_trials_marked,
     is_sqlite,
     is_transient,
     make_storage,
@@ -2018,8 +2019,7 @@ def create_runs_left_out(study: optuna.Study, tracker: Tracker, spec: StudySpec)
     Only for a study no other process runs (the SQLite lock) or by the holder of its repair lock (PostgreSQL):
     two processes could make the same run twice.
     """
-    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    left_out = [t for t in study.get_trials(deepcopy=False, states=finished) if RUN_LEFT_OUT in t.user_attrs]
+    left_out = finished_trials_marked(study, RUN_LEFT_OUT)
     if not left_out:
         return 0
     # A finished trial's attributes cannot change, so the run an earlier start made is known by its tags only.

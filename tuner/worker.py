@@ -874,6 +874,17 @@ def _marks(study: optuna.Study) -> list[_Mark]:
         ]
 
 
+def finished_trials_marked(study: optuna.Study, key: str) -> list[FrozenTrial]:
+    """The study's finished trials that hold user attribute ``key``; in a database found there, loading only them."""
+    backend = _rdb_backend(study._storage)
+    if backend is None:
+        return [t for t in study.get_trials(deepcopy=False, states=FINISHED_STATES) if key in t.user_attrs]
+    with backend.engine.connect() as conn:
+        rows = conn.execute(_marks_query(study, (key,))).all()
+    found = [study._storage.get_trial(row.trial_id) for row in rows if TrialState(row.state) in FINISHED_STATES]
+    return sorted(found, key=lambda trial: trial.number)
+
+
 def _marks_query(study: optuna.Study, keys: Sequence[str]) -> Any:
     """Rows (trial id, number, state, key, value as JSON) of the study's user attributes with these keys."""
     from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
