@@ -403,6 +403,16 @@ def test_every_pruner_by_name_builds(pruner):
     assert isinstance(study_mod.make_pruner(pruner), optuna.pruners.BasePruner)
 
 
+@pytest.mark.parametrize("kind, name", [("sampler", "qmc"), ("pruner", "wilcoxon")])
+def test_a_strategy_optuna_marks_experimental_builds_without_its_warning(kind, name):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", optuna.exceptions.ExperimentalWarning)
+        built = study_mod.make_sampler(name, 0) if kind == "sampler" else study_mod.make_pruner(name)
+    assert type(built).__name__.lower().startswith(name)
+
+
 def test_bad_sampler_options_are_reported(tmp_path):
     spec = tiny_spec(tmp_path, **{"study.sampler_options": {"n_startup_trails": 3}})
     with pytest.raises(ConfigError, match=r"study\.sampler_options: not accepted by the tpe sampler"):

@@ -606,9 +606,10 @@ def test_the_budget_check_holds_a_postgres_advisory_lock(pg_database):
 
 @postgres
 @needs_pg
-def test_on_postgres_the_worker_holding_the_repair_lock_creates_the_runs_a_tracking_outage_left_out(
+def test_on_postgres_the_worker_holding_the_repair_lock_repairs_the_runs_a_tracking_outage_left(
     tmp_path, pg_database, monkeypatch
 ):
+    import psycopg
     from mlflow import MlflowClient
     from tiny import TINY_DATA, TINY_SPACE
 
@@ -628,36 +629,49 @@ def test_on_postgres_the_worker_holding_the_repair_lock_creates_the_runs_a_track
             "tracking": {
                 "uri": f"sqlite:///{tmp_path}/mlflow.db",
                 "artifact_location": str(tmp_path / "art"),
-                "writes": "inline",  # open_run, patched here, runs in this process
+                "writes": "inline",  # open_run and close_run, patched here, run in this process
             },
         }
     )
     dataset = build_dataset(spec)
-    real_open = tracking_mod.open_run
+    real_open, real_close = tracking_mod.open_run, tracking_mod.close_run
+    closes: list[int] = []
 
-    def store_gone_for_trial_1(key, experiment_id, run_name, *args):
+    def store_gone_as_trial_1_starts(key, experiment_id, run_name, *args):
         if run_name != "trial-0001":
             return real_open(key, experiment_id, run_name, *args)
         tracking_mod.RUNS.record(tracking_mod.CreatedRun(key, None, None))
         return [(f"start of {run_name}", "connection refused")]
 
-    def trial_runs() -> list[str]:
+    def store_gone_as_trial_0_ends(*args):
+        closes.append(1)
+        return [] if len(closes) == 1 else real_close(*args)
+
+    def trial_runs() -> dict[str, str]:
         client = MlflowClient(spec.tracking.uri)
         runs = client.search_runs([client.get_experiment_by_name("repairs").experiment_id])
-        return sorted(r.data.tags["optuna.trial_number"] for r in runs if r.data.tags["tuner.kind"] == "trial")
+        return {r.data.tags["optuna.trial_number"]: r.info.status for r in runs if r.data.tags["tuner.kind"] == "trial"}
 
-    monkeypatch.setattr(tracking_mod, "open_run", store_gone_for_trial_1)
+    monkeypatch.setattr(tracking_mod, "open_run", store_gone_as_trial_1_starts)
+    monkeypatch.setattr(tracking_mod, "close_run", store_gone_as_trial_0_ends)
     run_study(spec, dataset=dataset)
     monkeypatch.setattr(tracking_mod, "open_run", real_open)
-    assert trial_runs() == ["0"]
+    monkeypatch.setattr(tracking_mod, "close_run", real_close)
+    assert trial_runs() == {"0": "RUNNING"}
     other = optuna.load_study(study_name="repairs", storage=url)
     with repair_lock(other) as held:
         assert held  # another worker, repairing: this one leaves the runs to it
         run_study(spec, dataset=dataset)
-        assert trial_runs() == ["0"]
+        assert trial_runs() == {"0": "RUNNING"}
     run_study(spec, dataset=dataset)
     run_study(spec, dataset=dataset)
-    assert trial_runs() == ["0", "1"]
+    # Trial 1's run made once; trial 0's left open, its end perhaps still on the way from a live worker.
+    assert trial_runs() == {"0": "RUNNING", "1": "FINISHED"}
+    with psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname={url.rsplit('/', 1)[1]}") as conn:
+        # Ten minutes on, by the database server's clock, whatever the workers' clocks say.
+        conn.execute("UPDATE trial_heartbeats SET heartbeat = heartbeat - interval '11 minutes'")
+    run_study(spec, dataset=dataset)
+    assert trial_runs() == {"0": "FINISHED", "1": "FINISHED"}
     other._storage._backend.engine.dispose()  # type: ignore[attr-defined]
 
 

@@ -75,6 +75,7 @@ from tuner.worker import (
     check_terminated,
     find_study,
     finished_trials_marked,
+    heartbeat_settings,
     is_sqlite,
     is_transient,
     make_storage,
@@ -82,6 +83,7 @@ from tuner.worker import (
     record_trial,
     repair_lock,
     retrying,
+    settled_by_server_clock,
     sqlite_single_process,
     stale_trial_handler,
     state_counts,
@@ -119,9 +121,17 @@ PRUNER_CLASSES: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
 }
 
 
+#: Strategies Optuna 5 marks experimental. The study file asked for one by name, so Optuna's warning would only
+#: repeat that (and the interface it warns about is Optuna's, not the study file's).
+EXPERIMENTAL = ("qmc", "wilcoxon")
+
+
 def make_sampler(name: str, seed: int, options: dict[str, Any] | None = None) -> optuna.samplers.BaseSampler:
     """The sampler registered under ``name``, seeded by the study seed."""
-    return SAMPLER_CLASSES[name](seed=seed, **dict(options or {}))
+    with warnings.catch_warnings():
+        if name in EXPERIMENTAL:
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return SAMPLER_CLASSES[name](seed=seed, **dict(options or {}))
 
 
 def make_pruner(name: str, options: dict[str, Any] | None = None) -> optuna.pruners.BasePruner:
@@ -134,8 +144,7 @@ def make_pruner(name: str, options: dict[str, Any] | None = None) -> optuna.prun
         # until the net separates the classes at all): do not prune on them.
         options.setdefault("n_warmup_steps", 3)
     with warnings.catch_warnings():
-        if name == "wilcoxon":
-            # Experimental in Optuna 5: the study file asked for it by name, so the warning would only repeat that.
+        if name in EXPERIMENTAL:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return PRUNER_CLASSES[name](**options)
 
@@ -1845,8 +1854,8 @@ def run_study(
             )
             retrying(lambda: create_runs_left_out(study, tracker, spec), what="read the trials of runs left out")
         elif url and stored_parent is not None:
-            # Workers start at once: the one holding the repair lock makes the missing runs, the others go on.
-            retrying(lambda: _create_runs_left_out_alone(study, tracker, spec), what="read the trials of runs left out")
+            # Workers start at once: the one holding the repair lock (PostgreSQL) repairs, the others go on.
+            retrying(lambda: _repair_runs_alone(study, tracker, spec), what="repair the runs a tracking outage left")
         if parent is not None and stored_parent != parent:
             retrying(
                 lambda: study.set_user_attr("tuner.mlflow_parent_run_id", parent), what="record the study's MLflow run"
@@ -1971,9 +1980,15 @@ def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: flo
     """Close the runs of trials that finished more than ``settled_for`` seconds ago but whose runs are still open,
     their end lost to a tracking outage; return how many. Runs of trials still running are left alone.
 
-    Only for a study no other process runs (the SQLite lock): the trials' end times are this machine's clock.
+    Only for a study no other process runs (the SQLite lock), whose trials' end times are this machine's clock,
+    or by the holder of its repair lock on PostgreSQL, where the trials' heartbeats tell their age by the
+    server's clock.
     """
     open_runs = tracker.open_trial_runs(study.study_name)
+    if not open_runs:
+        return 0
+    interval, _ = heartbeat_settings(study)
+    by_server = settled_by_server_clock(study, set(open_runs), settled_for + interval)
     closed = 0
     for number, run_id in sorted(open_runs.items()):
         try:
@@ -1988,7 +2003,9 @@ def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: flo
             or trial.user_attrs.get("mlflow_run_id") not in (None, run_id)
         ):
             continue
-        if (datetime.datetime.now() - ended).total_seconds() < settled_for:
+        if by_server is not None and number not in by_server:
+            continue
+        if by_server is None and (datetime.datetime.now() - ended).total_seconds() < settled_for:
             continue
         metrics: dict[str, float] = {}
         if trial.state == TrialState.COMPLETE and trial.values is not None:
@@ -2067,9 +2084,10 @@ def create_runs_left_out(study: optuna.Study, tracker: Tracker, spec: StudySpec)
     return created
 
 
-def _create_runs_left_out_alone(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> None:
+def _repair_runs_alone(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> None:
     with repair_lock(study) as alone:
         if alone:
+            close_runs_left_open(study, tracker, LEFT_OPEN_S)
             create_runs_left_out(study, tracker, spec)
 
 

@@ -885,6 +885,35 @@ def finished_trials_marked(study: optuna.Study, key: str) -> list[FrozenTrial]:
     return sorted(found, key=lambda trial: trial.number)
 
 
+def settled_by_server_clock(study: optuna.Study, numbers: set[int], seconds: float) -> set[int] | None:
+    """Of these finished trials, those whose last heartbeat is over ``seconds`` old by the database server's clock
+    (PostgreSQL; a trial's end follows its last heartbeat within one interval). None elsewhere: there only the
+    workers' clocks say when a trial ended."""
+    backend = _rdb_backend(study._storage)
+    if backend is None or backend.engine.dialect.name != "postgresql":
+        return None
+    from optuna.storages._rdb.models import TrialHeartbeatModel, TrialModel
+    from sqlalchemy import bindparam, select, text
+
+    # Compared in the database, as Optuna compares heartbeats: LOCALTIMESTAMP is its now() in the session's time
+    # zone, the one the heartbeats were stored in.
+    old_enough = text("trial_heartbeats.heartbeat < LOCALTIMESTAMP - make_interval(secs => :seconds)").bindparams(
+        bindparam("seconds", float(seconds))
+    )
+    query = (
+        select(TrialModel.number)
+        .join(TrialHeartbeatModel, TrialHeartbeatModel.trial_id == TrialModel.trial_id)
+        .where(
+            TrialModel.study_id == study._study_id,
+            TrialModel.number.in_(sorted(numbers)),
+            TrialModel.state.in_(FINISHED_STATES),
+            old_enough,
+        )
+    )
+    with backend.engine.connect() as conn:
+        return set(conn.scalars(query))
+
+
 def _marks_query(study: optuna.Study, keys: Sequence[str]) -> Any:
     """Rows (trial id, number, state, key, value as JSON) of the study's user attributes with these keys."""
     from optuna.storages._rdb.models import TrialModel, TrialUserAttributeModel
