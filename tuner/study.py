@@ -2023,8 +2023,8 @@ def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: flo
     return closed
 
 
-#: User attribute of a trial whose MLflow run could not be created: its run's final metrics and tags, which
-#: :func:`create_runs_left_out` needs besides what Optuna holds.
+#: User attribute of a trial whose MLflow run could not be created: its run's metrics (per epoch and final) and
+#: tags, which :func:`create_runs_left_out` needs besides what Optuna holds.
 RUN_LEFT_OUT = "mlflow_run_left_out"
 
 
@@ -2077,8 +2077,7 @@ def create_runs_left_out(study: optuna.Study, tracker: Tracker, spec: StudySpec)
             ended_ms=int(trial.datetime_complete.timestamp() * 1000),
             artifacts={MANIFEST_ARTIFACT: json.dumps(attrs["manifest"], indent=2)} if "manifest" in attrs else {},
         )
-        tracker.create_run_left_out(trial.number, record)
-        created += 1
+        created += tracker.create_run_left_out(trial.number, record)
     if created:
         log.warning("created %d MLflow run(s) a tracking outage left out (tag tracking_incomplete)", created)
     return created

@@ -139,8 +139,9 @@ class Tracker(Protocol):
         store could not be searched."""
         ...
 
-    def create_run_left_out(self, number: int, run: RunRecord) -> None:
-        """Create, whole and closed, the run of a finished trial whose run could not be created as it started."""
+    def create_run_left_out(self, number: int, run: RunRecord) -> bool:
+        """Create, whole and closed, the run of a finished trial whose run could not be created as it started;
+        return whether it was created (a failure is warned)."""
         ...
 
     def drain(self, timeout: float | None = None) -> int:
@@ -200,8 +201,8 @@ class NullTracker:
     def trial_run_numbers(self, study_name: str) -> set[int] | None:
         return None
 
-    def create_run_left_out(self, number: int, run: RunRecord) -> None:
-        return None
+    def create_run_left_out(self, number: int, run: RunRecord) -> bool:
+        return False
 
     def drain(self, timeout: float | None = None) -> int:
         return 0
@@ -1083,7 +1084,7 @@ class MlflowTracker:
         except (MlflowException, OSError) as exc:
             self._warn(f"closing run {run_id}, left open", exc)
 
-    def create_run_left_out(self, number: int, run: RunRecord) -> None:
+    def create_run_left_out(self, number: int, run: RunRecord) -> bool:
         from mlflow.entities import Metric, Param
         from mlflow.exceptions import MlflowException
 
@@ -1109,6 +1110,8 @@ class MlflowTracker:
                 self.client.set_terminated(run_id, status=RUN_STATUS.get(run.state, "FAILED"), end_time=run.ended_ms)
         except (MlflowException, OSError) as exc:
             self._warn(f"creating the run of trial {number}, left out", exc)
+            return False
+        return True
 
     def end_study(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
         from mlflow.entities import Metric

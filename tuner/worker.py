@@ -435,6 +435,8 @@ def repair_lock(study: optuna.Study) -> Iterator[bool]:
         return
     from sqlalchemy import text
 
+    from sqlalchemy.exc import DBAPIError
+
     digest = hashlib.sha256(f"repairs:{study.study_name}".encode()).digest()
     key = int.from_bytes(digest[:8], "big", signed=True)
     with engine.connect() as conn:
@@ -443,9 +445,11 @@ def repair_lock(study: optuna.Study) -> Iterator[bool]:
         try:
             yield held
         finally:
-            if held:
-                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-                conn.commit()
+            # A connection the database dropped (a restart) has freed the lock with its session.
+            with suppress(DBAPIError):
+                if held:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    conn.commit()
 
 
 # --------------------------------------------------------------------------------------------------------------
