@@ -434,7 +434,6 @@ def repair_lock(study: optuna.Study) -> Iterator[bool]:
         yield False
         return
     from sqlalchemy import text
-
     from sqlalchemy.exc import DBAPIError
 
     digest = hashlib.sha256(f"repairs:{study.study_name}".encode()).digest()
