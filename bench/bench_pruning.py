@@ -28,12 +28,15 @@ Run (about 5-10 minutes on 2 cores with the defaults, which these spell out):
 
 ``--n-star`` / ``--n-quasar`` apply to a simulated catalogue only; ``--study studies/sdss_qso.yaml`` runs on the
 SDSS file (use a smaller ``--max-epochs``: its default is 60). ``--pruner``, ``--pruner-option n_warmup_steps=2``
-and ``--objective average_precision`` try other pruners, settings and objectives against the same unpruned runs.
+and ``--objective average_precision`` try other pruners, settings and objectives against the same unpruned runs;
+``--pruner incumbent`` (with ``--pruner-option margin=0.02``) an experimental rule of this benchmark's own
+(:class:`IncumbentPruner`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -104,8 +107,40 @@ class Run:
         return None, None
 
 
-def run_once(spec: StudySpec, dataset: Dataset, pruner_name: str, n_trials: int) -> Run:
-    pruner = make_pruner(pruner_name, spec.study.pruner_options if pruner_name == spec.study.pruner else None)
+class IncumbentPruner(optuna.pruners.BasePruner):
+    """An experiment of this benchmark, not one of tuner's pruners: cut a trial once its best value so far trails
+    the best that any COMPLETE trial had reached by the same epoch by more than ``margin`` (in the objective's
+    units), from epoch index ``n_warmup_steps`` on and after ``n_startup_trials`` COMPLETE trials. A median rule
+    keeps every trial better than half the others; this one keeps only those within reach of the leader."""
+
+    def __init__(self, margin: float = 0.02, n_startup_trials: int = 5, n_warmup_steps: int = 1) -> None:
+        self._margin = margin
+        self._n_startup_trials = n_startup_trials
+        self._n_warmup_steps = n_warmup_steps
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self._n_warmup_steps:
+            return False
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(complete) < self._n_startup_trials:
+            return False
+        sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+
+        def best_by(t: optuna.trial.FrozenTrial) -> float:
+            return max((sign * v for s, v in t.intermediate_values.items() if s <= step), default=-math.inf)
+
+        leader = max(best_by(t) for t in complete)
+        return best_by(trial) < leader - self._margin
+
+
+def run_once(
+    spec: StudySpec, dataset: Dataset, pruner_name: str, n_trials: int, options: dict[str, Any] | None = None
+) -> Run:
+    if pruner_name == "incumbent":
+        pruner: optuna.pruners.BasePruner = IncumbentPruner(**(options or {}))
+    else:
+        pruner = make_pruner(pruner_name, spec.study.pruner_options if pruner_name == spec.study.pruner else None)
     started = time.perf_counter()
     result = run_study(
         spec,
@@ -179,11 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides["train.max_epochs"] = args.max_epochs
     if args.patience is not None:
         overrides["train.patience"] = args.patience
-    if args.pruner is not None:
+    options = {k: _option_value(v) for k, v in (option.split("=", 1) for option in args.pruner_option)}
+    incumbent = args.pruner == "incumbent"  # this benchmark's own, which a study file cannot name
+    if args.pruner is not None and not incumbent:
         overrides["study.pruner"] = args.pruner
-    if args.pruner_option:
-        options = dict(option.split("=", 1) for option in args.pruner_option)
-        overrides["study.pruner_options"] = {k: _option_value(v) for k, v in options.items()}
+    if options and not incumbent:
+        overrides["study.pruner_options"] = options
     if args.objective is not None:
         overrides["objective.metric"] = args.objective
     if args.no_enqueue:
@@ -193,18 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         overrides["data.simulated.n_quasar"] = args.n_quasar
     base = base.with_overrides(overrides)
     maximize = base.objective.direction == "maximize"
-    pruned_name = base.study.pruner
+    pruned_name = "incumbent" if incumbent else base.study.pruner
     dataset = build_dataset(base, "cpu")
     facts = dataset.facts()
+    shown_options = options if incumbent else dict(base.study.pruner_options)
     print(
         f"bench_pruning: {args.study}, {args.n_trials} trials per run, max_epochs {base.train.max_epochs}, "
         f"patience {base.train.patience}, sampler {base.study.sampler}, pruner {pruned_name} "
-        f"{dict(base.study.pruner_options) or '(tuner defaults)'} vs none, {len(base.study.enqueue)} warm-start "
+        f"{shown_options or '(tuner defaults)'} vs none, {len(base.study.enqueue)} warm-start "
         f"trial(s); data {facts['data.class_counts']} ({facts['data.split_sizes']}); seeds {args.seeds}\n"
         f"target: within {TOLERANCE:.1%} (relative) of the unpruned run's final best {base.objective.metric} "
         f"({base.objective.direction})"
     )
-    probe = make_pruner(pruned_name, base.study.pruner_options)
+    probe = IncumbentPruner(**options) if incumbent else make_pruner(pruned_name, base.study.pruner_options)
     # The earliest a median / percentile pruner may cut: after n_startup_trials COMPLETE trials, at epoch index
     # n_warmup_steps. Other pruners: no bound is computed.
     n_startup = getattr(probe, "_n_startup_trials", None)
@@ -225,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         spec = base.with_overrides({"study.seed": seed})
         unpruned = run_once(spec, dataset, "none", args.n_trials)
-        pruned = run_once(spec, dataset, pruned_name, pruned_trials)
+        pruned = run_once(spec, dataset, pruned_name, pruned_trials, options)
         best = unpruned.best(maximize)
         target = best - TOLERANCE * abs(best) if maximize else best + TOLERANCE * abs(best)
         need_none, at_none = unpruned.epochs_to(target, maximize)
