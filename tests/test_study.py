@@ -253,6 +253,19 @@ def test_runs_a_tracking_outage_left_out_are_created_when_the_study_starts_again
     assert "could not be created (the tracking store was unreachable)" in export_mod._no_run(left_out)
 
 
+def test_a_run_left_out_keeps_its_learning_curves_within_what_a_database_column_holds():
+    def history(epochs: int, layers: int) -> list[dict[str, float]]:
+        per_layer = {f"grad_norm_l{i}": 0.123456789 for i in range(layers)}
+        return [{"train_loss": 0.5, "val_loss": 0.6, "val_objective": 0.7, **per_layer} for _ in range(epochs)]
+
+    assert len(study_mod._curves_kept(history(60, 4))) == 7
+    kept = study_mod._curves_kept(history(400, 8))  # the per-layer figures would not fit: the core curves stay
+    assert sorted(kept) == sorted(study_mod.LEFT_OUT_CORE) and len(kept["val_objective"]) == 400
+    assert study_mod._curves_kept(history(4000, 8)) == {}
+    for epochs, layers in ((60, 4), (400, 8), (4000, 8)):
+        assert len(json.dumps(study_mod._curves_kept(history(epochs, layers)))) <= study_mod.LEFT_OUT_LIMIT
+
+
 def test_the_worker_command_tuner_create_prints_joins_the_study_it_made(tmp_path, monkeypatch, capsys):
     import shlex
 

@@ -1441,9 +1441,7 @@ class Objective:
                 attrs["mlflow_run_id"] = run_id
             elif run.run_key is not None:
                 # Its run could not be created (the store unreachable): kept for the next start to create it.
-                keys = dict.fromkeys(key for epoch in run.tracking.history for key in epoch)
-                curves = {key: [epoch.get(key) for epoch in run.tracking.history] for key in keys}
-                attrs[RUN_LEFT_OUT] = {"metrics": final, "tags": tags, "curves": curves}
+                attrs[RUN_LEFT_OUT] = {"metrics": final, "tags": tags, "curves": _curves_kept(run.tracking.history)}
             record_trial(run.trial, attrs, held)
         except BaseException:
             state = "FAIL"  # a trial whose figures were not stored is not complete
@@ -2026,6 +2024,21 @@ def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: flo
 #: User attribute of a trial whose MLflow run could not be created: its run's metrics (per epoch and final) and
 #: tags, which :func:`create_runs_left_out` needs besides what Optuna holds.
 RUN_LEFT_OUT = "mlflow_run_left_out"
+
+
+#: The most JSON a trial keeps for its run left out: a user attribute is a TEXT column, 64 KiB on MySQL.
+LEFT_OUT_LIMIT = 32_000
+#: The learning curves kept when all of them would not fit: the per-layer gradient figures go first.
+LEFT_OUT_CORE = ("train_loss", "val_loss", "val_objective")
+
+
+def _curves_kept(history: list[dict[str, float]]) -> dict[str, list[float | None]]:
+    """A trial's per-epoch metrics by name (None where an epoch lacks one), within :data:`LEFT_OUT_LIMIT`."""
+    keys = dict.fromkeys(key for epoch in history for key in epoch)
+    curves = {key: [epoch.get(key) for epoch in history] for key in keys}
+    if len(json.dumps(curves)) > LEFT_OUT_LIMIT:
+        curves = {key: values for key, values in curves.items() if key in LEFT_OUT_CORE}
+    return curves if len(json.dumps(curves)) <= LEFT_OUT_LIMIT else {}
 
 
 def create_runs_left_out(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> int:
