@@ -1844,16 +1844,9 @@ def run_study(
         }
         stored_parent = retrying(lambda: study.user_attrs.get("tuner.mlflow_parent_run_id"), what="read the study")
         parent = tracker.start_study(spec.study.name, spec_params(spec), tags, stored_parent)
-        if url and is_sqlite(url) and stored_parent is not None:
-            # Under the lock no other study process writes runs (on a database server live workers may). A study
-            # run just made has no trial runs yet.
-            retrying(
-                lambda: close_runs_left_open(study, tracker, LEFT_OPEN_S), what="read the trials of runs left open"
-            )
-            retrying(lambda: create_runs_left_out(study, tracker, spec), what="read the trials of runs left out")
-        elif url and stored_parent is not None:
-            # Workers start at once: the one holding the repair lock (PostgreSQL) repairs, the others go on.
-            retrying(lambda: _repair_runs_alone(study, tracker, spec), what="repair the runs a tracking outage left")
+        if url and stored_parent is not None:  # a study run just made has no trial runs yet
+            sqlite = is_sqlite(url)
+            retrying(lambda: repair_runs(study, tracker, spec, sqlite), what="repair the runs a tracking outage left")
         if parent is not None and stored_parent != parent:
             retrying(
                 lambda: study.set_user_attr("tuner.mlflow_parent_run_id", parent), what="record the study's MLflow run"
@@ -2096,9 +2089,12 @@ def create_runs_left_out(study: optuna.Study, tracker: Tracker, spec: StudySpec)
     return created
 
 
-def _repair_runs_alone(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> None:
-    with repair_lock(study) as alone:
-        if alone:
+def repair_runs(study: optuna.Study, tracker: Tracker, spec: StudySpec, sqlite: bool) -> None:
+    """Close the runs a tracking outage left open and create those it left out, when this process alone may: under
+    an SQLite study's lock no other study process writes runs; on PostgreSQL, where workers start at once, the one
+    holding the repair lock does it and the others go on. Elsewhere (MySQL) live workers may be writing them."""
+    with repair_lock(study) as held:
+        if sqlite or held:
             close_runs_left_open(study, tracker, LEFT_OPEN_S)
             create_runs_left_out(study, tracker, spec)
 
