@@ -15,9 +15,9 @@ from faults import restart_error
 from mlflow import MlflowClient
 from tiny import TINY_DATA, TINY_SPACE, stored_in
 
-from tuner import export as export_mod
 from tuner import study as study_mod
 from tuner import tracking as tracking_mod
+from tuner.cli import shown_attrs
 from tuner.config import StudySpec, spec_from_dict
 from tuner.data.dataset import build_dataset
 from tuner.errors import ConfigError, StorageError
@@ -225,6 +225,7 @@ def test_runs_a_tracking_outage_left_out_are_created_when_the_study_starts_again
     assert sorted(r.data.tags["optuna.trial_number"] for r in children) == ["0", "2"]
     left_out = first.study.trials[1]
     assert "mlflow_run_id" not in left_out.user_attrs and study_mod.RUN_LEFT_OUT in left_out.user_attrs
+    assert study_mod.RUN_LEFT_OUT not in shown_attrs(left_out)  # `tuner best --json` leaves the record out
 
     run_study(spec, dataset=tiny_dataset, n_trials=3)
     run_study(spec, dataset=tiny_dataset, n_trials=3)  # made once, not again
@@ -249,21 +250,69 @@ def test_runs_a_tracking_outage_left_out_are_created_when_the_study_starts_again
     assert made.info.start_time == int(left_out.datetime_start.timestamp() * 1000)
     assert made.info.end_time == int(left_out.datetime_complete.timestamp() * 1000)
     assert [f.path for f in client.list_artifacts(made.info.run_id)] == [study_mod.MANIFEST_ARTIFACT]
-    # An export retrains it, and says why its weights are missing.
-    assert "could not be created (the tracking store was unreachable)" in export_mod._no_run(left_out)
+    # The trial now names its run, which reports link; an export retrains it and says why its weights are missing.
+    repaired = optuna.load_study(study_name=spec.study.name, storage=spec.study.storage).trials[1]
+    assert (
+        repaired.user_attrs["mlflow_run_id"] == made.info.run_id and study_mod.RUN_LEFT_OUT not in repaired.user_attrs
+    )
+    assert "could not be created as it trained" in study_mod.no_run_reason(repaired)
 
 
-def test_a_run_left_out_keeps_its_learning_curves_within_what_a_database_column_holds():
-    def history(epochs: int, layers: int) -> list[dict[str, float]]:
-        per_layer = {f"grad_norm_l{i}": 0.123456789 for i in range(layers)}
-        return [{"train_loss": 0.5, "val_loss": 0.6, "val_objective": 0.7, **per_layer} for _ in range(epochs)]
+def test_a_run_left_half_made_by_a_repair_is_made_again_whole(tmp_path, tiny_dataset, monkeypatch):
+    spec = tiny_spec(tmp_path, **{"tracking.writes": "inline"})
+    real_open, real_send = tracking_mod.open_run, tracking_mod._send
 
-    assert len(study_mod._curves_kept(history(60, 4))) == 7
-    kept = study_mod._curves_kept(history(400, 8))  # the per-layer figures would not fit: the core curves stay
-    assert sorted(kept) == sorted(study_mod.LEFT_OUT_CORE) and len(kept["val_objective"]) == 400
-    assert study_mod._curves_kept(history(4000, 8)) == {}
-    for epochs, layers in ((60, 4), (400, 8), (4000, 8)):
-        assert len(json.dumps(study_mod._curves_kept(history(epochs, layers)))) <= study_mod.LEFT_OUT_LIMIT
+    def store_gone_for_trials_1_and_2(key, experiment_id, run_name, *args):
+        if run_name not in ("trial-0001", "trial-0002"):
+            return real_open(key, experiment_id, run_name, *args)
+        tracking_mod.RUNS.record(tracking_mod.CreatedRun(key, None, None))
+        return [(f"start of {run_name}", "connection refused")]
+
+    monkeypatch.setattr(tracking_mod, "open_run", store_gone_for_trials_1_and_2)
+    run_study(spec, dataset=tiny_dataset, n_trials=3)
+    monkeypatch.setattr(tracking_mod, "open_run", real_open)
+    sends: list[int] = []
+
+    def store_gone_again(*args):
+        sends.append(1)
+        raise OSError("connection refused")
+
+    # The store goes away again while the repair writes trial 1's metrics: trial 2 waits for the next start.
+    monkeypatch.setattr(tracking_mod, "_send", store_gone_again)
+    run_study(spec, dataset=tiny_dataset, n_trials=3)
+    monkeypatch.setattr(tracking_mod, "_send", real_send)
+    assert len(sends) == 1
+    _, _, children = runs_of(spec)
+    half = [r for r in children if tracking_mod.REBUILDING in r.data.tags]
+    assert [r.data.tags["optuna.trial_number"] for r in half] == ["1"] and half[0].info.status == "RUNNING"
+
+    run_study(spec, dataset=tiny_dataset, n_trials=3)
+    client, _, children = runs_of(spec)  # deleted runs are not listed
+    assert sorted(r.data.tags["optuna.trial_number"] for r in children) == ["0", "1", "2"]
+    assert all(tracking_mod.REBUILDING not in r.data.tags and r.info.status != "RUNNING" for r in children)
+    assert client.get_run(half[0].info.run_id).info.lifecycle_stage == "deleted"
+
+
+def test_a_run_left_out_keeps_its_record_within_what_a_database_column_holds():
+    def curves(epochs: int, layers: int) -> dict[str, dict[int, float]]:
+        keys = ["train_loss", "val_loss", "val_objective", *(f"grad_norm_l{i}" for i in range(layers))]
+        return {key: {epoch: 0.123456789 for epoch in range(epochs)} for key in keys}
+
+    figures = {"val_objective": 0.9, "holdout_completeness": 0.8}
+    many_labels = {f"holdout_completeness_label{i}": 0.8 for i in range(2000)} | {"val_objective": 0.9}
+    cases = {
+        "all": (figures, curves(60, 4)),
+        "core": (figures, curves(400, 8)),  # the per-layer curves would not fit
+        "none": (figures, curves(4000, 8)),
+        "objective": (many_labels, curves(10, 1)),  # the final figures alone would not fit
+    }
+    kept = {name: study_mod.left_out_record(metrics, {"stop_reason": "x"}, c) for name, (metrics, c) in cases.items()}
+    assert len(kept["all"]["curves"]) == 7 and kept["all"]["last_step"] == 59
+    assert sorted(kept["core"]["curves"]) == sorted(study_mod.LEFT_OUT_CORE)
+    assert len(kept["core"]["curves"]["val_objective"]) == 400
+    assert kept["none"]["curves"] == {} and kept["none"]["metrics"] == figures and kept["none"]["last_step"] == 3999
+    assert kept["objective"]["metrics"] == {"val_objective": 0.9}
+    assert all(len(json.dumps(record)) <= study_mod.LEFT_OUT_LIMIT for record in kept.values())
 
 
 def test_the_worker_command_tuner_create_prints_joins_the_study_it_made(tmp_path, monkeypatch, capsys):

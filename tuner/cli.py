@@ -168,6 +168,14 @@ def _interval(attrs: dict[str, Any], key: str) -> str:
     return f"{attrs[key]:.3f} [{attrs[key + '_low']:.3f}, {attrs[key + '_high']:.3f}]"
 
 
+def shown_attrs(trial: Any) -> dict[str, Any]:
+    """A trial's user attributes for ``--json``, without the record a tracking outage left for its run (curves of
+    up to 32 KB, perhaps with NaN, which strict JSON readers refuse)."""
+    from tuner.worker import RUN_LEFT_OUT
+
+    return {key: value for key, value in trial.user_attrs.items() if key != RUN_LEFT_OUT}
+
+
 def front_records(study: Any, spec: StudySpec) -> list[dict[str, Any]]:
     """The Pareto front of a multi-objective study, one record per trial in trial order."""
     from tuner.pareto import front, objective_names
@@ -178,7 +186,7 @@ def front_records(study: Any, spec: StudySpec) -> list[dict[str, Any]]:
             "number": t.number,
             "values": dict(zip(names, t.values, strict=True)),
             "params": trial_params(t, spec),
-            **t.user_attrs,
+            **shown_attrs(t),
         }
         for t in front(study)
     ]
@@ -430,7 +438,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         return 0
     best = study.best_trial
     if args.json:
-        record = {"number": best.number, "value": best.value, "params": trial_params(best, spec), **best.user_attrs}
+        record = {"number": best.number, "value": best.value, "params": trial_params(best, spec), **shown_attrs(best)}
         print(json.dumps(record, indent=2))
     else:
         print_trial(best, spec)

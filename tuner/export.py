@@ -918,28 +918,16 @@ class _Trained:
     notes: list[str] = field(default_factory=list)
 
 
-def _no_run(trial: optuna.trial.FrozenTrial) -> str:
-    """Why a trial has no run with model files: tracking was off, or a tracking outage left its run out."""
-    from tuner.study import RUN_LEFT_OUT
-
-    if RUN_LEFT_OUT in trial.user_attrs:
-        return (
-            f"trial {trial.number}'s MLflow run could not be created (the tracking store was unreachable), so its "
-            "model files were never logged"
-        )
-    return f"trial {trial.number} has no MLflow run (tracking was off)"
-
-
 def _fetch_trial(
     trial: optuna.trial.FrozenTrial, tracking_uri: str, tmp: Path
 ) -> tuple[Path | None, dict[str, Any] | None, str | None]:
     """The trial's weights file and model description from its MLflow run; (None, None, why) without a run."""
-    from tuner.study import MODEL_META_ARTIFACT, WEIGHTS_ARTIFACT
+    from tuner.study import MODEL_META_ARTIFACT, RUN_REBUILT, WEIGHTS_ARTIFACT, no_run_reason
     from tuner.tracking import download_run_artifact
 
     run_id = trial.user_attrs.get("mlflow_run_id")
-    if not run_id:
-        return None, None, _no_run(trial)
+    if not run_id or RUN_REBUILT in trial.user_attrs:
+        return None, None, no_run_reason(trial)
     meta_file = download_run_artifact(tracking_uri, run_id, MODEL_META_ARTIFACT, tmp)
     weights = download_run_artifact(tracking_uri, run_id, WEIGHTS_ARTIFACT, tmp)
     meta = json.loads(meta_file.read_text()) if meta_file is not None else None
@@ -973,13 +961,13 @@ def _stored_folds(
     trial: optuna.trial.FrozenTrial, spec: StudySpec, dataset: Dataset, tracking_uri: str, tmp: Path
 ) -> tuple[torch.nn.ModuleList | None, dict[str, Any], str]:
     """A cross-validated trial's fold models from its MLflow run; (None, params, why) when any is missing."""
-    from tuner.study import FOLD_WEIGHTS_ARTIFACT, MODEL_META_ARTIFACT
+    from tuner.study import FOLD_WEIGHTS_ARTIFACT, MODEL_META_ARTIFACT, RUN_REBUILT, no_run_reason
     from tuner.tracking import download_run_artifact
 
     params = _params_record(_trial_params(trial, spec))
     run_id = trial.user_attrs.get("mlflow_run_id")
-    if not run_id:
-        return None, params, _no_run(trial)
+    if not run_id or RUN_REBUILT in trial.user_attrs:
+        return None, params, no_run_reason(trial)
     paths = [FOLD_WEIGHTS_ARTIFACT.format(fold=i) for i in range(len(dataset.folds))]
     # One folder per fold: a downloaded file lands under its base name, and every fold's is state_dict.pt.
     files = [download_run_artifact(tracking_uri, run_id, path, tmp / f"fold_{i}") for i, path in enumerate(paths)]

@@ -1201,7 +1201,9 @@ def trial_evidence(
         except TunerError as exc:
             ev.notes.append(f"MLflow run {run_id}: {exc}")
     elif not run_id:
-        ev.notes.append("the trial has no MLflow run (tracking was disabled)")
+        from tuner.study import no_run_reason
+
+        ev.notes.append(no_run_reason(trial))
     if model is None and dataset is not None and replay:
         from tuner.study import Objective, trained_as
         from tuner.tracking import NullTracker
@@ -1310,7 +1312,9 @@ def _fold_evidence(
         except TunerError as exc:
             ev.notes.append(f"MLflow run {run_id}: {exc}")
     elif not run_id:
-        ev.notes.append("the trial has no MLflow run (tracking was disabled)")
+        from tuner.study import no_run_reason
+
+        ev.notes.append(no_run_reason(trial))
     if cv is None and replay:
         from tuner.tracking import NullTracker
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import datetime
 import functools
 import inspect
@@ -67,6 +68,8 @@ from tuner.tracking import (
 from tuner.train import FitConfig, FitResult, fit, mean_probabilities, predict_logits, probabilities
 from tuner.worker import (
     INTERRUPTED,
+    RUN_LEFT_OUT,
+    RUN_REBUILT,
     Terminated,
     TrialFailed,
     TrialLost,
@@ -83,6 +86,7 @@ from tuner.worker import (
     record_trial,
     repair_lock,
     retrying,
+    rewrite_finished_trial_attrs,
     settled_by_server_clock,
     sqlite_single_process,
     stale_trial_handler,
@@ -1441,7 +1445,7 @@ class Objective:
                 attrs["mlflow_run_id"] = run_id
             elif run.run_key is not None:
                 # Its run could not be created (the store unreachable): kept for the next start to create it.
-                attrs[RUN_LEFT_OUT] = {"metrics": final, "tags": tags, "curves": _curves_kept(run.tracking.history)}
+                attrs[RUN_LEFT_OUT] = left_out_record(final, tags, self.tracker.epoch_metrics(run.run_key))
             record_trial(run.trial, attrs, held)
         except BaseException:
             state = "FAIL"  # a trial whose figures were not stored is not complete
@@ -1967,7 +1971,9 @@ def _fail_orphans(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> Non
 LEFT_OPEN_S = 600.0
 
 
-def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: float) -> int:
+def close_runs_left_open(
+    study: optuna.Study, tracker: Tracker, settled_for: float, alone: Callable[[], bool] = lambda: True
+) -> int:
     """Close the runs of trials that finished more than ``settled_for`` seconds ago but whose runs are still open,
     their end lost to a tracking outage; return how many. Runs of trials still running are left alone.
 
@@ -1982,6 +1988,8 @@ def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: flo
     by_server = settled_by_server_clock(study, set(open_runs), settled_for + interval)
     closed = 0
     for number, run_id in sorted(open_runs.items()):
+        if not alone():
+            break
         try:
             trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
         except KeyError:
@@ -2001,92 +2009,134 @@ def close_runs_left_open(study: optuna.Study, tracker: Tracker, settled_for: flo
         metrics: dict[str, float] = {}
         if trial.state == TrialState.COMPLETE and trial.values is not None:
             metrics = {"val_objective": trial.values[0], **objective_values(trial.values)}
-        tracker.close_run_left_open(
-            run_id,
-            trial.state.name,
-            metrics,
+        reason = (
             f"the trial ended {trial.state.name} but its run's end was never recorded (the tracking store was "
-            "unreachable); closed when the study started again, without the trial's final metrics and artifacts",
+            "unreachable); closed when the study started again, without the trial's final metrics and artifacts"
         )
+        if not tracker.close_run_left_open(run_id, trial.state.name, metrics, reason):
+            break  # the store is likely gone again: the rest wait for the next start
         closed += 1
     if closed:
         log.warning("closed %d MLflow run(s) left open by a tracking outage (tag tracking_incomplete)", closed)
     return closed
 
 
-#: User attribute of a trial whose MLflow run could not be created: its run's metrics (per epoch and final) and
-#: tags, which :func:`create_runs_left_out` needs besides what Optuna holds.
-RUN_LEFT_OUT = "mlflow_run_left_out"
-
-
 #: The most JSON a trial keeps for its run left out: a user attribute is a TEXT column, 64 KiB on MySQL.
 LEFT_OUT_LIMIT = 32_000
-#: The learning curves kept when all of them would not fit: the per-layer gradient figures go first.
+#: The learning curves kept when all of them would not fit: the per-layer and per-fold ones go first.
 LEFT_OUT_CORE = ("train_loss", "val_loss", "val_objective")
 
 
-def _curves_kept(history: list[dict[str, float]]) -> dict[str, list[float | None]]:
-    """A trial's per-epoch metrics by name (None where an epoch lacks one), within :data:`LEFT_OUT_LIMIT`."""
-    keys = dict.fromkeys(key for epoch in history for key in epoch)
-    curves = {key: [epoch.get(key) for epoch in history] for key in keys}
-    if len(json.dumps(curves)) > LEFT_OUT_LIMIT:
-        curves = {key: values for key, values in curves.items() if key in LEFT_OUT_CORE}
-    return curves if len(json.dumps(curves)) <= LEFT_OUT_LIMIT else {}
+def left_out_record(
+    metrics: dict[str, float], tags: dict[str, str], curves: dict[str, dict[int, float]]
+) -> dict[str, Any]:
+    """What a trial keeps for a run that could not be created, within :data:`LEFT_OUT_LIMIT`: the curves other
+    than :data:`LEFT_OUT_CORE` go first, then those, then every final figure but the objective's."""
+    last_step = max((step for by_step in curves.values() for step in by_step), default=0)
+
+    def record(kept: dict[str, dict[int, float]], figures: dict[str, float]) -> dict[str, Any]:
+        # JSON keys are strings: the epochs travel as such and come back as numbers (create_runs_left_out).
+        as_json = {key: {str(step): value for step, value in by_step.items()} for key, by_step in kept.items()}
+        return {"metrics": figures, "tags": tags, "curves": as_json, "last_step": last_step}
+
+    core = {key: by_step for key, by_step in curves.items() if key in LEFT_OUT_CORE}
+    objective = {key: value for key, value in metrics.items() if key == "val_objective" or key.startswith("objective")}
+    for kept, figures in ((curves, metrics), (core, metrics), ({}, metrics), ({}, objective)):
+        found = record(kept, figures)
+        if len(json.dumps(found)) <= LEFT_OUT_LIMIT:
+            return found
+    return {**record({}, objective), "tags": {}}
 
 
-def create_runs_left_out(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> int:
+def no_run_reason(trial: FrozenTrial) -> str:
+    """Why a trial has no MLflow run with model files: tracking was off, or a tracking outage left them out."""
+    if RUN_LEFT_OUT in trial.user_attrs or RUN_REBUILT in trial.user_attrs:
+        return (
+            f"trial {trial.number}'s MLflow run could not be created as it trained (the tracking store was "
+            "unreachable), so its model files were never logged"
+        )
+    return f"trial {trial.number} has no MLflow run (tracking was off)"
+
+
+def create_runs_left_out(
+    study: optuna.Study, tracker: Tracker, spec: StudySpec, alone: Callable[[], bool] = lambda: True
+) -> int:
     """Create the runs of finished trials whose runs could not be created (the tracking store unreachable as they
-    started), from what the study holds: parameters, tags, per-epoch and final metrics, the manifest. Return how
-    many. Their plots and model files are lost.
+    started), from what the study holds: parameters, tags, per-epoch and final metrics, the manifest; return how
+    many. Each made run's id then replaces the trial's :data:`RUN_LEFT_OUT` record. Their plots and model files
+    are lost. The first failure ends the round: the store is likely gone again, and the rest wait for the next
+    start.
 
-    Only for a study no other process runs (the SQLite lock) or by the holder of its repair lock (PostgreSQL):
-    two processes could make the same run twice.
+    Only while ``alone()``: under an SQLite study's lock, or by the holder of its repair lock (PostgreSQL); two
+    processes could make the same run twice.
     """
     left_out = finished_trials_marked(study, RUN_LEFT_OUT)
     if not left_out:
         return 0
-    # A finished trial's attributes cannot change, so the run an earlier start made is known by its tags only.
-    made = tracker.trial_run_numbers(study.study_name)
-    if made is None:  # not searched (warned): making them now could make some twice
+    # An earlier repair's run whose id did not reach the trial (a crash in between) is found by its tags.
+    runs = tracker.trial_runs(study.study_name)
+    if runs is None:  # not searched (warned): making them now could make some twice
         return 0
     layers = max_layers(spec.search_space)
     created = 0
     for trial in left_out:
-        if trial.number in made or trial.datetime_start is None or trial.datetime_complete is None:
+        if not alone() or trial.datetime_start is None or trial.datetime_complete is None:
+            break
+        run_id, whole = runs.get(trial.number, (None, False))
+        if run_id is not None and whole:
+            _record_rebuilt(study, trial, run_id)
             continue
-        stored = trial.user_attrs[RUN_LEFT_OUT]
-        try:
-            params = suggest(trial, spec.search_space).as_record(layers)
-        except (ValueError, KeyError):  # the study file's search space has changed since
-            params = dict(trial.params)
-        attrs = trial.user_attrs
-        tags = {
-            "optuna.trial_number": str(trial.number),
-            "optuna.study_name": study.study_name,
-            **{key: str(attrs[key]) for key in ("seed", "engine") if key in attrs},
-            **stored.get("tags", {}),
-            "tracking_incomplete": "the tracking store was unreachable as the trial started; this run was created "
-            "when the study started again, from what the study holds: its parameters, tags and metrics, without its "
-            "plots and model files",
-        }
-        curves = {
-            key: {step: float(value) for step, value in enumerate(values) if value is not None}
-            for key, values in stored.get("curves", {}).items()
-        }
-        record = RunRecord(
-            params=params,
-            tags=tags,
-            curves=curves,
-            metrics={key: float(value) for key, value in stored.get("metrics", {}).items()},
-            state=trial.state.name,
-            started_ms=int(trial.datetime_start.timestamp() * 1000),
-            ended_ms=int(trial.datetime_complete.timestamp() * 1000),
-            artifacts={MANIFEST_ARTIFACT: json.dumps(attrs["manifest"], indent=2)} if "manifest" in attrs else {},
-        )
-        created += tracker.create_run_left_out(trial.number, record)
+        if run_id is not None and not tracker.discard_run(run_id):  # left half made by an earlier repair
+            break
+        made = tracker.create_run_left_out(trial.number, _run_record(trial, spec, layers))
+        if made is None:
+            break
+        _record_rebuilt(study, trial, made)
+        created += 1
     if created:
         log.warning("created %d MLflow run(s) a tracking outage left out (tag tracking_incomplete)", created)
     return created
+
+
+def _run_record(trial: FrozenTrial, spec: StudySpec, layers: int) -> RunRecord:
+    """The run of a trial left out, from what the study holds."""
+    assert trial.datetime_start is not None and trial.datetime_complete is not None
+    stored = trial.user_attrs[RUN_LEFT_OUT]
+    try:
+        # A copy: suggest on a FrozenTrial records the distributions on it, and this one is the storage cache's.
+        params = suggest(copy.deepcopy(trial), spec.search_space).as_record(layers)
+    except (ValueError, KeyError):
+        params = dict(trial.params)
+    attrs = trial.user_attrs
+    tags = {
+        "optuna.trial_number": str(trial.number),
+        "optuna.study_name": spec.study.name,
+        **{key: str(attrs[key]) for key in ("seed", "engine") if key in attrs},
+        **stored.get("tags", {}),
+        "tracking_incomplete": "the tracking store was unreachable as the trial started; this run was created "
+        "when the study started again, from what the study holds: its parameters, tags and metrics, without its "
+        "plots and model files",
+    }
+    return RunRecord(
+        params=params,
+        tags=tags,
+        curves={
+            key: {int(step): float(value) for step, value in by_step.items()}
+            for key, by_step in stored.get("curves", {}).items()
+        },
+        metrics={key: float(value) for key, value in stored.get("metrics", {}).items()},
+        last_step=int(stored.get("last_step", 0)),
+        state=trial.state.name,
+        started_ms=int(trial.datetime_start.timestamp() * 1000),
+        ended_ms=int(trial.datetime_complete.timestamp() * 1000),
+        artifacts={MANIFEST_ARTIFACT: json.dumps(attrs["manifest"], indent=2)} if "manifest" in attrs else {},
+    )
+
+
+def _record_rebuilt(study: optuna.Study, trial: FrozenTrial, run_id: str) -> None:
+    """The made run's id in place of the trial's record, so that later starts leave it alone and reports find it.
+    Where the storage cannot be written so (in memory), the next start finds the run by its tags instead."""
+    rewrite_finished_trial_attrs(study, trial, {"mlflow_run_id": run_id, RUN_REBUILT: True}, drop=(RUN_LEFT_OUT,))
 
 
 def repair_runs(study: optuna.Study, tracker: Tracker, spec: StudySpec, sqlite: bool) -> None:
@@ -2094,9 +2144,10 @@ def repair_runs(study: optuna.Study, tracker: Tracker, spec: StudySpec, sqlite: 
     an SQLite study's lock no other study process writes runs; on PostgreSQL, where workers start at once, the one
     holding the repair lock does it and the others go on. Elsewhere (MySQL) live workers may be writing them."""
     with repair_lock(study) as held:
-        if sqlite or held:
-            close_runs_left_open(study, tracker, LEFT_OPEN_S)
-            create_runs_left_out(study, tracker, spec)
+        alone = (lambda: True) if sqlite else held
+        if alone():
+            close_runs_left_open(study, tracker, LEFT_OPEN_S, alone)
+            create_runs_left_out(study, tracker, spec, alone)
 
 
 def _where(storage: str | optuna.storages.BaseStorage) -> str:

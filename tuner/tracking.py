@@ -53,6 +53,10 @@ _BATCH_LIMIT = 1000
 #: memory they hold (their files) and on what a stalled tracking server leaves unsent.
 WRITE_QUEUE_LIMIT = 16
 
+#: Tag of a run :meth:`MlflowTracker.create_run_left_out` has begun and not finished: the next repair deletes it
+#: and makes it again.
+REBUILDING = "tuner.rebuilding"
+
 
 @dataclass(frozen=True)
 class RunRecord:
@@ -61,7 +65,8 @@ class RunRecord:
     params: dict[str, Any]
     tags: dict[str, str]
     curves: dict[str, dict[int, float]]  # metric name -> epoch -> value
-    metrics: dict[str, float]  # final figures, logged at the last epoch's step as a trial's end logs them
+    metrics: dict[str, float]  # final figures, logged at ``last_step`` as a trial's end logs them
+    last_step: int  # the trial's last epoch
     state: str  # the trial's Optuna state
     started_ms: int
     ended_ms: int
@@ -129,19 +134,30 @@ class Tracker(Protocol):
         """The trial runs under the study's parent run that are still RUNNING, by trial number: each one's id."""
         ...
 
-    def close_run_left_open(self, run_id: str, state: str, metrics: dict[str, float], reason: str) -> None:
+    def close_run_left_open(self, run_id: str, state: str, metrics: dict[str, float], reason: str) -> bool:
         """Close a finished trial's run whose end was never recorded (the store was unreachable then): with the
-        status of the trial's Optuna ``state``, the ``metrics`` Optuna holds, and ``reason`` as a tag."""
+        status of the trial's Optuna ``state``, the ``metrics`` Optuna holds, and ``reason`` as a tag. Return
+        whether it was closed (a failure is warned)."""
         ...
 
-    def trial_run_numbers(self, study_name: str) -> set[int] | None:
-        """The trial numbers that have a run under the study's parent run, whatever its status; None when the
-        store could not be searched."""
+    def trial_runs(self, study_name: str) -> dict[int, tuple[str, bool]] | None:
+        """The trial runs under the study's parent run, whatever their status, by trial number: each one's id and
+        whether it is whole (not one :meth:`create_run_left_out` left half made); None when the store could not
+        be searched."""
         ...
 
-    def create_run_left_out(self, number: int, run: RunRecord) -> bool:
+    def epoch_metrics(self, run_key: str | None) -> dict[str, dict[int, float]]:
+        """The per-epoch metrics buffered for the run so far: name -> epoch -> value."""
+        ...
+
+    def create_run_left_out(self, number: int, run: RunRecord) -> str | None:
         """Create, whole and closed, the run of a finished trial whose run could not be created as it started;
-        return whether it was created (a failure is warned)."""
+        return its id, or None (warned) when the store failed. A run left half made keeps the tag
+        :data:`REBUILDING`."""
+        ...
+
+    def discard_run(self, run_id: str) -> bool:
+        """Delete a run (one left half made); return whether it was deleted (a failure is warned)."""
         ...
 
     def drain(self, timeout: float | None = None) -> int:
@@ -195,13 +211,19 @@ class NullTracker:
     def open_trial_runs(self, study_name: str) -> dict[int, str]:
         return {}
 
-    def close_run_left_open(self, run_id: str, state: str, metrics: dict[str, float], reason: str) -> None:
+    def close_run_left_open(self, run_id: str, state: str, metrics: dict[str, float], reason: str) -> bool:
+        return False
+
+    def trial_runs(self, study_name: str) -> dict[int, tuple[str, bool]] | None:
         return None
 
-    def trial_run_numbers(self, study_name: str) -> set[int] | None:
+    def epoch_metrics(self, run_key: str | None) -> dict[str, dict[int, float]]:
+        return {}
+
+    def create_run_left_out(self, number: int, run: RunRecord) -> str | None:
         return None
 
-    def create_run_left_out(self, number: int, run: RunRecord) -> bool:
+    def discard_run(self, run_id: str) -> bool:
         return False
 
     def drain(self, timeout: float | None = None) -> int:
@@ -1033,20 +1055,19 @@ class MlflowTracker:
 
     def open_trial_runs(self, study_name: str) -> dict[int, str]:
         found = self._trial_runs(study_name, " and attributes.status = 'RUNNING'", "looking for trial runs left open")
-        return found or {}
+        return {number: run_id for number, (run_id, whole) in (found or {}).items() if whole}
 
-    def trial_run_numbers(self, study_name: str) -> set[int] | None:
-        found = self._trial_runs(study_name, "", "looking for the study's trial runs")
-        return None if found is None else set(found)
+    def trial_runs(self, study_name: str) -> dict[int, tuple[str, bool]] | None:
+        return self._trial_runs(study_name, "", "looking for the study's trial runs")
 
-    def _trial_runs(self, study_name: str, condition: str, what: str) -> dict[int, str] | None:
+    def _trial_runs(self, study_name: str, condition: str, what: str) -> dict[int, tuple[str, bool]] | None:
         """The trial runs under the study's parent run that meet ``condition`` (a search filter's ``and ...``),
-        by trial number: each one's id; None when the store could not be searched (warned)."""
+        by trial number: each one's id and whether it is whole; None when the store could not be searched."""
         from mlflow.exceptions import MlflowException
 
         if self.parent_run_id is None:
             return None
-        found: dict[int, str] = {}
+        found: dict[int, tuple[str, bool]] = {}
         token = None
         try:
             while True:
@@ -1061,7 +1082,9 @@ class MlflowTracker:
                     tags = run.data.tags
                     # The study's name is compared here: a filter would need it quoted.
                     if tags.get("optuna.study_name") == study_name and tags.get("optuna.trial_number", "").isdigit():
-                        found[int(tags["optuna.trial_number"])] = run.info.run_id
+                        number, whole = int(tags["optuna.trial_number"]), REBUILDING not in tags
+                        if whole or number not in found:
+                            found[number] = (run.info.run_id, whole)
                 token = page.token
                 if not token:
                     return found
@@ -1069,7 +1092,7 @@ class MlflowTracker:
             self._warn(what, exc)
             return None
 
-    def close_run_left_open(self, run_id: str, state: str, metrics: dict[str, float], reason: str) -> None:
+    def close_run_left_open(self, run_id: str, state: str, metrics: dict[str, float], reason: str) -> bool:
         from mlflow.entities import Metric, RunTag
         from mlflow.exceptions import MlflowException
 
@@ -1083,33 +1106,50 @@ class MlflowTracker:
             self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FAILED"))
         except (MlflowException, OSError) as exc:
             self._warn(f"closing run {run_id}, left open", exc)
+            return False
+        return True
 
-    def create_run_left_out(self, number: int, run: RunRecord) -> bool:
+    def epoch_metrics(self, run_key: str | None) -> dict[str, dict[int, float]]:
+        curves: dict[str, dict[int, float]] = {}
+        for metric in self._buffers.get(run_key or "", []):
+            curves.setdefault(metric.key, {})[metric.step] = metric.value
+        return curves
+
+    def create_run_left_out(self, number: int, run: RunRecord) -> str | None:
         from mlflow.entities import Metric, Param
         from mlflow.exceptions import MlflowException
 
-        tags = {"mlflow.parentRunId": self.parent_run_id or "", "tuner.kind": "trial", **run.tags}
+        tags = {"mlflow.parentRunId": self.parent_run_id or "", "tuner.kind": "trial", **run.tags, REBUILDING: "1"}
         # Stamped in the trial's own time, so that the run's duration and curves read as the trial's.
-        epochs = [
+        items = [
             Metric(key, value, run.ended_ms, step)
             for key, by_step in run.curves.items()
             for step, value in by_step.items()
         ]
-        last_step = max((m.step for m in epochs), default=0)
-        items = epochs + [Metric(key, value, run.ended_ms + 1, last_step) for key, value in run.metrics.items()]
+        items += [Metric(key, value, run.ended_ms + 1, run.last_step) for key, value in run.metrics.items()]
         try:
             created = self.client.create_run(
                 self.experiment_id, start_time=run.started_ms, tags=tags, run_name=f"trial-{number:04d}"
             )
             run_id = created.info.run_id
-            try:
-                describe_run(run_id, [Param(k, str(v)) for k, v in run.params.items()], [], self.client)
-                _send(self.client, run_id, items, [])
-                _log_files(self.client, self.tracking_uri, run_id, run.artifacts, created.info.artifact_uri)
-            finally:
-                self.client.set_terminated(run_id, status=RUN_STATUS.get(run.state, "FAILED"), end_time=run.ended_ms)
+            describe_run(run_id, [Param(k, str(v)) for k, v in run.params.items()], [], self.client)
+            _send(self.client, run_id, items, [])
+            _log_files(self.client, self.tracking_uri, run_id, run.artifacts, created.info.artifact_uri)
+            self.client.set_terminated(run_id, status=RUN_STATUS.get(run.state, "FAILED"), end_time=run.ended_ms)
+            # Whole only now: a run cut short keeps the tag, and the next repair makes it again.
+            self.client.delete_tag(run_id, REBUILDING)
         except (MlflowException, OSError) as exc:
             self._warn(f"creating the run of trial {number}, left out", exc)
+            return None
+        return str(run_id)
+
+    def discard_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_run(run_id)
+        except (MlflowException, OSError) as exc:
+            self._warn(f"deleting run {run_id}, left half made", exc)
             return False
         return True
 

@@ -57,6 +57,12 @@ SURPLUS = "tuner.surplus"
 #: because of its parameters: why. Written before the trial is failed, so that a lost trial whose retry was never
 #: queued (its worker killed in between) is found and queued later (see retry_lost_trials).
 LOST = "tuner.lost"
+#: User attribute of a trial whose MLflow run could not be created: its run's metrics (per epoch and final) and
+#: tags, which tuner.study.create_runs_left_out needs besides what Optuna holds; replaced by the run's id (and
+#: RUN_REBUILT) once the run is made.
+RUN_LEFT_OUT = "mlflow_run_left_out"
+#: User attribute of a trial whose run was made after the fact, without model files.
+RUN_REBUILT = "mlflow_run_rebuilt"
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
 LOST_TO_STORAGE = "lost to a storage error"
 
@@ -424,31 +430,80 @@ def budget_lock(study: optuna.Study) -> Iterator[None]:
 
 
 @contextmanager
-def repair_lock(study: optuna.Study) -> Iterator[bool]:
-    """Whether this process alone may repair the study's MLflow runs now: on PostgreSQL, when it gets the study's
-    repair lock (an advisory lock that a worker's death frees); elsewhere never (SQLite's own file lock is what
-    answers there)."""
+def repair_lock(study: optuna.Study) -> Iterator[Callable[[], bool]]:
+    """A check, made before each repair, that this process alone may repair the study's MLflow runs: on PostgreSQL
+    while it holds the study's repair lock (an advisory lock, taken without waiting, that a worker's death or a
+    database restart frees); elsewhere never (SQLite's own file lock is what answers there)."""
     backend = _rdb_backend(study._storage)
     engine = backend.engine if backend is not None else None
     if engine is None or engine.dialect.name != "postgresql":
-        yield False
+        yield lambda: False
         return
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
     digest = hashlib.sha256(f"repairs:{study.study_name}".encode()).digest()
     key = int.from_bytes(digest[:8], "big", signed=True)
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    # pg_locks shows a 64-bit advisory key as its high and low 32 bits.
+    mine = text(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()"
+        " AND objsubid = 1 AND classid::bigint = :high AND objid::bigint = :low"
+    )
     with engine.connect() as conn:
         held = bool(conn.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}))
         conn.commit()  # a session's lock: no transaction left idle while the repairs write to MLflow
+
+        def still_held() -> bool:
+            if not held:
+                return False
+            try:
+                found = conn.scalar(mine, {"high": unsigned >> 32, "low": unsigned & 0xFFFF_FFFF})
+                conn.commit()
+            except DBAPIError:  # the session is gone, and the lock with it
+                return False
+            return bool(found)
+
         try:
-            yield held
+            yield still_held
         finally:
             # A connection the database dropped (a restart) has freed the lock with its session.
             with suppress(DBAPIError):
                 if held:
                     conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
                     conn.commit()
+
+
+def rewrite_finished_trial_attrs(
+    study: optuna.Study, trial: FrozenTrial, attrs: dict[str, Any], drop: Sequence[str] = ()
+) -> bool:
+    """Set ``attrs`` and remove the ``drop`` keys among a finished trial's user attributes, in one transaction;
+    False (nothing written) where the storage is not a database tuner writes itself. Written in SQL, since Optuna
+    changes no attribute of a finished trial."""
+    backend = _batched_backend(study._storage)
+    if backend is None:
+        return False
+    from optuna.storages._rdb.models import TrialUserAttributeModel
+    from sqlalchemy import delete
+
+    insert = _upsert_insert(backend)
+    rows = [{"trial_id": trial._trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+    with backend.engine.begin() as conn:
+        if rows:
+            upsert = insert(TrialUserAttributeModel).values(rows)
+            conn.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[TrialUserAttributeModel.trial_id, TrialUserAttributeModel.key],
+                    set_={"value_json": upsert.excluded.value_json},
+                )
+            )
+        if drop:
+            conn.execute(
+                delete(TrialUserAttributeModel).where(
+                    TrialUserAttributeModel.trial_id == trial._trial_id, TrialUserAttributeModel.key.in_(list(drop))
+                )
+            )
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------
