@@ -486,17 +486,9 @@ def rewrite_finished_trial_attrs(
     from optuna.storages._rdb.models import TrialUserAttributeModel
     from sqlalchemy import delete
 
-    insert = _upsert_insert(backend)
-    rows = [{"trial_id": trial._trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
     with backend.engine.begin() as conn:
-        if rows:
-            upsert = insert(TrialUserAttributeModel).values(rows)
-            conn.execute(
-                upsert.on_conflict_do_update(
-                    index_elements=[TrialUserAttributeModel.trial_id, TrialUserAttributeModel.key],
-                    set_={"value_json": upsert.excluded.value_json},
-                )
-            )
+        if attrs:
+            conn.execute(_user_attrs_upsert(backend, trial._trial_id, attrs))
         if drop:
             conn.execute(
                 delete(TrialUserAttributeModel).where(
@@ -599,6 +591,18 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
+def _user_attrs_upsert(backend: optuna.storages.RDBStorage, trial_id: int, attrs: dict[str, Any]) -> Any:
+    """One statement that stores ``attrs`` among a trial's user attributes, replacing those of the same keys."""
+    from optuna.storages._rdb.models import TrialUserAttributeModel
+
+    rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+    upsert = _upsert_insert(backend)(TrialUserAttributeModel).values(rows)
+    return upsert.on_conflict_do_update(
+        index_elements=[TrialUserAttributeModel.trial_id, TrialUserAttributeModel.key],
+        set_={"value_json": upsert.excluded.value_json},
+    )
+
+
 def record_trial(
     trial: optuna.Trial, user_attrs: dict[str, Any], intermediate_values: dict[int, float] | None = None
 ) -> None:
@@ -619,20 +623,13 @@ def record_trial(
         for step, reported in sorted(steps.items()):
             trial.report(reported, step)
         return
-    from optuna.storages._rdb.models import TrialIntermediateValueModel, TrialUserAttributeModel
+    from optuna.storages._rdb.models import TrialIntermediateValueModel
 
     insert = _upsert_insert(backend)
     trial_id = trial._trial_id
     statements = []
     if user_attrs:
-        rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in user_attrs.items()]
-        attrs_insert = insert(TrialUserAttributeModel).values(rows)
-        statements.append(
-            attrs_insert.on_conflict_do_update(
-                index_elements=[TrialUserAttributeModel.trial_id, TrialUserAttributeModel.key],
-                set_={"value_json": attrs_insert.excluded.value_json},
-            )
-        )
+        statements.append(_user_attrs_upsert(backend, trial_id, user_attrs))
     if steps:
         stored = TrialIntermediateValueModel.intermediate_value_to_stored_repr
         step_rows = [
