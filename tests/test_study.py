@@ -299,7 +299,8 @@ def test_a_run_left_out_keeps_its_record_within_what_a_database_column_holds():
         return {key: {epoch: 0.123456789 for epoch in range(epochs)} for key in keys}
 
     figures = {"val_objective": 0.9, "holdout_completeness": 0.8}
-    many_labels = {f"holdout_completeness_label{i}": 0.8 for i in range(2000)} | {"val_objective": 0.9}
+    objectives = {"val_objective": 0.9, "val_objective_0": 0.9, "val_objective_1": 0.1}
+    many_labels = {f"holdout_completeness_label{i}": 0.8 for i in range(2000)} | objectives
     cases = {
         "all": (figures, curves(60, 4)),
         "core": (figures, curves(400, 8)),  # the per-layer curves would not fit
@@ -311,7 +312,7 @@ def test_a_run_left_out_keeps_its_record_within_what_a_database_column_holds():
     assert sorted(kept["core"]["curves"]) == sorted(study_mod.LEFT_OUT_CORE)
     assert len(kept["core"]["curves"]["val_objective"]) == 400
     assert kept["none"]["curves"] == {} and kept["none"]["metrics"] == figures and kept["none"]["last_step"] == 3999
-    assert kept["objective"]["metrics"] == {"val_objective": 0.9}
+    assert kept["objective"]["metrics"] == objectives
     assert all(len(json.dumps(record)) <= study_mod.LEFT_OUT_LIMIT for record in kept.values())
 
 

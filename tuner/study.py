@@ -2040,7 +2040,7 @@ def left_out_record(
         return {"metrics": figures, "tags": tags, "curves": as_json, "last_step": last_step}
 
     core = {key: by_step for key, by_step in curves.items() if key in LEFT_OUT_CORE}
-    objective = {key: value for key, value in metrics.items() if key == "val_objective" or key.startswith("objective")}
+    objective = {key: value for key, value in metrics.items() if key.startswith("val_objective")}
     for kept, figures in ((curves, metrics), (core, metrics), ({}, metrics), ({}, objective)):
         found = record(kept, figures)
         if len(json.dumps(found)) <= LEFT_OUT_LIMIT:
@@ -2080,8 +2080,10 @@ def create_runs_left_out(
     layers = max_layers(spec.search_space)
     created = 0
     for trial in left_out:
-        if not alone() or trial.datetime_start is None or trial.datetime_complete is None:
+        if not alone():
             break
+        if trial.datetime_start is None or trial.datetime_complete is None:
+            continue
         run_id, whole = runs.get(trial.number, (None, False))
         if run_id is not None and whole:
             _record_rebuilt(study, trial, run_id)
