@@ -376,11 +376,22 @@ def _updatable_trial(conn: Any, backend: optuna.storages.RDBStorage, trial_id: i
     return row
 
 
+def _advisory_key(name: str) -> int:
+    """A PostgreSQL advisory lock's key (signed 64 bits) from a name."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _pg_locks_parts(key: int) -> dict[str, int]:
+    """An advisory key as pg_locks shows it: its high and low 32 bits (``classid``, ``objid``)."""
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    return {"high": unsigned >> 32, "low": unsigned & 0xFFFF_FFFF}
+
+
 def _budget_lock_key(study: optuna.Study) -> int:
     # From the whole name: studies of one database whose names share a prefix neither serialise each other's
     # takes nor count each other's waiting workers.
-    digest = hashlib.sha256(study.study_name.encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return _advisory_key(study.study_name)
 
 
 def workers_waiting(study: optuna.Study) -> int:
@@ -390,15 +401,13 @@ def workers_waiting(study: optuna.Study) -> int:
         return 0
     from sqlalchemy import text
 
-    # pg_locks shows a 64-bit advisory key as its high and low 32 bits.
-    key = _budget_lock_key(study) & 0xFFFF_FFFF_FFFF_FFFF
     waiting = text(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1"
         " AND classid::bigint = :high AND objid::bigint = :low"
         " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     )
     with backend.engine.connect() as conn:
-        return int(conn.scalar(waiting, {"high": key >> 32, "low": key & 0xFFFF_FFFF}) or 0)
+        return int(conn.scalar(waiting, _pg_locks_parts(_budget_lock_key(study))) or 0)
 
 
 @contextmanager
@@ -442,10 +451,7 @@ def repair_lock(study: optuna.Study) -> Iterator[Callable[[], bool]]:
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
-    digest = hashlib.sha256(f"repairs:{study.study_name}".encode()).digest()
-    key = int.from_bytes(digest[:8], "big", signed=True)
-    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
-    # pg_locks shows a 64-bit advisory key as its high and low 32 bits.
+    key = _advisory_key(f"repairs:{study.study_name}")
     mine = text(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()"
         " AND objsubid = 1 AND classid::bigint = :high AND objid::bigint = :low"
@@ -458,7 +464,7 @@ def repair_lock(study: optuna.Study) -> Iterator[Callable[[], bool]]:
             if not held:
                 return False
             try:
-                found = conn.scalar(mine, {"high": unsigned >> 32, "low": unsigned & 0xFFFF_FFFF})
+                found = conn.scalar(mine, _pg_locks_parts(key))
                 conn.commit()
             except DBAPIError:  # the session is gone, and the lock with it
                 return False
