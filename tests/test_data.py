@@ -448,3 +448,217 @@ def test_every_missing_column_is_named_at_once() -> None:
         "  - data.features: column 'R' not in the catalogue (did you mean 'r'?)",
         "  the catalogue's columns: u, g, r, i, z, class, objid",
     ]
+
+
+# --- values beyond what float32 holds -----------------------------------------------------------------------
+# A value finite as read (float64) but beyond float32's ±3.4e+38 became inf in the float32 feature matrix: the
+# trial failed with a NaN loss (or a regression's figures drowned in it) and predict wrote a NaN score.
+
+BEYOND = "beyond what float32 holds (±3.4e+38; the network computes in float32)"
+
+
+def squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def narrow(frame: pd.DataFrame) -> pd.DataFrame:
+    """The magnitudes drawn closer to their means (sd 0.2), so that 3e+38 scales to beyond 3.4e+38."""
+    mean = frame[BANDS].mean()
+    return frame.assign(**{b: mean[b] + 0.2 * (frame[b] - mean[b]) for b in BANDS})
+
+
+def test_a_feature_beyond_float32_names_the_column_row_value_and_magnitudes() -> None:
+    frame = make_frame()
+    frame.loc[5, "u"] = 1e39
+    message = data_error(frame, features=["g-r", "u-g"])
+    assert message == (
+        f"data.features: column 'u-g' row 5 holds 1e+39 (u - g = 1e+39 - {frame.loc[5, 'g']:.6g}), {BEYOND}; "
+        "clean or drop those rows before tuning"
+    )
+
+
+def test_a_colour_beyond_float32_is_refused_though_its_magnitudes_fit() -> None:
+    frame = make_frame()
+    frame.loc[[7, 40], "u"] = 3e38
+    frame.loc[[7, 40], "g"] = -3e38
+    message = data_error(frame, features=["u-g"])
+    assert "column 'u-g' row 7 holds 6e+38 (u - g = 3e+38 - -3e+38)" in message
+    assert "2 rows do, first at rows [7, 40]" in message
+
+
+def test_a_column_beyond_float32_either_way_is_refused_and_its_limit_is_not() -> None:
+    frame = make_frame()
+    frame["flux"] = 1.0
+    frame.loc[12, "flux"] = -1e300
+    assert data_error(frame, features=["flux"]).startswith(
+        f"data.features: column 'flux' row 12 holds -1e+300, {BEYOND}"
+    )
+    frame.loc[12, "flux"] = float(np.finfo(np.float32).max)
+    assert np.isfinite(load(frame, features=["flux"]).features).all()
+
+
+def test_a_regression_target_beyond_float32_is_refused() -> None:
+    frame = make_frame()
+    frame.loc[5, "u"] = 1e39
+    message = data_error(frame, task="regression", target="u", features=["g-r", "r-i"])
+    assert message == f"data.target: column 'u' row 5 holds 1e+39, {BEYOND}; clean or drop those rows before tuning"
+
+
+def _validation_row(frame: pd.DataFrame, **changes: Any) -> tuple[int, Any]:
+    """A validation row of the study's split (which depends on the labels only), and the study."""
+    spec = spec_from_dict({"data": changes})
+    catalogue = catalogue_from_frame(frame, spec.data, task="binary", source="test")
+    split = stratified_split(catalogue.labels, spec.data.split, spec.data.seed, catalogue.class_names)
+    return int(split.validation[0]), spec
+
+
+def test_a_row_that_the_training_scaling_takes_beyond_float32_is_refused() -> None:
+    # u-g of 3e+38 fits float32, but the training rows' standardisation (sd about 0.28) takes it past the limit.
+    frame = narrow(make_frame(n_star=450, n_qso=50))
+    row, spec = _validation_row(frame, features=["u-g", "g-r"])
+    frame.loc[row, "u"] = 3e38
+    catalogue = catalogue_from_frame(frame, spec.data, task="binary", source="test")
+    with pytest.raises(DataError) as info:
+        build_dataset(spec, catalogue=catalogue)
+    message = str(info.value)
+    assert re.match(
+        rf"data\.features: column 'u-g' row {row} holds 3e\+38, which the scaling fitted on the training rows "
+        r"\(standardize: mean -?[\d.]+, standard deviation [\d.]+\) takes to [\d.]+e\+39, ",
+        message,
+    ), message
+    assert message.endswith(f"{BEYOND}; clean or drop those rows before tuning")
+
+
+def test_a_row_that_pca_whitening_takes_beyond_float32_is_refused() -> None:
+    frame = narrow(make_frame(n_star=450, n_qso=50))
+    row, spec = _validation_row(frame, features=["u-g", "g-r"], preprocess="pca_whiten")
+    frame.loc[row, "u"] = 3e38
+    catalogue = catalogue_from_frame(frame, spec.data, task="binary", source="test")
+    with pytest.raises(DataError, match=rf"^data\.features: row {row} \(u-g = 3e\+38, g-r = [-\d.]+\) is taken by"):
+        build_dataset(spec, catalogue=catalogue)
+
+
+def test_the_scaling_never_hands_the_network_inf() -> None:
+    x = np.random.default_rng(0).normal(scale=0.2, size=(50, 2))
+    far = np.array([[0.0, 3e38]])
+    for kind in ("standardize", "pca_whiten"):
+        scaling = Preprocessor.fit(kind, x)
+        assert scaling.problem(x, ["a", "b"]) is None
+        assert "row 7" in str(scaling.problem(far, ["a", "b"], rows=np.array([7])))
+        with pytest.raises(DataError, match=r"beyond what float32 holds"):
+            scaling.transform(far)
+
+
+def test_run_with_a_value_beyond_float32_exits_2_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    frame = make_frame(n_star=450, n_qso=50)
+    frame.loc[5, "u"] = 1e39
+    frame.to_csv(tmp_path / "cat.csv", index=False)
+    for task, target in (("binary", "class"), ("regression", "u")):
+        study = tmp_path / f"{task}.yaml"
+        features = "[u-g, g-r]" if task == "binary" else "[g-r, r-i]"
+        study.write_text(
+            f"data: {{source: cat.csv, features: {features}, target: {target}}}\ntask: {task}\n"
+            "study: {n_trials: 1, storage: 'sqlite:///optuna.db'}\ntracking: {uri: 'sqlite:///mlflow.db'}\n"
+        )
+        assert main(["run", str(study)]) == 2
+        captured = capsys.readouterr()
+        column = "'u-g'" if task == "binary" else "'u'"
+        assert f"column {column} row 5 holds 1e+39" in squash(captured.err)
+        assert BEYOND in squash(captured.err)
+        assert captured.err.count("error:") == 1
+    # no study, no lock beside it, no MLflow store
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.yaml", "cat.csv", "regression.yaml"]
+
+
+def _fake_export(path: Path, preprocess: str = "standardize", folds: int = 0) -> Path:
+    """A model directory as far as predict reads it before the network: the description of its inputs."""
+    import json
+
+    x = narrow(make_frame()).assign(**{"u-g": lambda f: f.u - f.g})[["u-g", "r"]].to_numpy()
+    config: dict[str, Any] = {
+        "format": 1,
+        "task": "binary",
+        "derivations": [{"feature": "u-g", "colour": ["u", "g"]}, {"feature": "r", "column": "r"}],
+        "input_columns": ["u", "g", "r"],
+        "id_columns": [],
+        "class_names": ["rest", "QSO"],
+        "positive_class": "QSO",
+        "positive_index": 1,
+        "threshold": 0.5,
+    }
+    scaling = Preprocessor.fit(preprocess, x).to_dict()
+    if folds:
+        config["ensemble"] = {"members": [{"fold": i, "preprocessor": scaling} for i in range(folds)]}
+    else:
+        config["preprocessor"] = scaling
+    (path / "artifacts").mkdir(parents=True)
+    (path / "MLmodel").write_text("")
+    (path / "artifacts" / "tuner_model.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("u", "needle"),
+    [
+        (1e39, "column 'u-g' row 5 holds 1e+39 (u - g = 1e+39 - "),
+        (3e38, "column 'u-g' row 5 holds 3e+38, which the scaling fitted on the training rows (standardize: mean "),
+    ],
+)
+def test_predict_refuses_a_row_beyond_float32_with_exit_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], u: float, needle: str
+) -> None:
+    from tuner.cli import main
+
+    model = _fake_export(tmp_path / "model")
+    frame = narrow(make_frame())
+    frame.loc[5, "u"] = u
+    frame.to_csv(tmp_path / "new.csv", index=False)
+    out = tmp_path / "scored.csv"
+    assert main(["predict", str(model), "--data", str(tmp_path / "new.csv"), "--out", str(out)]) == 2
+    err = squash(capsys.readouterr().err)
+    assert f"error: model input: {needle}" in err, err
+    assert err.endswith(f"{BEYOND}; clean or drop those rows before scoring")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model", "new.csv"]
+
+
+@pytest.mark.parametrize(("preprocess", "folds"), [("pca_whiten", 0), ("standardize", 3)])
+def test_check_input_refuses_rows_that_any_scaling_of_the_model_takes_beyond_float32(
+    tmp_path: Path, preprocess: str, folds: int
+) -> None:
+    import json
+
+    from tuner.export import check_input
+
+    model = _fake_export(tmp_path / "model", preprocess, folds)
+    config = json.loads((model / "artifacts" / "tuner_model.json").read_text())
+    frame = narrow(make_frame())
+    check_input(frame, config)
+    frame.loc[[9, 30], "r"] = 3e38
+    with pytest.raises(DataError, match=r"^model input: .*row 9.*2 rows are, first at rows \[9, 30\]"):
+        check_input(frame, config)
+
+
+def test_predict_never_writes_a_nan_score(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rows whose scaled features fit float32 can still overflow the network's float32 arithmetic (inf - inf).
+    import tuner.export
+    from tuner.cli import main
+
+    def overflowing(model_dir: Any, frame: pd.DataFrame) -> pd.DataFrame:
+        p = np.where(np.arange(len(frame)) == 4, np.nan, 0.2)
+        return pd.DataFrame({"p_QSO": p, "predicted_QSO": p >= 0.5}, index=frame.index)
+
+    monkeypatch.setattr(tuner.export, "predict_frame", overflowing)
+    model = _fake_export(tmp_path / "model")
+    make_frame().to_csv(tmp_path / "new.csv", index=False)
+    out = tmp_path / "scored.csv"
+    assert main(["predict", str(model), "--data", str(tmp_path / "new.csv"), "--out", str(out)]) == 2
+    err = squash(capsys.readouterr().err)
+    assert "error: model input: row 4 (u-g = " in err and "scores it NaN (1 row(s), first at rows [4])" in err
+    assert not out.exists()

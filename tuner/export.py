@@ -137,7 +137,8 @@ def check_input(frame: Any, config: dict[str, Any]) -> None:
 
     Raises:
         DataError: Naming every missing column, every non-numeric column and every column with NaN or inf
-            values (how many, and the first rows), so that no row is ever scored as NaN.
+            values (how many, and the first rows), or the first row whose feature, as derived or as scaled,
+            lies beyond what float32 holds, so that no row is ever scored as NaN.
     """
     if not isinstance(frame, pd.DataFrame):
         raise DataError(
@@ -170,10 +171,53 @@ def check_input(frame: Any, config: dict[str, Any]) -> None:
                 f"column {name!r} has {bad_rows.size} non-finite value(s) (NaN or inf), first at rows "
                 f"{bad_rows[:5].tolist()}; clean or drop those rows before scoring"
             )
+    if not problems:
+        problems = _float32_problems(frame, config)
     if problems:
         if len(problems) == 1:
             raise DataError(f"model input: {problems[0]}")
         raise DataError("model input has problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _derived(frame: pd.DataFrame, config: dict[str, Any]) -> np.ndarray:
+    """The model's features from raw columns, float64, one column per derivation."""
+    columns: list[np.ndarray] = []
+    for d in config["derivations"]:
+        if "column" in d:
+            columns.append(frame[d["column"]].to_numpy(dtype=np.float64))
+        else:
+            left, right = d["colour"]
+            columns.append(frame[left].to_numpy(dtype=np.float64) - frame[right].to_numpy(dtype=np.float64))
+    if not columns:
+        return np.empty((len(frame), 0), dtype=np.float64)
+    return np.column_stack(columns)
+
+
+def _float32_problems(frame: pd.DataFrame, config: dict[str, Any]) -> list[str]:
+    """Rows whose values fed to the network lie beyond float32, where they would turn into inf and the score into
+    NaN: a feature as derived (a colour can overflow where its magnitudes do not), then as scaled by the model (or
+    by any fold model of an ensemble)."""
+    from tuner.data.load import float32_problem
+
+    features = _derived(frame, config)
+    names = [d["feature"] for d in config["derivations"]]
+    problems = []
+    for d, values in zip(config["derivations"], features.T, strict=True):
+        operands = None
+        if "colour" in d:
+            left, right = d["colour"]
+            operands = (left, frame[left].to_numpy(dtype=np.float64)), (right, frame[right].to_numpy(dtype=np.float64))
+        problem = float32_problem(values, d["feature"], operands=operands)
+        if problem:
+            problems.append(f"{problem}; clean or drop those rows before scoring")
+    if problems:
+        return problems
+    members = config["ensemble"]["members"] if "ensemble" in config else [config]
+    for member in members:
+        problem = Preprocessor.from_dict(member["preprocessor"]).problem(features.astype(np.float32), names)
+        if problem:
+            return [f"{problem}; clean or drop those rows before scoring"]
+    return []
 
 
 def raw_features(frame: pd.DataFrame, config: dict[str, Any]) -> np.ndarray:
@@ -183,16 +227,7 @@ def raw_features(frame: pd.DataFrame, config: dict[str, Any]) -> np.ndarray:
         DataError: See :func:`check_input`.
     """
     check_input(frame, config)
-    columns: list[np.ndarray] = []
-    for d in config["derivations"]:
-        if "column" in d:
-            columns.append(frame[d["column"]].to_numpy(dtype=np.float64))
-        else:
-            left, right = d["colour"]
-            columns.append(frame[left].to_numpy(dtype=np.float64) - frame[right].to_numpy(dtype=np.float64))
-    if not columns:
-        return np.empty((len(frame), 0), dtype=np.float32)
-    return np.column_stack(columns).astype(np.float32)
+    return _derived(frame, config).astype(np.float32)
 
 
 def prediction_column(config: dict[str, Any]) -> str:
@@ -2255,6 +2290,27 @@ def predict_frame(model_dir: str | Path, frame: pd.DataFrame) -> pd.DataFrame:
     return scores
 
 
+def _check_scores(scores: pd.DataFrame, frame: pd.DataFrame, config: dict[str, Any]) -> None:
+    """The last guard of "never a NaN score": a row whose scaled features fit float32 can still lie so far from the
+    training rows that the network's float32 arithmetic overflows (inf - inf).
+
+    Raises:
+        DataError: Naming the first such row, its features and how many rows score NaN.
+    """
+    numeric = [c for c in scores.columns if pd.api.types.is_float_dtype(scores[c])]
+    bad = ~np.isfinite(scores[numeric].to_numpy(dtype=np.float64)).all(axis=1)
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad)
+    features = _derived(frame.iloc[rows[:1]], config)[0]
+    shown = ", ".join(f"{d['feature']} = {v:.6g}" for d, v in zip(config["derivations"], features, strict=True))
+    raise DataError(
+        f"model input: row {int(rows[0])} ({shown}) lies so far from the training rows that the network's float32 "
+        f"arithmetic overflows and scores it NaN ({rows.size} row(s), first at rows {rows[:5].tolist()}); clean or "
+        "drop those rows before scoring"
+    )
+
+
 def _read_input(path: Path) -> pd.DataFrame:
     from tuner.data.load import read_table
 
@@ -2323,6 +2379,7 @@ def predict_file(
                 f"--id-columns: {', '.join(map(repr, clash))} would collide with the model's output columns"
             )
         scores = predict_frame(model_dir, frame)
+        _check_scores(scores, frame, config)
     result = pd.concat([frame[ids].reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
     # Written beside the target under a name with the same suffixes (the compression follows them), then moved
     # into place: a failed write leaves neither a half-written file nor a damaged earlier one.

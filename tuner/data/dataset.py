@@ -195,7 +195,8 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
         The dataset.
 
     Raises:
-        DataError: A class is too rare for the split or for k folds.
+        DataError: A class is too rare for the split or for k folds; a row that the scaling fitted on the training
+            rows takes beyond what float32 holds.
     """
     catalogue = catalogue or load_catalogue(spec)
     device = torch.device(device)
@@ -212,6 +213,9 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
         _check_labels_in_parts(catalogue, split)
 
     def part(idx: np.ndarray, scaling: Preprocessor = preprocessor) -> Part:
+        problem = scaling.problem(catalogue.features[idx], catalogue.feature_names, rows=idx)
+        if problem:
+            raise DataError(f"data.features: {problem}; clean or drop those rows before tuning")
         x = torch.from_numpy(scaling.transform(catalogue.features[idx])).to(device)
         if targets is None:
             y_np = catalogue.labels[idx]

@@ -25,6 +25,11 @@ MAX_BINS = 10
 MIN_PER_BIN = 50
 #: A multilabel combination of labels rarer than this is stratified together with the other rare ones.
 MIN_PER_COMBINATION = 10
+#: The largest magnitude float32 holds. The network computes in float32 and the feature matrix is float32, so a
+#: larger value, finite as read (float64), would turn into inf there and every loss or score it touches into NaN.
+#: Values up to it are safe where tuner works in float64 (the scaling's mean and variance, a regression target's
+#: standardisation, the metrics): their squares (at most 1.2e77) summed over even 1e200 rows stay finite.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,37 @@ def derive_feature(frame: pd.DataFrame, name: str) -> pd.Series:
 
 def _feature_column(frame: pd.DataFrame, name: str) -> pd.Series:
     return _numeric(derive_feature(frame, name), name)
+
+
+def float32_problem(
+    values: np.ndarray, name: str, *, operands: tuple[tuple[str, np.ndarray], tuple[str, np.ndarray]] | None = None
+) -> str | None:
+    """What is wrong with a column whose finite values lie beyond what float32 holds, or None when none does.
+
+    Args:
+        values: The column as fed to the network (a derived colour already derived), float64, finite.
+        name: The column, for the message.
+        operands: For a derived colour ``a-b``: the two magnitude columns, shown beside the value.
+
+    Returns:
+        "column 'u-g' row 5 holds 1e+39 (u - g = 1e+39 - 18.5), beyond what float32 holds (±3.4e+38) ...",
+        rows numbered from 0 like every other message about rows; None when every value fits.
+    """
+    with np.errstate(invalid="ignore"):
+        bad = np.abs(np.asarray(values, dtype=np.float64)) > FLOAT32_MAX
+    if not bad.any():
+        return None
+    rows = np.flatnonzero(bad)
+    first = int(rows[0])
+    shown = f"{float(values[first]):.6g}"
+    if operands is not None:
+        (left, a), (right, b) = operands
+        shown += f" ({left} - {right} = {float(a[first]):.6g} - {float(b[first]):.6g})"
+    more = f"; {rows.size} rows do, first at rows {rows[:5].tolist()}" if rows.size > 1 else ""
+    return (
+        f"column {name!r} row {first} holds {shown}, beyond what float32 holds (±{FLOAT32_MAX:.2g}; the network "
+        f"computes in float32){more}"
+    )
 
 
 def _close_columns(frame: pd.DataFrame, name: str) -> list[str]:
@@ -211,6 +247,14 @@ def label_column(frame: pd.DataFrame, name: str) -> np.ndarray:
     return result.astype(np.float64)
 
 
+def _operands(frame: pd.DataFrame, name: str) -> tuple[tuple[str, np.ndarray], tuple[str, np.ndarray]] | None:
+    """The two magnitudes of a colour derived by :func:`derive_feature`; None for a column taken as it is."""
+    left, sep, right = name.partition("-")
+    if name in frame.columns or not sep:
+        return None
+    return (left, frame[left].to_numpy(dtype=np.float64)), (right, frame[right].to_numpy(dtype=np.float64))
+
+
 def _value_strata(values: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
     """Quantile bins of a regression target, so every part of the split spans the same range of values."""
     n_bins = int(max(1, min(MAX_BINS, len(values) // MIN_PER_BIN)))
@@ -304,13 +348,17 @@ def catalogue_from_frame(frame: pd.DataFrame, spec: DataSpec, *, task: str, sour
         )
     features = pd.DataFrame(columns)
     for name in spec.features:
-        bad = ~np.isfinite(features[name].to_numpy())
+        values = features[name].to_numpy()
+        bad = ~np.isfinite(values)
         if bad.any():
             rows = np.flatnonzero(bad)[:5].tolist()
             raise DataError(
                 f"data.features: column {name!r} has {int(bad.sum())} non-finite value(s) (NaN or inf), "
                 f"first at rows {rows}; clean or drop them before tuning"
             )
+        problem = float32_problem(values, name, operands=_operands(frame, name))
+        if problem:
+            raise DataError(f"data.features: {problem}; clean or drop those rows before tuning")
     matrix = features.to_numpy(dtype=np.float32)
     ids = frame[list(spec.id_columns)].reset_index(drop=True)
     if task == "multilabel":
@@ -386,6 +434,11 @@ def _regression(
         raise DataError(
             f"data.target: column {name!r} has {int(bad.sum())} missing or non-finite value(s), first at rows {rows}"
         )
+    problem = float32_problem(values, name)
+    if problem:
+        # The network learns and predicts the standardised value in float32; one such value also drowns the
+        # standardisation (every other row lands near 0) and any error measured in the target's unit.
+        raise DataError(f"data.target: {problem}; clean or drop those rows before tuning")
     if task == "unit_regression":
         outside = (values < 0) | (values > 1)
         if outside.any():
