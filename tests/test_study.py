@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -845,3 +846,67 @@ def test_without_a_pruner_each_trials_reports_are_stored_with_its_end(tmp_path, 
     # With a pruner they are reported as each epoch ends, for the pruner to judge.
     pruned = run_study(tiny_spec(tmp_path / "pruned"), dataset=tiny_dataset, pruner=PruneAfterFirst()).study
     assert reports and all(t.intermediate_values for t in pruned.trials)
+
+
+def _store_cases() -> list[tuple[list[str], dict[str, str], str]]:
+    """(run flags with {tmp} for the folder, tracking keys of the study file, what the one error must say)."""
+    import importlib.util
+
+    cases = [
+        (["--tracking-uri", "sqlite:///{tmp}/folder"], {}, "{tmp}/folder is a folder, not an SQLite file"),
+        (["--tracking-uri", "sqlite:///{tmp}/a.csv"], {}, "{tmp}/a.csv is not an SQLite database"),
+        (["--tracking-uri", "sqlite:///{tmp}/a.csv/m.db"], {}, "{tmp}/a.csv is a file, not a directory"),
+        (["--storage", "sqlite:///{tmp}/folder"], {}, "study.storage: sqlite:///{tmp}/folder cannot hold the study"),
+        (["--storage", "sqlite:///{tmp}/a.csv"], {}, "{tmp}/a.csv is not an SQLite database"),
+        (["--storage", "sqlite:///{tmp}/a.csv/s.db"], {}, "{tmp}/a.csv is a file, not a directory"),
+        (["--device", "meta"], {}, "--device: 'meta' is not a device tuner trains on; use auto, cpu, cuda or cuda:N"),
+        ([], {"artifact_location": "foo://bar"}, "MLflow cannot write artifacts to foo://bar"),
+    ]
+    if importlib.util.find_spec("boto3") is None:
+        cases.append(([], {"artifact_location": "s3://bucket/x"}, "needs the Python package 'boto3'"))
+    return cases
+
+
+@pytest.mark.parametrize(("flags", "tracking", "needle"), _store_cases())
+def test_a_store_or_device_tuner_cannot_use_exits_2_at_once_and_leaves_nothing(
+    flags: list[str], tracking: dict[str, str], needle: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a.csv").write_text("a,b\n1,2\n")
+    spec = {**TINY, "tracking": {"uri": f"sqlite:///{tmp_path}/m.db", **tracking}, "study": {"n_trials": 1}}
+    (tmp_path / "s.yaml").write_text(json.dumps(spec))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["run", "s.yaml", *(f.format(tmp=tmp_path) for f in flags)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert needle.format(tmp=tmp_path) in err, err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no study file, lock, MLflow store or artifacts
+
+
+def test_a_deleted_mlflow_experiment_is_refused_before_the_study_is_made(tmp_path: Path, monkeypatch, capsys) -> None:
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    spec = {**TINY, "tracking": {"uri": uri}, "study": {"name": "gone", "n_trials": 1}}
+    (tmp_path / "s.yaml").write_text(json.dumps(spec))
+    assert main(["run", "s.yaml", "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "tracking.experiment: experiment 'gone' (id 1) is deleted in" in err, err
+    assert "mlflow experiments restore --experiment-id 1" in err
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_every_mlflow_client_gets_bounded_http_retries_and_an_unreachable_server_fails_at_once(monkeypatch):
+    # export, report and predict make their own clients: MLflow's defaults would hold them for minutes.
+    for name in tracking_mod.MLFLOW_HTTP_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(tracking_mod.TrackingError, match=r"no server accepts connections at 127\.0\.0\.1:1"):
+        tracking_mod.mlflow_client("http://127.0.0.1:1", registry=True)
+    for name, value in tracking_mod.MLFLOW_HTTP_DEFAULTS.items():
+        assert os.environ[name] == value

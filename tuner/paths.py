@@ -16,3 +16,24 @@ def cannot_create(path: Path) -> str | None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         return f"no permission to write in {ancestor}"
     return None
+
+
+#: The first bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def not_an_sqlite_file(path: Path) -> str | None:
+    """Why ``path`` cannot hold an SQLite database (a folder, another kind of file, a place that cannot be
+    written); None when it is one, an empty file, or can be made."""
+    if path.is_dir():
+        return f"{path} is a folder, not an SQLite file"
+    if path.exists():
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            return f"cannot read {path}: {exc.strerror or exc}"
+        if head and head != SQLITE_HEADER:
+            return f"{path} is not an SQLite database"
+        return None
+    return cannot_create(path)

@@ -251,6 +251,13 @@ MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
+
+def _set_http_defaults() -> None:
+    """Apply :data:`MLFLOW_HTTP_DEFAULTS` where the user set none (MLflow reads them at each request)."""
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 # How long a tracking server may take to accept a connection before a study refuses to start: MLflow's own
 # requests retry with back-off for minutes, which is right mid-study but leaves a mistyped URI silent that long.
 SERVER_CONNECT_TIMEOUT_S = 5.0
@@ -278,6 +285,38 @@ def _check_server_reachable(uri: str) -> None:
         ) from None
 
 
+def _check_store(tracking_uri: str) -> None:
+    """Refuse at once a store MLflow could not open, before MLflow retries it for minutes: a local SQLite path
+    that is a folder or another kind of file, or a tracking server that accepts no connection.
+
+    Raises:
+        TrackingError: Naming the URI and why.
+    """
+    from tuner.paths import not_an_sqlite_file
+
+    problem = None
+    if tracking_uri.startswith("sqlite:///"):
+        problem = not_an_sqlite_file(Path(tracking_uri[len("sqlite:///") :]))
+    else:
+        try:
+            _check_server_reachable(tracking_uri)
+        except OSError as exc:
+            problem = str(exc)
+    if problem:
+        raise TrackingError(f"tracking.uri: cannot use MLflow store {mask_password(tracking_uri)}: {problem}")
+
+
+def mlflow_client(tracking_uri: str, *, registry: bool = False) -> Any:
+    """The one way this module makes an ``MlflowClient``: with tuner's HTTP retry defaults (MLflow's own hold a
+    request for minutes once a server is gone) and only for a store that can be opened (:func:`_check_store`).
+    ``registry``: the model registry is the tracking store too (SQLite, PostgreSQL or a server)."""
+    _set_http_defaults()
+    _check_store(tracking_uri)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri if registry else None)
+
+
 def _check_artifact_dir(location: str | None, what: str) -> None:
     """Refuse a local artifact folder that cannot be made before the study starts: its artifacts would be lost,
     each with a warning. Not local (a server's store, a bucket) or MLflow's default: nothing to check here."""
@@ -289,11 +328,53 @@ def _check_artifact_dir(location: str | None, what: str) -> None:
         return
     parts = urlsplit(location)
     if parts.scheme not in ("", "file"):
+        _check_artifact_repository(location, what)
         return
     path = Path(unquote(parts.path)) if parts.scheme == "file" else Path(location)
     problem = cannot_create(path / "run")
     if problem:
         raise TrackingError(f"{what}: artifacts cannot be written under {path}: {problem}")
+
+
+#: The package each remote artifact store needs, which MLflow imports only when the first artifact is written.
+ARTIFACT_STORE_PACKAGES = {
+    "s3": "boto3",
+    "gs": "google.cloud.storage",
+    "wasbs": "azure.storage.blob",
+    "abfss": "azure.storage.filedatalake",
+    "sftp": "paramiko",
+    "hdfs": "pyarrow",
+    "viewfs": "pyarrow",
+}
+#: Artifact URIs that only a server or a platform resolves: nothing to check here.
+SERVER_RESOLVED_SCHEMES = ("mlflow-artifacts", "runs", "models", "dbfs")
+
+
+def _check_artifact_repository(location: str, what: str) -> None:
+    """Refuse an artifact store MLflow cannot write to before the study starts: an unknown scheme, or one whose
+    package is not installed. Both would otherwise fail at each trial's first artifact, every model file lost."""
+    import importlib.util
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    scheme = urlsplit(location).scheme
+    if scheme in SERVER_RESOLVED_SCHEMES:
+        return
+    package = ARTIFACT_STORE_PACKAGES.get(scheme)
+    try:
+        missing = package is not None and importlib.util.find_spec(package) is None
+    except ModuleNotFoundError:  # a parent package (google.cloud, azure.storage) is missing
+        missing = True
+    if missing:
+        raise TrackingError(
+            f"{what}: {location} needs the Python package {package!r}, which is not installed; install it "
+            "(pip install), or keep artifacts in a local folder or on a tracking server"
+        )
+    try:
+        get_artifact_repository(location)
+    except (MlflowException, ImportError) as exc:
+        raise TrackingError(f"{what}: MLflow cannot write artifacts to {location}: {exc}") from None
 
 
 def _write_ahead_log(path: Path) -> None:
@@ -695,6 +776,7 @@ def serve_writes() -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever else prints must not corrupt the answers
     jobs_in = sys.stdin.buffer
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    _set_http_defaults()  # it may have started before the study's tracker set them
     from mlflow import MlflowClient
 
     jobs: _JobQueue[tuple[int, str, str, bytes]] = _JobQueue()
@@ -878,10 +960,7 @@ class MlflowTracker:
         # MLflow prints two lines to stdout per run it closes on a tracking server; one per trial drowns the
         # study's own output. A user who wants them sets the variable to false.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        for name, value in MLFLOW_HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
         import mlflow  # noqa: F401  (imported here so that importing tuner stays fast)
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
         self.tracking_uri = tracking_uri
@@ -895,25 +974,35 @@ class MlflowTracker:
         # store at once (a local SQLite file takes one writer at a time).
         self.closes_from_threads = self.writes != "inline"
         sqlite_dir = _local_sqlite_dir(tracking_uri)
+        _check_store(tracking_uri)
+        # Where a new experiment keeps its artifacts. A local path means nothing to a tracking server that workers
+        # on other machines share: there the server's own artifact store (mlflow-artifacts:/) is used.
+        location = None
+        remote = tracking_uri.startswith(("http://", "https://"))
+        if artifact_location and "://" not in artifact_location and not remote:
+            location = Path(artifact_location).resolve().as_uri()
+        elif artifact_location and "://" in artifact_location:
+            location = artifact_location
+        if sqlite_dir is not None and not Path(tracking_uri[len("sqlite:///") :]).exists():
+            # A new store holds a new experiment: refused before the store's file is made, nothing is left.
+            _check_artifact_dir(location, "tracking.artifact_location")
         try:
             if sqlite_dir is not None:
                 sqlite_dir.mkdir(parents=True, exist_ok=True)
                 _write_ahead_log(Path(tracking_uri[len("sqlite:///") :]))
-            _check_server_reachable(tracking_uri)
-            self.client = MlflowClient(tracking_uri=tracking_uri)
+            self.client = mlflow_client(tracking_uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
-                location = None
-                remote = tracking_uri.startswith(("http://", "https://"))
-                if artifact_location and "://" not in artifact_location and not remote:
-                    location = Path(artifact_location).resolve().as_uri()
-                elif artifact_location and "://" in artifact_location:
-                    location = artifact_location
-                # A local path means nothing to a tracking server that workers on other machines share:
-                # there the server's own artifact store (mlflow-artifacts:/) is used.
                 _check_artifact_dir(location, "tracking.artifact_location")
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
+                if found.lifecycle_stage == "deleted":
+                    raise TrackingError(
+                        f"tracking.experiment: experiment {experiment!r} (id {found.experiment_id}) is deleted in "
+                        f"{mask_password(tracking_uri)}, and a deleted experiment takes no runs; restore it "
+                        f"(MLFLOW_TRACKING_URI={mask_password(tracking_uri)} mlflow experiments restore "
+                        f"--experiment-id {found.experiment_id}), or name another experiment in tracking.experiment"
+                    )
                 _check_artifact_dir(found.artifact_location, f"the artifact location of experiment {experiment!r}")
                 self.experiment_id = found.experiment_id
         except (MlflowException, OSError) as exc:
@@ -1187,10 +1276,8 @@ class MlflowTracker:
 
 
 def _export_client(tracking_uri: str) -> Any:
-    from mlflow import MlflowClient
-
     # The registry lives in the tracking store (SQLite, PostgreSQL or a tracking server): one URI for both.
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return mlflow_client(tracking_uri, registry=True)
 
 
 def download_run_artifact(tracking_uri: str, run_id: str, path: str, dst_dir: str | Path) -> Path | None:
@@ -1363,7 +1450,6 @@ class MlflowRuns:
     """
 
     def __init__(self, tracking_uri: str) -> None:
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
         self.tracking_uri = tracking_uri
@@ -1374,7 +1460,7 @@ class MlflowRuns:
                 "run the study with tracking first, or pass --tracking-uri"
             )
         try:
-            self.client = MlflowClient(tracking_uri=tracking_uri)
+            self.client = mlflow_client(tracking_uri)
         except (MlflowException, OSError) as exc:
             raise TrackingError(f"tracking.uri: cannot use MLflow store {mask_password(tracking_uri)}: {exc}") from None
 

@@ -41,6 +41,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import StorageError
+from tuner.paths import not_an_sqlite_file
 from tuner.tracking import Tracker, mask_password
 
 log = logging.getLogger(__name__)
@@ -307,9 +308,17 @@ def sqlite_single_process(url: str) -> Iterator[None]:
     if path is None:
         yield
         return
+    problem = not_an_sqlite_file(path)
+    if problem:
+        raise StorageError(f"study.storage: {url} cannot hold the study: {problem}")
     lock_path = path.with_name(path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = open(lock_path, "a+")  # noqa: SIM115 (held for the whole block)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle: IO[str] = open(lock_path, "a+")  # noqa: SIM115 (held for the whole block)
+    except OSError as exc:
+        raise StorageError(
+            f"study.storage: {url} cannot hold the study: cannot make {lock_path}: {exc.strerror or exc}"
+        ) from None
     locked = False
     try:
         try:
