@@ -910,3 +910,14 @@ def test_every_mlflow_client_gets_bounded_http_retries_and_an_unreachable_server
         tracking_mod.mlflow_client("http://127.0.0.1:1", registry=True)
     for name, value in tracking_mod.MLFLOW_HTTP_DEFAULTS.items():
         assert os.environ[name] == value
+
+
+def test_predict_from_a_local_store_that_does_not_exist_refuses_and_makes_no_store(tmp_path: Path, monkeypatch, capsys):
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.csv").write_text("u,g\n1,2\n")
+    assert main(["predict", "models:/nosuch@champion", "--data", "d.csv", "--out", "p.csv"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "tracking.uri: no MLflow store at mlruns/mlflow.db (from sqlite:///mlruns/mlflow.db)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv"]  # no mlruns/mlflow.db made by looking

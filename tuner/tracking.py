@@ -1275,7 +1275,18 @@ class MlflowTracker:
 # URI (and creates ./mlflow.db when none is set), which is the global state this module exists to avoid.
 
 
-def _export_client(tracking_uri: str) -> Any:
+def _check_store_to_read(tracking_uri: str) -> None:
+    """Refuse a local SQLite store that does not exist where only reading: opening it would create an empty one."""
+    if _local_sqlite_dir(tracking_uri) is not None and not Path(tracking_uri[len("sqlite:///") :]).is_file():
+        raise TrackingError(
+            f"tracking.uri: no MLflow store at {tracking_uri[len('sqlite:///') :]} (from {tracking_uri}); "
+            "run the study with tracking first, or pass --tracking-uri"
+        )
+
+
+def _export_client(tracking_uri: str, *, reading: bool = False) -> Any:
+    if reading:
+        _check_store_to_read(tracking_uri)
     # The registry lives in the tracking store (SQLite, PostgreSQL or a tracking server): one URI for both.
     return mlflow_client(tracking_uri, registry=True)
 
@@ -1297,7 +1308,7 @@ def download_run_artifact(tracking_uri: str, run_id: str, path: str, dst_dir: st
     """
     from mlflow.exceptions import MlflowException
 
-    client = _export_client(tracking_uri)
+    client = _export_client(tracking_uri, reading=True)
     parent = path.rsplit("/", 1)[0] if "/" in path else None
     try:
         listed = {info.path for info in client.list_artifacts(run_id, parent)}
@@ -1407,7 +1418,7 @@ def download_model(uri: str, tracking_uri: str, dst_dir: str | Path) -> Path:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    client = _export_client(tracking_uri)
+    client = _export_client(tracking_uri, reading=True)
     where = mask_password(tracking_uri)
     Path(dst_dir).mkdir(parents=True, exist_ok=True)
     try:
@@ -1453,12 +1464,7 @@ class MlflowRuns:
         from mlflow.exceptions import MlflowException
 
         self.tracking_uri = tracking_uri
-        sqlite_dir = _local_sqlite_dir(tracking_uri)
-        if sqlite_dir is not None and not Path(tracking_uri[len("sqlite:///") :]).is_file():
-            raise TrackingError(
-                f"tracking.uri: no MLflow store at {tracking_uri[len('sqlite:///') :]} (from {tracking_uri}); "
-                "run the study with tracking first, or pass --tracking-uri"
-            )
+        _check_store_to_read(tracking_uri)
         try:
             self.client = mlflow_client(tracking_uri)
         except (MlflowException, OSError) as exc:
