@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -493,3 +494,305 @@ def test_cli_empty_contradictory_or_unreachable_flags_exit_2_and_create_nothing(
     assert err.count("error:") == 1
     # no study file, no lock beside it, no MLflow store
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.yaml"]
+
+
+# --- non-finite numbers, Optuna options, names, URIs, repeated keys -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entries", "problem"),
+    [
+        ({"lr": math.nan}, "search_space.lr: must be a finite number, got nan"),
+        ({"lr": math.inf}, "search_space.lr: must be a finite number, got inf"),
+        ({"momentum": math.nan}, "search_space.momentum: must be a finite number, got nan"),
+        ({"weight_decay": math.inf}, "search_space.weight_decay: must be a finite number, got inf"),
+        ({"l1": {"value": math.inf}}, "search_space.l1: must be a finite number, got inf"),
+        ({"max_grad_norm": -math.inf}, "search_space.max_grad_norm: must be a finite number, got -inf"),
+        # dropout nan trained: every comparison with NaN is false, so no range rule caught it.
+        ({"dropout": math.nan}, "search_space.dropout: must be a finite number, got nan"),
+        ({"batch_norm": math.nan}, "search_space.batch_norm: must be a finite number, got nan"),
+        (
+            {"optimizer": {"choices": ["adam", math.nan]}},
+            "search_space.optimizer: must be a finite number, got nan among choices ['adam', nan]",
+        ),
+        ({"lr": {"low": math.nan, "high": 0.1}}, "search_space.lr: low and high must be finite, got low=nan, high=0.1"),
+    ],
+)
+def test_search_space_numbers_must_be_finite(entries: dict[str, Any], problem: str) -> None:
+    assert one_problem({"search_space": entries}) == problem
+
+
+def test_huber_delta_must_be_finite() -> None:
+    raw = {
+        "task": "regression",
+        "data": {"target": "redshift"},
+        "search_space": {"loss": "huber", "huber_delta": math.nan},
+    }
+    assert one_problem(raw) == "search_space.huber_delta: must be a finite number, got nan"
+
+
+def test_warm_start_numbers_must_be_finite() -> None:
+    from tuner.study import check_spec
+
+    spec = spec_from_dict({"study": {"enqueue": [{"lr": math.nan, "dropout": 0.1}]}})
+    with pytest.raises(ConfigError) as info:
+        check_spec(spec, [{"momentum": math.inf}])
+    assert info.value.problems == [
+        "study.enqueue[0].lr: must be a finite number, got nan",
+        "--enqueue entry 0.momentum: must be a finite number, got inf",
+    ]
+
+
+def option_problems(study: dict[str, Any]) -> list[str]:
+    from tuner.study import check_spec
+
+    with pytest.raises(ConfigError) as info:
+        check_spec(spec_from_dict({"study": study}))
+    return info.value.problems
+
+
+@pytest.mark.parametrize(
+    ("study", "problem"),
+    [
+        # Each of these was accepted and broke the study after its first trial (or never judged a trial).
+        (
+            {"sampler_options": {"n_startup_trials": 1, "n_ei_candidates": 0}},
+            "study.sampler_options.n_ei_candidates: must be >= 1, got 0 (the tpe sampler)",
+        ),
+        (
+            {"sampler_options": {"n_startup_trials": -1}},
+            "study.sampler_options.n_startup_trials: must be >= 0, got -1 (the tpe sampler)",
+        ),
+        (
+            {"sampler_options": {"prior_weight": math.nan}},
+            "study.sampler_options.prior_weight: must be a finite number, got nan (the tpe sampler)",
+        ),
+        (
+            {"sampler": "cmaes", "sampler_options": {"popsize": -3}},
+            "study.sampler_options.popsize: must be >= 2, got -3 (the cmaes sampler)",
+        ),
+        (
+            {"sampler": "cmaes", "sampler_options": {"sigma0": -1}},
+            "study.sampler_options.sigma0: must be > 0, got -1 (the cmaes sampler)",
+        ),
+        (
+            {"sampler": "gp", "sampler_options": {"n_startup_trials": -5}},
+            "study.sampler_options.n_startup_trials: must be >= 0, got -5 (the gp sampler)",
+        ),
+        (
+            {"sampler": "nsga2", "sampler_options": {"crossover_prob": 1.5}},
+            "study.sampler_options.crossover_prob: must lie in [0, 1], got 1.5 (the nsga2 sampler)",
+        ),
+        (
+            {"sampler_options": {"seed": 3}},
+            "study.sampler_options.seed: the sampler is seeded with study.seed, got 3; set study.seed instead "
+            "(the tpe sampler)",
+        ),
+        (
+            {"pruner_options": {"n_warmup_steps": -1}},
+            "study.pruner_options.n_warmup_steps: must be >= 0, got -1 (the median pruner)",
+        ),
+        (
+            {"pruner_options": {"interval_steps": 0}},
+            "study.pruner_options.interval_steps: must be >= 1, got 0 (the median pruner)",
+        ),
+        (
+            {"pruner": "percentile", "pruner_options": {"percentile": 150}},
+            "study.pruner_options.percentile: must lie in [0, 100], got 150 (the percentile pruner)",
+        ),
+        (
+            {"pruner": "successive_halving", "pruner_options": {"min_resource": 0}},
+            "study.pruner_options.min_resource: must be an integer >= 1 or auto, got 0 (the successive_halving pruner)",
+        ),
+        (
+            {"pruner": "successive_halving", "pruner_options": {"reduction_factor": 1}},
+            "study.pruner_options.reduction_factor: must be >= 2, got 1 (the successive_halving pruner)",
+        ),
+        (
+            # Hyperband keeps these and divides by log(reduction_factor) when it first prunes.
+            {"pruner": "hyperband", "pruner_options": {"reduction_factor": 1}},
+            "study.pruner_options.reduction_factor: must be >= 2, got 1 (the hyperband pruner)",
+        ),
+        (
+            {"pruner": "hyperband", "pruner_options": {"max_resource": "lots"}},
+            "study.pruner_options.max_resource: must be an integer >= 1 or auto, got 'lots' (the hyperband pruner)",
+        ),
+    ],
+)
+def test_sampler_and_pruner_options_out_of_range(study: dict[str, Any], problem: str) -> None:
+    assert option_problems(study) == [problem]
+
+
+@pytest.mark.parametrize(
+    ("study", "problem"),
+    [
+        (
+            {"sampler_options": {"constraints_func": "lambda t: 1"}},
+            "study.sampler_options.constraints_func: cannot be set from a study file (Optuna expects a Python "
+            "function), got 'lambda t: 1' (the tpe sampler)",
+        ),
+        (
+            {"sampler_options": {"gamma": 0.5}},
+            "study.sampler_options.gamma: cannot be set from a study file (Optuna expects a Python function), "
+            "got 0.5 (the tpe sampler)",
+        ),
+        (
+            {"sampler": "qmc", "sampler_options": {"independent_sampler": "random"}},
+            "study.sampler_options.independent_sampler: cannot be set from a study file (Optuna expects a Python "
+            "object, BaseSampler), got 'random' (the qmc sampler)",
+        ),
+    ],
+)
+def test_options_optuna_takes_as_python_functions_are_refused(study: dict[str, Any], problem: str) -> None:
+    assert option_problems(study) == [problem]
+
+
+@pytest.mark.parametrize(
+    "study",
+    [
+        {"sampler_options": {"n_startup_trials": 0, "n_ei_candidates": 1, "gamma": None}},
+        {"sampler": "cmaes", "sampler_options": {"popsize": 2, "n_startup_trials": 1}},
+        {"pruner": "successive_halving", "pruner_options": {"min_resource": "auto", "reduction_factor": 2}},
+        {"pruner": "hyperband", "pruner_options": {"min_resource": 1, "max_resource": "auto"}},
+        {"pruner": "percentile", "pruner_options": {"percentile": 0.0}},
+    ],
+)
+def test_options_at_their_bounds_are_accepted(study: dict[str, Any]) -> None:
+    from tuner.study import check_spec
+
+    assert check_spec(spec_from_dict({"study": study})) == []
+
+
+def test_study_name_must_leave_room_for_the_file_names_it_makes() -> None:
+    problem = one_problem({"study": {"name": "n" * 300}})
+    assert problem.startswith("study.name: must be at most 200 bytes in UTF-8"), problem
+    assert "got 300 bytes: 'nnnnnnnnnnnnnnnnnnnnnnnn'..." in problem
+    assert "reports/NAME.html" in problem and "exports/NAME-trial-N" in problem
+    # Bytes, not characters: 101 two-byte letters are 202 bytes.
+    assert "got 202 bytes" in one_problem({"study": {"name": "é" * 101}})
+    assert spec_from_dict({"study": {"name": "é" * 100}}).study.name == "é" * 100
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (
+            {"tracking": {"uri": ""}},
+            "tracking.uri: must not be empty (MLflow would fall back to its default, a folder in the working "
+            "directory), got ''; leave the key out for tuner's default",
+        ),
+        (
+            {"tracking": {"artifact_location": " "}},
+            "tracking.artifact_location: must not be empty (MLflow would fall back to its default, a folder in the "
+            "working directory), got ' '; leave the key out for tuner's default",
+        ),
+        (
+            {"study": {"storage": ""}},
+            "study.storage: must not be empty: give a storage URL such as sqlite:///optuna.db, got ''",
+        ),
+        ({"data": {"source": ""}}, "data.source: must not be empty: give simulated or a catalogue file, got ''"),
+    ],
+)
+def test_empty_locations_are_refused(raw: dict[str, Any], problem: str) -> None:
+    assert one_problem(raw) == problem
+
+
+def test_a_simulated_catalogue_of_one_class_names_its_section() -> None:
+    assert one_problem({"data": {"simulated": {"n_star": 0, "n_quasar": 0}}}) == (
+        "data.simulated: at least two of n_star, n_quasar, n_galaxy must be > 0 (one class alone is no "
+        "classification problem), got n_star=0, n_quasar=0, n_galaxy=0"
+    )
+    # The section is unused with a catalogue file.
+    assert spec_from_dict({"data": {"source": "cat.csv", "simulated": {"n_star": 0, "n_quasar": 0}}})
+
+
+def test_id_columns_must_not_repeat() -> None:
+    assert one_problem({"data": {"id_columns": ["ra", "dec", "ra"]}}) == (
+        "data.id_columns: id_columns must not repeat, got ['ra'] more than once"
+    )
+
+
+def test_where_range_bounds_must_be_finite() -> None:
+    problem = one_problem({"data": {"where": {"redshift": {"min": math.nan, "max": 1}}}})
+    assert "where.redshift: min and max must be finite numbers" in problem and "min=nan" in problem
+
+
+def test_repeated_yaml_keys_are_refused_with_their_lines(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(
+        "train: {max_epochs: 2}\n"
+        "train: {max_epochs: 3}\n"
+        "study:\n"
+        "  n_trials: 1\n"
+        "  seed: 0\n"
+        "  n_trials: 2\n"
+        "  enqueue:\n"
+        "    - {lr: 0.01, lr: 0.02}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert info.value.problems == [
+        "train: the key is given twice (lines 1 and 2), and YAML would keep the last one without a word; give it once",
+        "study.n_trials: the key is given twice (lines 4 and 6), and YAML would keep the last one without a word; "
+        "give it once",
+        "study.enqueue[0].lr: the key is given twice (line 8), and YAML would keep the last one without a word; "
+        "give it once",
+    ]
+
+
+def test_yaml_anchors_and_merge_keys_are_not_repeats(tmp_path: Path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text("x-base: &base {low: 0.001, high: 0.1}\nsearch_space:\n  lr: {<<: *base, log: true}\n")
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert info.value.problems == ["unknown key 'x-base' in the study file"]  # the merge itself was read
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"search_space": {"lr": math.nan}}, "search_space.lr: must be a finite number, got nan"),
+        ({"study": {"enqueue": [{"lr": math.nan}]}}, "study.enqueue[0].lr: must be a finite number, got nan"),
+        (
+            {"study": {"sampler_options": {"n_ei_candidates": 0}}},
+            "study.sampler_options.n_ei_candidates: must be >= 1, got 0 (the tpe sampler)",
+        ),
+        ({"study": {"sampler_options": {"gamma": 0.5}}}, "study.sampler_options.gamma: cannot be set from a study"),
+        ({"study": {"name": "n" * 300}}, "study.name: must be at most 200 bytes"),
+        ({"tracking": {"uri": ""}}, "tracking.uri: must not be empty"),
+    ],
+)
+def test_cli_run_refuses_them_with_exit_2_and_creates_nothing(
+    raw: dict[str, Any],
+    needle: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "s.yaml"
+    base: dict[str, Any] = {"data": {"simulated": {"n_star": 300, "n_quasar": 60}}, "study": {"n_trials": 1}}
+    path.write_text(
+        yaml.safe_dump({**base, **raw, "study": {**base["study"], **raw.get("study", {})}}, allow_unicode=True)
+    )
+    assert main(["run", str(path)]) == 2
+    err = squash(capsys.readouterr().err)
+    assert needle in err, err
+    assert err.count("error:") == 1
+    # no study storage (optuna.db), no MLflow store (mlruns/)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_cli_run_refuses_a_repeated_key_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "s.yaml"
+    path.write_text("data: {simulated: {n_star: 300, n_quasar: 60}}\ntrain: {max_epochs: 2}\ntrain: {max_epochs: 3}\n")
+    assert main(["run", str(path)]) == 2
+    assert "train: the key is given twice (lines 2 and 3)" in squash(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]

@@ -662,3 +662,11 @@ def test_predict_never_writes_a_nan_score(
     err = squash(capsys.readouterr().err)
     assert "error: model input: row 4 (u-g = " in err and "scores it NaN (1 row(s), first at rows [4])" in err
     assert not out.exists()
+
+
+def test_a_split_part_too_small_to_stratify_is_named_with_its_own_size_not_rounded_to_zero() -> None:
+    labels = np.array([0] * 500 + [1] * 500)
+    spec = SplitSpec(train=0.9985, validation=0.0005, holdout=0.001)
+    with pytest.raises(DataError) as info:
+        stratified_split(labels, spec, 0, ("rest", "QSO"))
+    assert "too few to stratify a split with a 0.05% part (needs at least 2000)" in str(info.value)

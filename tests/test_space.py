@@ -224,3 +224,20 @@ def test_enqueue_reports_every_problem() -> None:
     entry = {"batch_size": 100, "lr": 5.0, "optimzer": "adam", "n_layers": 2, "widths": [64]}
     _, problems = enqueue_params(DEFAULT, entry, "w")
     assert len(problems) == 4, problems
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        # A range refused NaN already, but as "outside [low, high]": the rule is finiteness.
+        ({"lr": math.nan}, "w.lr: must be a finite number, got nan"),
+        ({"momentum": math.inf}, "w.momentum: must be a finite number, got inf"),
+        ({"width": math.inf, "n_layers": 1}, "w.width: must be a finite number, got inf"),
+    ],
+)
+def test_enqueue_refuses_non_finite_numbers(entry: dict[str, Any], problem: str) -> None:
+    assert enqueue_params(DEFAULT, entry, "w")[1] == [problem]
+
+
+def test_enqueue_refuses_non_finite_number_for_a_fixed_entry() -> None:
+    assert enqueue_params(space(lr=0.01), {"lr": math.nan}, "w")[1] == ["w.lr: must be a finite number, got nan"]

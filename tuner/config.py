@@ -89,6 +89,9 @@ OBJECTIVE_DIRECTION = {
 MONITOR_MODE = {"val_loss": "min", "val_auc": "max", "val_ap": "max"}
 
 DEFAULT_FEATURES = ("u-g", "g-r", "r-i", "i-z")
+#: The longest study name, in UTF-8 bytes. The name names files (reports/NAME.html, exports/NAME-trial-N, and
+#: MLflow's experiment of that name): a file name holds 255 bytes, and the suffixes need room beside it.
+MAX_NAME_BYTES = 200
 
 
 class _Frozen(BaseModel):
@@ -186,6 +189,12 @@ class ChoiceParam(_Frozen):
             raise ValueError("give either choices: [...] or a fixed value")
         if self.value is not None and self.choices is not None:
             raise ValueError(f"give choices or a fixed value, not both, got choices={list(self.choices)}")
+        infinite = [x for x in self.options if isinstance(x, float) and not math.isfinite(x)]
+        if infinite:
+            raise ValueError(
+                f"must be a finite number, got {infinite[0]}"
+                + ("" if self.choices is None else f" among choices {list(self.choices)}")
+            )
         if self.choices is not None:
             if len(self.choices) == 0:
                 raise ValueError("choices must not be empty, got []")
@@ -204,6 +213,9 @@ class ChoiceParam(_Frozen):
 
 def _check_range(low: float | None, high: float | None, log: bool, value: float | None) -> None:
     if value is not None:
+        if not math.isfinite(value):
+            # NaN passes every comparison below (and trains a model of NaNs, or with dropout nan none at all).
+            raise ValueError(f"must be a finite number, got {value}")
         if low is not None or high is not None:
             raise ValueError(f"give low/high or a fixed value, not both, got low={low}, high={high}, value={value}")
         if log and value <= 0:
@@ -454,6 +466,11 @@ class DataSpec(_Frozen):
                         f"where.{column}: a range is {{min: number, max: number}} (either may be left out), "
                         f"got {allowed!r}"
                     )
+                if not all(math.isfinite(x) for x in bounds.values()):
+                    got = ", ".join(f"{k}={x}" for k, x in bounds.items())
+                    raise ValueError(
+                        f"where.{column}: min and max must be finite numbers (leave one out for no bound), got {got}"
+                    )
                 if len(bounds) == 2 and bounds["min"] > bounds["max"]:
                     raise ValueError(
                         f"where.{column}: min must be <= max, got min={bounds['min']}, max={bounds['max']}"
@@ -470,6 +487,17 @@ class DataSpec(_Frozen):
     def targets(self) -> tuple[str, ...]:
         """The target columns: one, or the labels of a multilabel task."""
         return self.target if isinstance(self.target, tuple) else (self.target,)
+
+    @model_validator(mode="after")
+    def _simulated_classes(self) -> DataSpec:
+        # Checked here too, not only when the catalogue is drawn, so that the message names the section.
+        sim = self.simulated
+        if self.source == "simulated" and sum(1 for n in (sim.n_star, sim.n_quasar, sim.n_galaxy) if n > 0) < 2:
+            raise ValueError(
+                "data.simulated: at least two of n_star, n_quasar, n_galaxy must be > 0 (one class alone is no "
+                f"classification problem), got n_star={sim.n_star}, n_quasar={sim.n_quasar}, n_galaxy={sim.n_galaxy}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _columns_keep_their_roles(self) -> DataSpec:
@@ -499,6 +527,21 @@ class DataSpec(_Frozen):
         dupes = sorted({f for f in v if v.count(f) > 1})
         if dupes:
             raise ValueError(f"features must not repeat, got {dupes} more than once")
+        return v
+
+    @field_validator("id_columns")
+    @classmethod
+    def _id_columns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        dupes = sorted({c for c in v if v.count(c) > 1})
+        if dupes:
+            raise ValueError(f"id_columns must not repeat, got {dupes} more than once")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"must not be empty: give simulated or a catalogue file, got {v!r}")
         return v
 
 
@@ -681,7 +724,20 @@ class StudySection(_Frozen):
             raise ValueError(
                 f"must be usable as a file name (no '/', '\\' or control characters, not '.' or '..'), got {name!r}"
             )
+        size = len(name.encode("utf-8"))
+        if size > MAX_NAME_BYTES:
+            raise ValueError(
+                f"must be at most {MAX_NAME_BYTES} bytes in UTF-8 (it names files such as reports/NAME.html and "
+                f"exports/NAME-trial-N, and a file name holds 255 bytes), got {size} bytes: {name[:24]!r}..."
+            )
         return name
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"must not be empty: give a storage URL such as sqlite:///optuna.db, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _pack_needs_packed_engine(self) -> StudySection:
@@ -736,6 +792,17 @@ class TrackingSpec(_Frozen):
     # How the writes after a run's creation go out: auto = on a background thread for a store across the network,
     # in a writer process for a local one (in line on one core; tuner.tracking.writes_for); or one of them.
     writes: Literal["auto", "process", "background", "inline"] = "auto"
+
+    @field_validator("uri", "artifact_location")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        # MLflow takes an empty value for its default, a folder in the working directory: not what was meant.
+        if not v.strip():
+            raise ValueError(
+                f"must not be empty (MLflow would fall back to its default, a folder in the working directory), "
+                f"got {v!r}; leave the key out for tuner's default"
+            )
+        return v
 
 
 class ValidationSpec(_Frozen):
@@ -1078,6 +1145,44 @@ def spec_from_dict(raw: Any, *, base_dir: str | Path = ".", source: str | None =
         raise ConfigError(problems, source=source) from None
 
 
+def _repeated_keys(node: yaml.Node | None) -> list[str]:
+    """One message per key given more than once in the same mapping, anywhere in the document, with its lines."""
+    problems: list[tuple[int, str]] = []
+    seen: set[int] = set()  # an alias shares its anchor's node (and may even contain itself)
+
+    def walk(node: yaml.Node | None, where: str) -> None:
+        if node is None or id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{where}[{i}]")
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[tuple[str, str], list[int]] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    lines.setdefault((key.tag, key.value), []).append(key.start_mark.line + 1)
+                    walk(value, f"{where}.{key.value}" if where else str(key.value))
+            for (_, name), found in lines.items():
+                if len(found) > 1:
+                    dotted = f"{where}.{name}" if where else name
+                    times = "twice" if len(found) == 2 else f"{len(found)} times"
+                    if len(set(found)) == 1:  # a flow mapping on one line: {lr: 0.1, lr: 0.2}
+                        at = f"line {found[0]}"
+                    else:
+                        at = "lines " + ", ".join(map(str, found[:-1])) + f" and {found[-1]}"
+                    problems.append(
+                        (
+                            found[0],
+                            f"{dotted}: the key is given {times} ({at}), and YAML would keep the last one "
+                            "without a word; give it once",
+                        )
+                    )
+
+    walk(node, "")
+    return [message for _, message in sorted(problems)]
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study file (YAML).
 
@@ -1094,7 +1199,12 @@ def load_spec(path: str | Path) -> StudySpec:
     if not path.is_file():
         raise ConfigError(f"study file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        # YAML keeps the last of two equal keys without a word: find them on the node tree first.
+        repeated = _repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        if repeated:
+            raise ConfigError(repeated, source=str(path))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from None
     except UnicodeDecodeError as exc:

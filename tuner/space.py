@@ -183,6 +183,9 @@ def enqueue_params(space: SearchSpace, entry: dict[str, Any], where: str) -> tup
         if isinstance(value, bool) or not isinstance(value, int | float):
             problems.append(f"{where}.{name}: must be a number, got {value!r}")
             return
+        if not math.isfinite(value):
+            problems.append(f"{where}.{name}: must be a finite number, got {value}")
+            return
         if p.value is not None:
             if value != p.value:
                 problems.append(f"{where}.{name}: search_space.{name} is fixed to {p.value}, got {value}")

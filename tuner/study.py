@@ -156,6 +156,66 @@ def make_pruner(name: str, options: dict[str, Any] | None = None) -> optuna.prun
 # The annotations an option's value can be checked against; any other makes the option the constructor's to check.
 _SIMPLE_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+#: Capitalised names in an annotation that a YAML value can still be: anything else names a Python class.
+_PLAIN_NAMES = ("Any", "Sequence", "Mapping", "Literal", "None")
+
+#: The ranges Optuna's strategies need of their numeric options, whichever strategy takes the option. Some
+#: constructors check theirs; others keep the value and fail mid-study, after a trial is written: TPE's
+#: n_ei_candidates 0 at its first model-based trial (IndexError), CMA-ES's popsize < 2 at its first generation
+#: (AssertionError), Hyperband's reduction_factor 1 or min_resource 0 when it first prunes (ZeroDivisionError),
+#: TPE's prior_weight < 0 when it first models the trials.
+_OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "n_startup_trials": (0, math.inf),
+    "n_ei_candidates": (1, math.inf),
+    "prior_weight": (0, math.inf),
+    "popsize": (2, math.inf),
+    "population_size": (2, math.inf),
+    "n_warmup_steps": (0, math.inf),
+    "interval_steps": (1, math.inf),
+    "n_min_trials": (1, math.inf),
+    "percentile": (0, 100),
+    "min_resource": (1, math.inf),
+    "max_resource": (1, math.inf),
+    "reduction_factor": (2, math.inf),
+    "min_early_stopping_rate": (0, math.inf),
+    "bootstrap_count": (0, math.inf),
+    "n_startup_steps": (0, math.inf),
+    "p_threshold": (0, 1),
+    "crossover_prob": (0, 1),
+    "mutation_prob": (0, 1),
+    "swapping_prob": (0, 1),
+}
+#: Options that must be > 0 (a range's lower bound is inclusive).
+_POSITIVE_OPTIONS = ("sigma0",)
+#: Options that take the word auto besides a number.
+_AUTO_OPTIONS = ("min_resource", "max_resource")
+
+
+def _annotation_parts(annotation: Any) -> list[str]:
+    """The members of a (union) annotation as text: ``"int | None"`` and ``int | None`` give ``["int", "None"]``."""
+    if isinstance(annotation, type):
+        return [annotation.__name__]
+    if not isinstance(annotation, str):
+        if typing.get_origin(annotation) is typing.Union or isinstance(annotation, type(int | None)):
+            return [part for arg in typing.get_args(annotation) for part in _annotation_parts(arg)]
+        annotation = str(annotation)
+    parts: list[str] = []
+    depth = start = 0
+    for i, char in enumerate(annotation):  # split at the top level only: Callable[[A | None], B] | None
+        depth += (char == "[") - (char == "]")
+        if char == "|" and depth == 0:
+            parts.append(annotation[start:i])
+            start = i + 1
+    parts.append(annotation[start:])
+    names = [part.strip().rsplit(".", 1)[-1] if "[" not in part else part.strip() for part in parts]
+    return ["None" if n == "NoneType" else n for n in names]
+
+
+def _python_classes(part: str) -> list[str]:
+    """The class names in one member of an annotation (``list[FrozenTrial]`` -> ``["FrozenTrial"]``)."""
+    words = part.translate(str.maketrans("[],", "   ")).split()
+    names = [word.rsplit(".", 1)[-1] for word in words]
+    return [n for n in names if n[:1].isupper() and n not in _PLAIN_NAMES]
 
 
 def option_type_problem(factory: Callable[..., Any], key: str, value: Any) -> str | None:
@@ -163,7 +223,9 @@ def option_type_problem(factory: Callable[..., Any], key: str, value: Any) -> st
 
     Optuna's constructors store most options unchecked, so a wrong type surfaces as a traceback mid-study.
     The check reads the constructor's annotation (a string under postponed evaluation, such as ``"int | None"``)
-    and judges only simple ones: int, float, bool, str and None.
+    and judges simple ones: int, float, bool, str and None. An option Optuna wants a Python function or object
+    for (``gamma``, ``constraints_func``, ``independent_sampler``) cannot come from a YAML file: any value but
+    null is refused.
     """
     try:
         parameter = inspect.signature(factory).parameters.get(key)
@@ -171,14 +233,15 @@ def option_type_problem(factory: Callable[..., Any], key: str, value: Any) -> st
         return None
     if parameter is None:
         return None  # an unknown name: the constructor refuses it with its own message
-    annotation = parameter.annotation
-    if isinstance(annotation, str):
-        names = [part.strip() for part in annotation.split("|")]
-    elif isinstance(annotation, type):
-        names = [annotation.__name__]
-    else:
-        names = [getattr(arg, "__name__", repr(arg)) for arg in typing.get_args(annotation)]
-    names = ["None" if n == "NoneType" else n for n in names]
+    names = _annotation_parts(parameter.annotation)
+    if value is not None:
+        default = parameter.default  # inspect.Parameter.empty (a class) when there is none
+        if any(n.startswith("Callable") for n in names) or (callable(default) and not isinstance(default, type)):
+            return f"{key}: cannot be set from a study file (Optuna expects a Python function), got {value!r}"
+        classes = [c for n in names if n != "None" for c in _python_classes(n)]
+        if classes and all(_python_classes(n) for n in names if n != "None"):
+            wanted = " or ".join(dict.fromkeys(classes))
+            return f"{key}: cannot be set from a study file (Optuna expects a Python object, {wanted}), got {value!r}"
     if not names or any(n not in _SIMPLE_TYPES for n in names):
         return None
     accepted = {_SIMPLE_TYPES[n] for n in names}
@@ -194,6 +257,48 @@ def option_type_problem(factory: Callable[..., Any], key: str, value: Any) -> st
         return None
     wanted = " or ".join(_TYPE_WORDS[t] for t in (int, float, bool, str, type(None)) if t in accepted)
     return f"{key}: {value!r} must be {wanted}"
+
+
+def option_value_problem(factory: Callable[..., Any], key: str, value: Any) -> str | None:
+    """What is wrong with the value of the keyword ``key`` of an Optuna sampler or pruner, once its type is right.
+
+    A number must be finite and lie in the range the strategy needs (``_OPTION_RANGES``).
+    """
+    try:
+        parameter = inspect.signature(factory).parameters.get(key)
+    except (TypeError, ValueError):
+        return None
+    if parameter is None:
+        return None
+    takes_auto = key in _AUTO_OPTIONS and "str" in _annotation_parts(parameter.annotation)
+    if isinstance(value, str) and takes_auto and value != "auto":
+        return f"{key}: must be an integer >= 1 or auto, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value):
+        return f"{key}: must be a finite number, got {value}"
+    if key in _POSITIVE_OPTIONS and value <= 0:
+        return f"{key}: must be > 0, got {value}"
+    low, high = _OPTION_RANGES.get(key, (-math.inf, math.inf))
+    if low <= value <= high:
+        return None
+    if high < math.inf:
+        return f"{key}: must lie in [{low:g}, {high:g}], got {value}"
+    if takes_auto:
+        return f"{key}: must be an integer >= {low:g} or auto, got {value}"
+    return f"{key}: must be >= {low:g}, got {value}"
+
+
+def option_problem(factory: Callable[..., Any], key: str, value: Any) -> str | None:
+    """What is wrong with the option ``key: value`` of an Optuna sampler or pruner (its type, then its value),
+    or None; an unknown name is left for the constructor to refuse."""
+    try:
+        known = key in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None
+    if known and key == "seed":
+        return f"{key}: the sampler is seeded with study.seed, got {value!r}; set study.seed instead"
+    return option_type_problem(factory, key, value) or option_value_problem(factory, key, value)
 
 
 def enqueue_new(study: optuna.Study, entries: Sequence[dict[str, Any]]) -> int:
@@ -256,7 +361,7 @@ def check_spec(spec: StudySpec, extra_enqueue: Sequence[dict[str, Any]] = ()) ->
         ),
     ):
         name = getattr(spec.study, what)
-        typed = [option_type_problem(factories[name], key, value) for key, value in (options or {}).items()]
+        typed = [option_problem(factories[name], key, value) for key, value in (options or {}).items()]
         wrong = [f"study.{what}_options.{problem} (the {name} {what})" for problem in typed if problem]
         if wrong:
             problems += wrong
@@ -296,6 +401,9 @@ def resolve_device(device: str = "auto") -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"--device: unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        # torch names more device types (mps, xpu, meta, ...); tuner's engines are built and tested for these two.
+        raise ConfigError(f"--device: {device!r} is not a device tuner trains on; use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device: {device!r} asked for, but no CUDA device is available; use --device cpu")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():

@@ -44,7 +44,7 @@ def stratified_split(labels: np.ndarray, spec: SplitSpec, seed: int, class_names
         if count * smallest < 1:
             raise DataError(
                 f"data.split: class {name!r} has {int(count)} rows, too few to stratify a split with a "
-                f"{smallest:.0%} part (needs at least {int(np.ceil(1 / smallest))})"
+                f"{smallest * 100:.3g}% part (needs at least {int(np.ceil(1 / smallest))})"
             )
     rows = np.arange(len(labels))
     rest, holdout = train_test_split(rows, test_size=spec.holdout, stratify=labels, random_state=seed)
