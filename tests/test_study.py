@@ -860,6 +860,11 @@ def _store_cases() -> list[tuple[list[str], dict[str, str], str]]:
         (["--storage", "sqlite:///{tmp}/a.csv"], {}, "{tmp}/a.csv is not an SQLite database"),
         (["--storage", "sqlite:///{tmp}/a.csv/s.db"], {}, "{tmp}/a.csv is a file, not a directory"),
         (["--device", "meta"], {}, "--device: 'meta' is not a device tuner trains on; use auto, cpu, cuda or cuda:N"),
+        (
+            ["--tracking-uri", "postgresql+psycopg://u@127.0.0.1:1/x"],
+            {},
+            "no server accepts connections at 127.0.0.1:1 (Connection refused); check that the database server runs",
+        ),
         ([], {"artifact_location": "foo://bar"}, "MLflow cannot write artifacts to foo://bar"),
     ]
     if importlib.util.find_spec("boto3") is None:

@@ -263,15 +263,22 @@ def _set_http_defaults() -> None:
 SERVER_CONNECT_TIMEOUT_S = 5.0
 
 
+#: The port a tracking store's server listens on when its URI names none, by scheme (``postgresql+psycopg`` counts
+#: as ``postgresql``).
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
 def _check_server_reachable(uri: str) -> None:
-    """Raise OSError at once when an http(s) tracking server does not accept a connection."""
+    """Raise OSError at once when the server of an http(s) or database tracking URI does not accept a connection
+    (MLflow retries either for minutes: its HTTP requests, and its database engine's creation)."""
     import socket
 
     parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
+        return  # a local file, or a database reached through a socket file
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError as exc:  # a port that is not a number from 0 to 65535
         raise OSError(str(exc)) from None
     try:
@@ -279,10 +286,13 @@ def _check_server_reachable(uri: str) -> None:
             pass
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise OSError(
-            f"no server accepts connections at {parts.hostname}:{port} ({reason}); start one with "
-            "`tuner ui` or `mlflow server`, or track to a local file (--tracking-uri sqlite:///mlruns/mlflow.db)"
-        ) from None
+        hint = (
+            "start one with `tuner ui` or `mlflow server`, or track to a local file (--tracking-uri "
+            "sqlite:///mlruns/mlflow.db)"
+            if scheme in ("http", "https")
+            else "check that the database server runs and the URI's host and port"
+        )
+        raise OSError(f"no server accepts connections at {parts.hostname}:{port} ({reason}); {hint}") from None
 
 
 def _check_store(tracking_uri: str) -> None:
