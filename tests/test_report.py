@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -335,6 +336,36 @@ def test_wrong_file_kind_is_a_user_error(tiny, capsys, args, message):
 def test_report_into_a_directory_is_a_user_error(tiny, tmp_path, capsys):
     assert cli(tiny, "report", "--out", str(tmp_path), "--no-mlflow") == 2
     assert f"--out: {tmp_path} is a directory" in flat(capsys.readouterr().err)
+
+
+def test_an_output_over_the_studys_storage_study_file_catalogue_or_any_sqlite_file_is_refused(tiny, tmp_path, capsys):
+    import hashlib
+
+    import yaml
+
+    storage = Path(tiny["storage"][len("sqlite:///") :])
+    study_file = tmp_path / "tiny.yaml"
+    study_file.write_text(yaml.safe_dump(tiny["raw"]))
+    catalogue = tmp_path / "cat.csv"
+    catalogue.write_text("u,g\n1,2\n")
+    other_db = tmp_path / "other.db"
+    other_db.write_bytes(storage.read_bytes())
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (storage, study_file, catalogue, other_db)}
+    cases = [
+        (["trials", str(study_file), "--csv", str(storage)], f"--csv: {storage} is an SQLite database"),
+        (["trials", str(study_file), "--csv", str(study_file)], f"--csv: {study_file} is the study file"),
+        (["report", str(study_file), "--out", str(other_db), "--no-mlflow"], f"--out: {other_db} is an SQLite"),
+        (["trials", str(study_file), "--csv", ""], "--csv: must not be empty"),
+        (["predict", str(tmp_path), "--data", str(catalogue), "--out", str(catalogue)], "is the --data file"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        assert message in flat(capsys.readouterr().err), args
+    spec_file = tmp_path / "with-data.yaml"
+    spec_file.write_text(yaml.safe_dump({**tiny["raw"], "data": {**tiny["raw"]["data"], "source": str(catalogue)}}))
+    assert main(["report", str(spec_file), "--out", str(catalogue), "--no-mlflow"]) == 2
+    assert f"--out: {catalogue} is the study's catalogue (data.source)" in flat(capsys.readouterr().err)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
 
 
 def test_unknown_study_is_a_user_error(tiny, capsys):

@@ -517,6 +517,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tuner.export import predict_file
 
     _quiet_mlflow_downloads()
+    _refuse_overwriting(Path(args.out), "--out", args, None)
     result = predict_file(args.model, args.data, args.out, id_columns=args.id_columns, tracking_uri=args.tracking_uri)
     selected = ""
     if result.selected is not None:
@@ -529,6 +530,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_overwriting(out: Path, option: str, args: argparse.Namespace, spec: StudySpec | None) -> None:
+    """Raise ConfigError when ``out`` is a file the command reads, or any SQLite database."""
+    from tuner.paths import overwrite_problem
+
+    inputs: dict[str, Path | None] = {}
+    study = getattr(args, "study", None)
+    if study and _is_study_file(study):
+        inputs["the study file"] = Path(study)
+    if spec is not None:
+        inputs["the study's catalogue (data.source)"] = spec.data_path()
+    if getattr(args, "data", None):
+        inputs["the --data file"] = Path(args.data)
+    problem = overwrite_problem(out, inputs)
+    if problem:
+        raise ConfigError(f"{option}: {problem}")
+
+
 def _is_study_file(study: str) -> bool:
     return Path(study).suffix in (".yaml", ".yml") or Path(study).is_file()
 
@@ -537,8 +555,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tuner.report import build_report, log_report, write_report
 
     study, spec = _open_study(args)
+    out = Path(args.out or Path("reports") / f"{spec.study.name}.html")
+    _refuse_overwriting(out, "--out", args, spec)  # before the replays, which can take minutes
     report = build_report(study, spec, tracking_uri=args.tracking_uri, replay=not args.no_replay, say=_say)
-    path = write_report(report, args.out or Path("reports") / f"{spec.study.name}.html")
+    path = write_report(report, out)
     size = path.stat().st_size / 1e6
     _say(f"report of study {spec.study.name!r} written to {path} ({size:.1f} MB)")
     for text in report.warnings:
@@ -556,6 +576,8 @@ def cmd_trials(args: argparse.Namespace) -> int:
     from tuner.report import trials_frame, trials_table, write_trials
 
     study, spec = _open_study(args)
+    if args.csv or args.parquet:
+        _refuse_overwriting(Path(args.csv or args.parquet), "--csv" if args.csv else "--parquet", args, spec)
     frame = trials_frame(study, spec)
     if args.csv or args.parquet:
         path = write_trials(frame, args.csv or args.parquet, "csv" if args.csv else "parquet")
@@ -762,12 +784,22 @@ def worker_command(args: argparse.Namespace, storage: str) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
+#: Options that name a file or folder to read or write.
+PATH_FLAGS = ("out", "csv", "parquet", "data", "enqueue")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tuner`` console script."""
     args = build_parser().parse_args(argv)
     if getattr(args, "n_trials", None) is not None and args.n_trials < 1:
         err_console.print(f"error: --n-trials must be >= 1, got {args.n_trials}")
         return 2
+    for flag in PATH_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and not value.strip():
+            # An empty path would fall back to the default, or to printing, without a word.
+            err_console.print(f"error: --{flag}: must not be empty, got {value!r}; give a path or leave the flag out")
+            return 2
     try:
         return int(args.func(args))
     except TunerError as exc:

@@ -37,3 +37,24 @@ def not_an_sqlite_file(path: Path) -> str | None:
             return f"{path} is not an SQLite database"
         return None
     return cannot_create(path)
+
+
+def overwrite_problem(out: Path, inputs: dict[str, Path | None]) -> str | None:
+    """Why writing ``out`` would destroy something tuner reads, or None.
+
+    ``inputs`` names files the command reads (the study file, the catalogue, a ``--data`` file) by what they
+    are. An existing SQLite database (a study's storage, an MLflow store) is never replaced either: a report or
+    a table written over it loses the study for good.
+    """
+    target = out.expanduser().resolve()
+    for what, path in inputs.items():
+        if path is not None and path.expanduser().resolve() == target:
+            return f"{out} is {what}; writing there would replace it: give another path"
+    if target.is_file():
+        try:
+            with open(target, "rb") as handle:
+                if handle.read(len(SQLITE_HEADER)) == SQLITE_HEADER:
+                    return f"{out} is an SQLite database (a study's storage or an MLflow store?); give another path"
+        except OSError:
+            return None  # unreadable: the write itself says why it fails
+    return None
