@@ -1396,3 +1396,36 @@ def test_a_sigterm_while_a_pack_that_ended_is_told_still_records_every_outcome(m
         ("COMPLETE", 0.75),
     ]
     assert sorted(t.number for t in finished) == [0, 1, 2] and tuner_worker.CUT_SHORT == []
+
+
+@postgres
+@needs_pg
+def test_looking_for_a_study_in_an_empty_postgres_database_makes_no_tables(pg_database, capsys):
+    from tuner.cli import main
+
+    url = pg_database()
+    assert main(["status", "nosuch", "--storage", url]) == 2
+    assert "study 'nosuch' not found" in " ".join(capsys.readouterr().err.split())
+    assert tuner_worker.find_study("nosuch", url) is None
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as conn:
+        tables = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'")
+        assert tables.fetchone() == (0,)
+
+
+@postgres
+@needs_pg
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("postgresql+psycopg://postgres@127.0.0.1:5432/tuner_no_such_db", 'database "tuner_no_such_db" does not exist'),
+        ("postgresql+psycopg://tuner_no_such_role@127.0.0.1:5432/postgres", 'role "tuner_no_such_role" does not exist'),
+    ],
+)
+def test_a_database_or_user_that_does_not_exist_is_one_message_at_once_not_retried(url, says, caplog):
+    with caplog.at_level(logging.WARNING, logger="tuner.worker"), pytest.raises(StorageError) as info:
+        tuner_worker.find_study("s", url)
+    assert says in str(info.value)
+    assert "\n" not in str(info.value)  # the driver's first line, not its SQL and link
+    assert not [r for r in caplog.records if "storage error (attempt" in r.getMessage()]  # no retries

@@ -116,6 +116,8 @@ def find_study(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.
     where = mask_password(storage) if isinstance(storage, str) else type(storage).__name__
 
     def look() -> optuna.Study | None:
+        if isinstance(storage, str) and not _has_study_tables(storage):
+            return None  # opening the storage would make Optuna's tables in a database only looked at
         # One storage object for both looks: each URL opened anew would build its own engine.
         opened = optuna.storages.get_storage(storage) if isinstance(storage, str) else storage
         if name not in optuna.get_all_study_names(opened):
@@ -128,7 +130,18 @@ def find_study(name: str, storage: str | optuna.storages.BaseStorage) -> optuna.
     except Exception as exc:  # storage drivers raise many types; every one means "cannot reach it"
         if isinstance(exc, StorageError):
             raise
-        raise StorageError(f"study.storage: cannot open {where}: {type(exc).__name__}: {exc}") from None
+        raise StorageError(f"study.storage: cannot open {where}: {storage_error_summary(exc)}") from None
+
+
+def _has_study_tables(url: str) -> bool:
+    """Whether the database behind ``url`` holds Optuna's tables, read without making them."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        return sqlalchemy.inspect(engine).has_table("studies")
+    finally:
+        engine.dispose()
 
 
 def sqlite_study_names(path: Path) -> list[str]:
@@ -160,7 +173,10 @@ def load_existing(name: str, storage: str) -> optuna.Study:
     study = find_study(name, storage)
     if study is None:
         path = sqlite_path(storage)
-        names = optuna.get_all_study_names(storage) if path is None else sqlite_study_names(path)
+        if path is not None:
+            names = sqlite_study_names(path)
+        else:
+            names = optuna.get_all_study_names(storage) if _has_study_tables(storage) else []
         listing = ", ".join(names) if names else "none"
         raise StorageError(f"study {name!r} not found in {mask_password(storage)}; studies there: {listing}")
     return study
@@ -239,14 +255,30 @@ def _open_rdb(
     )
 
 
+#: What a driver says when no retry can help: the URL names a database, user or password the server refuses,
+#: or is malformed (PostgreSQL's and MySQL's wording). Retried, each would only delay the one message.
+PERMANENT_MARKERS = (
+    "does not exist",
+    "password authentication failed",
+    "no password supplied",
+    "invalid port number",
+    "invalid connection option",
+    "invalid dsn",
+    "access denied for user",
+    "unknown database",
+)
+
+
 def is_transient(exc: BaseException | None) -> bool:
-    """A lost or refused database connection, possibly wrapped (Optuna re-raises it as StorageInternalError)."""
+    """A lost or refused database connection, possibly wrapped (Optuna re-raises it as StorageInternalError);
+    not one that says the URL's database, user or password is wrong."""
     from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
     seen = 0
     while exc is not None and seen < 5:
         if isinstance(exc, OperationalError | InterfaceError):
-            return True
+            text = str(exc).lower()
+            return not any(marker in text for marker in PERMANENT_MARKERS)
         if isinstance(exc, DBAPIError) and exc.connection_invalidated:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
