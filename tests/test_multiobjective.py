@@ -209,6 +209,8 @@ def test_export_of_a_front_needs_a_choice_and_a_sound_rule(mo_study, capsys):
         _pick_trials(study, spec, None, "purity<=0.1")
     with pytest.raises(ExportError, match=r"--rule: no trial on the Pareto front has contamination<-1"):
         _pick_trials(study, spec, None, "contamination<-1")
+    with pytest.raises(ExportError, match=r"--rule: '1e999' is not a finite number"):
+        _pick_trials(study, spec, None, "contamination<=1e999")
     storage = ["--storage", spec.study.storage]
     assert main(["export", spec.study.name, *storage, "--rule", "completeness>>1"]) == 2
     assert "--rule: expected OBJECTIVE OP NUMBER" in capsys.readouterr().err

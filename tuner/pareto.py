@@ -8,6 +8,7 @@ Light on purpose (Optuna, no torch or MLflow): ``tuner best`` and ``tuner status
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ def parse_rule(text: str, names: Sequence[str]) -> Rule:
         bound = float(number)
     except ValueError:
         raise ValueError(f"--rule: {number!r} is not a number, got {text!r}") from None
+    if not math.isfinite(bound):  # 1e999 reads as inf
+        raise ValueError(f"--rule: {number!r} is not a finite number, got {text!r}")
     return Rule(metric, op, bound)
 
 
