@@ -16,6 +16,7 @@ import contextlib
 import copy
 import datetime
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -23,6 +24,7 @@ import math
 import numbers
 import os
 import platform
+import socket
 import subprocess
 import time
 import typing
@@ -136,6 +138,59 @@ def make_sampler(name: str, seed: int, options: dict[str, Any] | None = None) ->
         if name in EXPERIMENTAL:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return SAMPLER_CLASSES[name](seed=seed, **dict(options or {}))
+
+
+def process_sampler_seed(spec: StudySpec, n_existing: int, mode: str) -> int:
+    """The seed of this process's sampler: ``study.seed`` for a study run in one go, a stream of its own otherwise.
+
+    An Optuna sampler keeps its random state in the process that made it. Seeded alike in every process, a study
+    resumed in a new process would replay for its new trials the draws of its first ones (TPE's random start-up
+    trials: the same parameters again), and workers joining one study would all draw the same parameters. So:
+
+    - a process starting a study that holds no trials yet, and not as a worker, takes ``study.seed`` itself: a study
+      run in one go gives the same parameters as ever;
+    - a process continuing a study that holds ``n_existing`` trials takes a seed derived from ``study.seed`` and
+      ``n_existing``: a new stream, the same one for the same resumption point;
+    - a worker (``mode == "worker"``) mixes in its identity too, host name and ``TUNER_WORKER_INDEX`` (without it,
+      its process id), so that workers starting together on a fresh study, on one machine or in containers, draw
+      different parameters. A study run by several workers is not reproducible trial by trial.
+
+    ``qmc`` keeps ``study.seed`` in every process (:func:`process_sampler` gives its random fallback the derived
+    seed): Optuna's QMCSampler scrambles its sequence with the seed and keeps its position in a study attribute
+    keyed by that seed, so processes sharing the seed continue one sequence where others would each start anew.
+    Every other sampler offered (tpe, random, cmaes, gp, nsga2) shares no state between processes through the
+    seed: CMA-ES reseeds its generator each trial, NSGA-II keeps its parent populations in the study.
+
+    Args:
+        spec: The validated study file.
+        n_existing: Trials the study holds as this process starts, queued ones (WAITING) not counted.
+        mode: ``run``, ``create`` or ``worker``, as :func:`run_study` takes it.
+
+    Returns:
+        A seed in [0, 2**32 - 1], as numpy takes it.
+    """
+    if n_existing == 0 and mode != "worker":
+        return spec.study.seed
+    words = [str(spec.study.seed), str(n_existing)]
+    if mode == "worker":
+        index = os.environ.get("TUNER_WORKER_INDEX")
+        words += [socket.gethostname(), f"index {index}" if index else f"pid {os.getpid()}"]
+    return int.from_bytes(hashlib.sha256("\0".join(words).encode()).digest()[:4], "big")
+
+
+def process_sampler(spec: StudySpec, n_existing: int, mode: str) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded for this process by :func:`process_sampler_seed`.
+
+    ``qmc`` keeps ``study.seed`` for its sequence; its independent sampler (the first trials, until one completes,
+    and any parameter outside the first completed trial's space) takes this process's seed, as other samplers do.
+    """
+    seed = process_sampler_seed(spec, n_existing, mode)
+    options = dict(spec.study.sampler_options or {})
+    if spec.study.sampler != "qmc":
+        return make_sampler(spec.study.sampler, seed, options)
+    if options.get("independent_sampler") is None:
+        options["independent_sampler"] = optuna.samplers.RandomSampler(seed=seed)
+    return make_sampler("qmc", spec.study.seed, options)
 
 
 def make_pruner(name: str, options: dict[str, Any] | None = None) -> optuna.pruners.BasePruner:
@@ -1906,6 +1961,13 @@ def run_study(
             # Each opening read and write is retried in place, as the trials' are: a worker starting while the
             # database restarts would otherwise exit before its first trial.
             retrying(lambda: _check_compatible(existing, spec, dataset, target), what="read the study")
+        # The trials the study holds as this process starts (queued warm-start entries not counted) seed its sampler.
+        started_states = [s for s in TrialState if s != TrialState.WAITING]
+        n_existing = (
+            0
+            if existing is None
+            else retrying(lambda: len(existing.get_trials(deepcopy=False, states=started_states)), what="count trials")
+        )
         tracker = tracker or make_tracker(spec)
         study_storage: str | optuna.storages.BaseStorage = (
             make_storage(
@@ -1924,7 +1986,8 @@ def run_study(
             lambda: optuna.create_study(
                 study_name=spec.study.name,
                 storage=study_storage,
-                sampler=sampler or make_sampler(spec.study.sampler, spec.study.seed, spec.study.sampler_options),
+                # Seeded per process: a resumed run or a worker must not replay the draws of earlier trials.
+                sampler=sampler or process_sampler(spec, n_existing, mode),
                 # A multi-objective study prunes on its guard (GuardPruningCallback): Optuna's pruners take one value.
                 pruner=pruner
                 or (
