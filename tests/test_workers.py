@@ -572,6 +572,7 @@ def test_sigterm_fails_the_running_trial_closes_its_run_and_queues_it_again(tmp_
     failed = next(t for t in trials if t.state.name == "FAIL")
     queued = next(t for t in trials if t.state.name == "WAITING")
     assert queued.user_attrs[RETRY_OF] == failed.number
+    assert queued.user_attrs[tuner_worker.RETRY_COUNT] == 0  # a stop is no fault of the trial: no retry used up
     assert queued.system_attrs["fixed_params"] == failed.params  # a queued trial holds its params there
     assert failed.user_attrs[LOST] == "interrupted (Ctrl-C or SIGTERM)"
     assert f"terminated: trial(s) {failed.number} recorded FAIL and queued again" in " ".join(out.split())
@@ -799,6 +800,20 @@ def test_a_retry_queued_again_after_a_lost_reply_is_queued_once(tmp_path):
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     queued = [(t.system_attrs.get("fixed_params"), t.user_attrs[RETRY_OF]) for t in waiting]
     assert queued == [(lost.params, lost.number)]
+
+
+def test_a_trial_stopped_by_a_signal_is_queued_again_without_using_up_its_retries(tmp_path):
+    from tuner.worker import RETRY_COUNT, enqueue_retry
+
+    study = optuna.create_study(study_name="stops", storage=f"sqlite:///{tmp_path}/stops.db")
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.set_user_attr(RETRY_COUNT, 3)  # its third retry, the last one max_retries 3 allows
+    spent = study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert not enqueue_retry(study, spent, max_retries=3)  # failing again: not retried
+    assert enqueue_retry(study, spent, max_retries=3, counted=False)  # stopped by Ctrl-C or SIGTERM: retried
+    (queued,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert queued.user_attrs[RETRY_OF] == spent.number and queued.user_attrs[RETRY_COUNT] == 3
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])

@@ -798,9 +798,15 @@ def _store_params(
         known.setdefault(name, distribution)
 
 
-def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int, total: int | None = None) -> bool:
+def enqueue_retry(
+    study: optuna.Study, trial: FrozenTrial, max_retries: int, total: int | None = None, *, counted: bool = True
+) -> bool:
     """Queue a failed trial's parameters again, unless it has been retried ``max_retries`` times already, or (given
     the study's ``total``) it held no slot of the budget.
+
+    ``counted`` False: the trial was stopped by a signal (Ctrl-C, SIGTERM), no fault of its own, so the retry
+    neither counts against ``max_retries`` nor is refused by it: stopping a study again and again (``docker
+    compose stop``) must not drop a trial's parameters.
 
     Queues at most one retry per trial: a call repeated after a lost connection may find its first one stored.
 
@@ -811,7 +817,7 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int, tot
     counts.
     """
     count = int(trial.user_attrs.get(RETRY_COUNT, 0))
-    if count >= max_retries:
+    if counted and count >= max_retries:
         log.warning("trial %d failed %d times; not retried again", trial.number, count + 1)
         return False
     # Two callers may queue one lost trial at once: its own worker, seeing the storage error, and another's stale
@@ -826,7 +832,7 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial, max_retries: int, tot
             return False
         # A queued trial lost before it drew its parameters holds them only as the queue's fixed parameters.
         params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
-        study.enqueue_trial(params, user_attrs={RETRY_OF: trial.number, RETRY_COUNT: count + 1})
+        study.enqueue_trial(params, user_attrs={RETRY_OF: trial.number, RETRY_COUNT: count + (1 if counted else 0)})
     return True
 
 
@@ -1548,7 +1554,8 @@ def _fail_and_retry(study: optuna.Study, trial: optuna.Trial, max_retries: int, 
     retrying(_mark_lost_once(trial.storage, trial._trial_id, why), what=f"mark lost trial {trial.number}")
     frozen = _tell(study, trial, state=TrialState.FAIL)
     queued = retrying(
-        lambda: enqueue_retry(study, frozen, max_retries, total), what=f"queue lost trial {trial.number} again"
+        lambda: enqueue_retry(study, frozen, max_retries, total, counted=why != INTERRUPTED),
+        what=f"queue lost trial {trial.number} again",
     )
     if why == INTERRUPTED:
         CUT_SHORT.append((trial.number, queued))
