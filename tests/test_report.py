@@ -368,6 +368,25 @@ def test_an_output_over_the_studys_storage_study_file_catalogue_or_any_sqlite_fi
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
 
 
+def test_an_output_over_the_catalogue_of_a_study_named_not_by_file_is_refused(tmp_path, monkeypatch):
+    # Opened by name, the study's spec comes from storage, its data.source relative to a folder long gone: the
+    # path the study read, kept in its facts, is what must be protected.
+    import argparse
+    from types import SimpleNamespace
+
+    from tuner.cli import _refuse_overwriting
+    from tuner.errors import ConfigError
+
+    catalogue = tmp_path / "cat.csv"
+    catalogue.write_text("u,g\n1,2\n")
+    monkeypatch.chdir(tmp_path / "..")
+    study = SimpleNamespace(user_attrs={"tuner.data": {"data.source": str(catalogue)}})
+    args = argparse.Namespace(study="by-name")
+    with pytest.raises(ConfigError, match="is the catalogue the study was run on"):
+        _refuse_overwriting(catalogue, "--csv", args, None, study)
+    _refuse_overwriting(tmp_path / "trials.csv", "--csv", args, None, study)  # another path is fine
+
+
 def test_unknown_study_is_a_user_error(tiny, capsys):
     assert main(["trials", "no-such-study", "--storage", tiny["storage"]]) == 2
     assert "study 'no-such-study' not found" in flat(capsys.readouterr().err)

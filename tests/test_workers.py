@@ -1444,3 +1444,36 @@ def test_a_database_or_user_that_does_not_exist_is_one_message_at_once_not_retri
     assert says in str(info.value)
     assert "\n" not in str(info.value)  # the driver's first line, not its SQL and link
     assert not [r for r in caplog.records if "storage error (attempt" in r.getMessage()]  # no retries
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=[postgres, needs_pg])])
+def test_the_started_trials_are_counted_in_the_database_without_the_queued_ones(tmp_path, pg_database, backend):
+    url = f"sqlite:///{tmp_path}/count.db" if backend == "sqlite" else pg_database()
+    study = optuna.create_study(study_name="count", storage=url)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    study.enqueue_trial({"x": 0.5})
+    assert tuner_worker.started_trial_count(study) == 3
+    assert tuner_worker.started_trial_count(optuna.load_study(study_name="count", storage=url)) == 3
+    study._storage._backend.engine.dispose()  # type: ignore[attr-defined]
+
+
+@postgres
+@needs_pg
+def test_a_tracking_database_that_refuses_the_urls_database_is_one_message_at_once(tmp_path):
+    from tuner import tracking as tracking_mod
+
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/tuner_no_such_tracking_db"
+    with pytest.raises(tracking_mod.TrackingError) as info:
+        tracking_mod.MlflowTracker(url, "e", str(tmp_path / "a"), writes="inline")
+    assert 'database "tuner_no_such_tracking_db" does not exist' in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_database_reached_through_a_socket_file_is_not_refused_for_its_urls_host_and_port():
+    from tuner import tracking as tracking_mod
+
+    # The driver connects through the socket: the URL's host and port (nothing listens on port 1) are not used.
+    tracking_mod._check_server_reachable("mysql+pymysql://root@localhost:1/x?unix_socket=/run/mysqld/mysqld.sock")
+    tracking_mod._check_server_reachable("postgresql+psycopg://postgres@localhost:1/x?host=/var/run/postgresql")
+    with pytest.raises(OSError, match="no server accepts connections at localhost:1"):
+        tracking_mod._check_server_reachable("postgresql+psycopg://postgres@localhost:1/x")

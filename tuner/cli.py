@@ -530,16 +530,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_overwriting(out: Path, option: str, args: argparse.Namespace, spec: StudySpec | None) -> None:
+def _refuse_overwriting(
+    out: Path, option: str, args: argparse.Namespace, spec: StudySpec | None, study: Any = None
+) -> None:
     """Raise ConfigError when ``out`` is a file the command reads, or any SQLite database."""
     from tuner.paths import overwrite_problem
 
     inputs: dict[str, Path | None] = {}
-    study = getattr(args, "study", None)
-    if study and _is_study_file(study):
-        inputs["the study file"] = Path(study)
+    named = getattr(args, "study", None)
+    if named and _is_study_file(named):
+        inputs["the study file"] = Path(named)
     if spec is not None:
         inputs["the study's catalogue (data.source)"] = spec.data_path()
+    if study is not None:
+        # A study opened by name has its spec from storage, whose relative data.source means nothing here; the
+        # study keeps the path it read, resolved.
+        read = (study.user_attrs.get("tuner.data") or {}).get("data.source")
+        if isinstance(read, str) and read != "simulated":
+            inputs["the catalogue the study was run on (data.source)"] = Path(read)
     if getattr(args, "data", None):
         inputs["the --data file"] = Path(args.data)
     problem = overwrite_problem(out, inputs)
@@ -556,7 +564,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     study, spec = _open_study(args)
     out = Path(args.out or Path("reports") / f"{spec.study.name}.html")
-    _refuse_overwriting(out, "--out", args, spec)  # before the replays, which can take minutes
+    _refuse_overwriting(out, "--out", args, spec, study)  # before the replays, which can take minutes
     report = build_report(study, spec, tracking_uri=args.tracking_uri, replay=not args.no_replay, say=_say)
     path = write_report(report, out)
     size = path.stat().st_size / 1e6
@@ -577,7 +585,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
 
     study, spec = _open_study(args)
     if args.csv or args.parquet:
-        _refuse_overwriting(Path(args.csv or args.parquet), "--csv" if args.csv else "--parquet", args, spec)
+        _refuse_overwriting(Path(args.csv or args.parquet), "--csv" if args.csv else "--parquet", args, spec, study)
     frame = trials_frame(study, spec)
     if args.csv or args.parquet:
         path = write_trials(frame, args.csv or args.parquet, "csv" if args.csv else "parquet")

@@ -49,3 +49,17 @@ class ExportError(TunerError):
 
     For example: no such trial, an occupied output folder, weights that do not reproduce the recorded figures.
     """
+
+
+#: What a driver says when no retry can help: the URL names a database, user or password the server refuses,
+#: or is malformed (PostgreSQL's and MySQL's wording). Retried, each would only delay the one message.
+PERMANENT_MARKERS = (
+    "does not exist",
+    "password authentication failed",
+    "no password supplied",
+    "invalid port number",
+    "invalid connection option",
+    "invalid dsn",
+    "access denied for user",
+    "unknown database",
+)

@@ -92,6 +92,7 @@ from tuner.worker import (
     settled_by_server_clock,
     sqlite_single_process,
     stale_trial_handler,
+    started_trial_count,
     state_counts,
     storage_error_summary,
     work,
@@ -1962,12 +1963,7 @@ def run_study(
             # database restarts would otherwise exit before its first trial.
             retrying(lambda: _check_compatible(existing, spec, dataset, target), what="read the study")
         # The trials the study holds as this process starts (queued warm-start entries not counted) seed its sampler.
-        started_states = [s for s in TrialState if s != TrialState.WAITING]
-        n_existing = (
-            0
-            if existing is None
-            else retrying(lambda: len(existing.get_trials(deepcopy=False, states=started_states)), what="count trials")
-        )
+        n_existing = 0 if existing is None else retrying(lambda: started_trial_count(existing), what="count trials")
         tracker = tracker or make_tracker(spec)
         study_storage: str | optuna.storages.BaseStorage = (
             make_storage(

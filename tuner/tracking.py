@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Generic, Literal, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from tuner.errors import TrackingError
 
@@ -275,8 +275,9 @@ def _check_server_reachable(uri: str) -> None:
 
     parts = urlsplit(uri)
     scheme = parts.scheme.split("+", 1)[0]
-    if scheme not in DEFAULT_PORTS or not parts.hostname:
-        return  # a local file, or a database reached through a socket file
+    query = parse_qs(parts.query)
+    if scheme not in DEFAULT_PORTS or not parts.hostname or "unix_socket" in query or "host" in query:
+        return  # a local file, or a database reached through a socket file (the URL's host is then not used)
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError as exc:  # a port that is not a number from 0 to 65535
@@ -293,6 +294,24 @@ def _check_server_reachable(uri: str) -> None:
             else "check that the database server runs and the URI's host and port"
         )
         raise OSError(f"no server accepts connections at {parts.hostname}:{port} ({reason}); {hint}") from None
+    if scheme in ("http", "https"):
+        return
+    # The server is there; one connection tells whether it takes the URL's database, user and password, which
+    # MLflow would otherwise try again for two minutes before a traceback.
+    import sqlalchemy
+
+    from tuner.errors import PERMANENT_MARKERS
+
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.OperationalError as exc:
+        first = str(exc.orig or exc).strip().splitlines()
+        if any(marker in str(exc).lower() for marker in PERMANENT_MARKERS):
+            raise OSError(first[-1].strip() if first else str(exc)) from None
+    finally:
+        engine.dispose()
 
 
 def _check_store(tracking_uri: str) -> None:

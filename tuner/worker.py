@@ -40,7 +40,7 @@ from typing import IO, Any, Protocol, TypeVar, runtime_checkable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.errors import StorageError
+from tuner.errors import PERMANENT_MARKERS, StorageError
 from tuner.paths import not_an_sqlite_file
 from tuner.tracking import Tracker, mask_password
 
@@ -253,20 +253,6 @@ def _open_rdb(
         # Opening a storage fails sooner (about 15 s): a wrong URL is a mistake to report, not an outage to wait out.
         attempts=OPEN_ATTEMPTS,
     )
-
-
-#: What a driver says when no retry can help: the URL names a database, user or password the server refuses,
-#: or is malformed (PostgreSQL's and MySQL's wording). Retried, each would only delay the one message.
-PERMANENT_MARKERS = (
-    "does not exist",
-    "password authentication failed",
-    "no password supplied",
-    "invalid port number",
-    "invalid connection option",
-    "invalid dsn",
-    "access denied for user",
-    "unknown database",
-)
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -980,6 +966,24 @@ def _marks(study: optuna.Study) -> list[_Mark]:
             _Mark(trial_id, number, TrialState(state), key, json.loads(value))
             for trial_id, number, state, key, value in conn.execute(_marks_query(study, keys))
         ]
+
+
+def started_trial_count(study: optuna.Study) -> int:
+    """The study's trials but the queued (WAITING) ones; in a database counted there, without loading a trial (a
+    study of thousands takes seconds to load, and a worker's start would wait on it)."""
+    backend = _rdb_backend(study._storage)
+    if backend is None:
+        return sum(1 for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
+    from optuna.storages._rdb.models import TrialModel
+    from sqlalchemy import func, select
+
+    query = (
+        select(func.count())
+        .select_from(TrialModel)
+        .where(TrialModel.study_id == study._study_id, TrialModel.state != TrialState.WAITING)
+    )
+    with backend.engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
 
 
 def finished_trials_marked(study: optuna.Study, key: str) -> list[FrozenTrial]:
