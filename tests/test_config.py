@@ -796,3 +796,16 @@ def test_cli_run_refuses_a_repeated_key_with_exit_2(
     assert main(["run", str(path)]) == 2
     assert "train: the key is given twice (lines 2 and 3)" in squash(capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"data": {"split": {"train": float("nan"), "validation": 0.2, "holdout": 0.2}}}, "data.split.train"),
+        ({"train": {"min_delta": float("inf")}}, "train.min_delta"),
+    ],
+)
+def test_a_split_fraction_or_min_delta_that_is_not_finite_is_refused(raw, key):
+    with pytest.raises(ConfigError) as info:
+        spec_from_dict(raw)
+    assert key in str(info.value) and "finite number" in str(info.value)

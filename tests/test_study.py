@@ -866,6 +866,13 @@ def _store_cases() -> list[tuple[list[str], dict[str, str], str]]:
             "no server accepts connections at 127.0.0.1:1 (Connection refused); check that the database server runs",
         ),
         ([], {"artifact_location": "foo://bar"}, "MLflow cannot write artifacts to foo://bar"),
+        (["--storage", "sqlite:///{tmp}/mlflow-store.db"], {}, "{tmp}/mlflow-store.db is an MLflow tracking store"),
+        (["--tracking-uri", "sqlite:///{tmp}/optuna-store.db"], {}, "{tmp}/optuna-store.db holds Optuna studies"),
+        (
+            ["--storage", "sqlite:///{tmp}/same.db", "--tracking-uri", "sqlite:///{tmp}/same.db"],
+            {},
+            "tracking.uri: sqlite:///{tmp}/same.db is the study's storage too",
+        ),
     ]
     if importlib.util.find_spec("boto3") is None:
         cases.append(([], {"artifact_location": "s3://bucket/x"}, "needs the Python package 'boto3'"))
@@ -881,6 +888,10 @@ def test_a_store_or_device_tuner_cannot_use_exits_2_at_once_and_leaves_nothing(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "folder").mkdir()
     (tmp_path / "a.csv").write_text("a,b\n1,2\n")
+    if "mlflow-store.db" in " ".join(flags):  # the two stores swapped: each file holds the other program's tables
+        MlflowClient(f"sqlite:///{tmp_path}/mlflow-store.db").search_experiments()
+    if "optuna-store.db" in " ".join(flags):
+        optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna-store.db")
     spec = {**TINY, "tracking": {"uri": f"sqlite:///{tmp_path}/m.db", **tracking}, "study": {"n_trials": 1}}
     (tmp_path / "s.yaml").write_text(json.dumps(spec))
     before = sorted(p.name for p in tmp_path.rglob("*"))

@@ -387,7 +387,7 @@ class SimulatedSpec(_Frozen):
 class SplitSpec(_Frozen):
     """Fractions of the one stratified split; train is what validation and holdout leave."""
 
-    train: float | None = None
+    train: float | None = Field(None, allow_inf_nan=False)  # NaN would pass the sum's check below
     validation: float = Field(0.2, gt=0, lt=1)
     holdout: float = Field(0.2, gt=0, lt=1)
 
@@ -550,7 +550,7 @@ class TrainSpec(_Frozen):
 
     max_epochs: int = Field(60, ge=1)
     patience: int = Field(8, ge=0)
-    min_delta: float = Field(0.0, ge=0)
+    min_delta: float = Field(0.0, ge=0, allow_inf_nan=False)  # inf: no epoch would ever count as better
     monitor: Literal["val_loss", "val_auc", "val_ap", "val_objective"] = "val_loss"
     eval_batch_size: int = Field(65_536, ge=1)
     pos_weight: float | Literal["balanced"] | None = None

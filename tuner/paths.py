@@ -58,3 +58,22 @@ def overwrite_problem(out: Path, inputs: dict[str, Path | None]) -> str | None:
         except OSError:
             return None  # unreadable: the write itself says why it fails
     return None
+
+
+def sqlite_tables(path: Path) -> set[str]:
+    """The tables of an existing SQLite file, read without writing (none for a missing or unreadable file)."""
+    import sqlite3
+    from contextlib import closing
+
+    if not path.is_file():
+        return set()
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return set()
+
+
+#: Tables that tell an MLflow store and an Optuna study storage apart.
+MLFLOW_TABLES = {"experiments", "runs"}
+OPTUNA_TABLES = {"studies", "version_info"}

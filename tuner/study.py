@@ -1887,6 +1887,11 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+def _same_sqlite_file(first: str, second: str) -> bool:
+    paths = [Path(u[len("sqlite:///") :]).resolve() for u in (first, second) if u.startswith("sqlite:///")]
+    return len(paths) == 2 and paths[0] == paths[1]
+
+
 def make_tracker(spec: StudySpec, tracking_uri: str | None = None) -> Tracker:
     if not spec.tracking.enabled:
         return NullTracker()
@@ -1951,6 +1956,11 @@ def run_study(
     _check_folds(spec, dataset)
     url = storage_url(spec, storage) if storage is None or isinstance(storage, str) else None
     target: str | optuna.storages.BaseStorage = url if url is not None else storage  # type: ignore[assignment]
+    if tracker is None and spec.tracking.enabled and url and _same_sqlite_file(url, spec.tracking.uri):
+        raise ConfigError(
+            f"tracking.uri: {spec.tracking.uri} is the study's storage too ({url}); Optuna's and MLflow's tables "
+            "do not share a file: give MLflow one of its own, e.g. sqlite:///mlruns/mlflow.db"
+        )
     with sqlite_single_process(url) if url else contextlib.nullcontext():
         existing = find_study(spec.study.name, target)
         if existing is None and mode == "worker":

@@ -321,11 +321,14 @@ def _check_store(tracking_uri: str) -> None:
     Raises:
         TrackingError: Naming the URI and why.
     """
-    from tuner.paths import not_an_sqlite_file
+    from tuner.paths import OPTUNA_TABLES, not_an_sqlite_file, sqlite_tables
 
     problem = None
     if tracking_uri.startswith("sqlite:///"):
-        problem = not_an_sqlite_file(Path(tracking_uri[len("sqlite:///") :]))
+        path = Path(tracking_uri[len("sqlite:///") :])
+        problem = not_an_sqlite_file(path)
+        if not problem and sqlite_tables(path) >= OPTUNA_TABLES:
+            problem = f"{path} holds Optuna studies (a study's storage); give MLflow a file of its own"
     else:
         try:
             _check_server_reachable(tracking_uri)

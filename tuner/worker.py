@@ -41,7 +41,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import PERMANENT_MARKERS, StorageError
-from tuner.paths import not_an_sqlite_file
+from tuner.paths import MLFLOW_TABLES, not_an_sqlite_file, sqlite_tables
 from tuner.tracking import Tracker, mask_password
 
 log = logging.getLogger(__name__)
@@ -327,6 +327,8 @@ def sqlite_single_process(url: str) -> Iterator[None]:
         yield
         return
     problem = not_an_sqlite_file(path)
+    if not problem and sqlite_tables(path) >= MLFLOW_TABLES:
+        problem = f"{path} is an MLflow tracking store; give the study a file of its own"
     if problem:
         raise StorageError(f"study.storage: {url} cannot hold the study: {problem}")
     lock_path = path.with_name(path.name + ".lock")
