@@ -868,6 +868,11 @@ def _store_cases() -> list[tuple[list[str], dict[str, str], str]]:
         ([], {"artifact_location": "foo://bar"}, "MLflow cannot write artifacts to foo://bar"),
         (["--storage", "sqlite:///{tmp}/mlflow-store.db"], {}, "{tmp}/mlflow-store.db is an MLflow tracking store"),
         (["--tracking-uri", "sqlite:///{tmp}/optuna-store.db"], {}, "{tmp}/optuna-store.db holds Optuna studies"),
+        (  # the folders made for the study's file go again with it
+            ["--storage", "sqlite:///{tmp}/new/dir/s.db", "--tracking-uri", "http://127.0.0.1:1"],
+            {},
+            "no server accepts connections at 127.0.0.1:1",
+        ),
         (
             ["--storage", "sqlite:///{tmp}/same.db", "--tracking-uri", "sqlite:///{tmp}/same.db"],
             {},

@@ -332,6 +332,8 @@ def sqlite_single_process(url: str) -> Iterator[None]:
     if problem:
         raise StorageError(f"study.storage: {url} cannot hold the study: {problem}")
     lock_path = path.with_name(path.name + ".lock")
+    # The folders this makes, outermost first, to remove again if nothing is stored in them.
+    made = [folder for folder in reversed(lock_path.parents) if not folder.exists()]
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         handle: IO[str] = open(lock_path, "a+")  # noqa: SIM115 (held for the whole block)
@@ -361,6 +363,9 @@ def sqlite_single_process(url: str) -> Iterator[None]:
             # Nothing was stored (the command failed before the study file was made): leave nothing behind.
             # Unlinked while still held, so no other process can have locked this file in the meantime.
             lock_path.unlink(missing_ok=True)
+            for folder in reversed(made):
+                with suppress(OSError):  # not empty (another process wrote there meanwhile): it stays
+                    folder.rmdir()
         handle.close()
 
 
