@@ -338,12 +338,14 @@ def _check_store(tracking_uri: str) -> None:
         raise TrackingError(f"tracking.uri: cannot use MLflow store {mask_password(tracking_uri)}: {problem}")
 
 
-def mlflow_client(tracking_uri: str, *, registry: bool = False) -> Any:
+def mlflow_client(tracking_uri: str, *, registry: bool = False, checked: bool = False) -> Any:
     """The one way this module makes an ``MlflowClient``: with tuner's HTTP retry defaults (MLflow's own hold a
     request for minutes once a server is gone) and only for a store that can be opened (:func:`_check_store`).
-    ``registry``: the model registry is the tracking store too (SQLite, PostgreSQL or a server)."""
+    ``registry``: the model registry is the tracking store too (SQLite, PostgreSQL or a server). ``checked``: the
+    caller ran :func:`_check_store` already (a connection to the server, or a read of the file, each time)."""
     _set_http_defaults()
-    _check_store(tracking_uri)
+    if not checked:
+        _check_store(tracking_uri)
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri if registry else None)
@@ -1022,7 +1024,7 @@ class MlflowTracker:
             if sqlite_dir is not None:
                 sqlite_dir.mkdir(parents=True, exist_ok=True)
                 _write_ahead_log(Path(tracking_uri[len("sqlite:///") :]))
-            self.client = mlflow_client(tracking_uri)
+            self.client = mlflow_client(tracking_uri, checked=True)  # checked above, before any folder was made
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
                 _check_artifact_dir(location, "tracking.artifact_location")
