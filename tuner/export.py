@@ -601,7 +601,7 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 
 def _load_data(study: optuna.Study, spec: StudySpec) -> tuple[pd.DataFrame, Dataset]:
-    from tuner.data.dataset import build_dataset, raw_frame
+    from tuner.data.dataset import LAYOUT_ATTR, build_dataset, raw_frame
     from tuner.data.load import catalogue_from_frame, keep_rows
 
     frame, source = raw_frame(spec)
@@ -615,7 +615,7 @@ def _load_data(study: optuna.Study, spec: StudySpec) -> tuple[pd.DataFrame, Data
             f"{catalogue.data_hash}, the study recorded {recorded}); its trials cannot be checked or exported "
             "against these rows"
         )
-    return frame, build_dataset(spec, "cpu", catalogue)
+    return frame, build_dataset(spec, "cpu", catalogue, recorded=study.user_attrs.get(LAYOUT_ATTR))
 
 
 def _derivations(columns: Sequence[Any], features: Sequence[str]) -> list[dict[str, Any]]:

@@ -18,9 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.special import ndtri
-from scipy.stats import rankdata
-from sklearn.metrics import roc_curve
 
 __all__ = [
     "ConfusionCounts",
@@ -267,8 +264,24 @@ def roc_auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
     # share their mean rank). The same number as sklearn's roc_auc_score, 5-8x faster (no input checks).
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
-    rank_sum = float(rankdata(s)[y].sum())
+    rank_sum = float(_average_ranks(s)[y].sum())
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _average_ranks(values: NDArray[np.float64]) -> NDArray[np.float64]:
+    """1-based ranks, tied values sharing their mean rank (scipy's ``rankdata`` with its default method, whose
+    module takes about 0.4 s to import); the values are finite."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts_run = np.empty(len(values), dtype=np.bool_)
+    starts_run[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts_run[1:])
+    starts = np.flatnonzero(starts_run)
+    ends = np.append(starts[1:], len(values))
+    # A run of ties at positions start..end-1 holds ranks start+1..end, whose mean is (start + 1 + end) / 2.
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = ((starts + 1 + ends) / 2.0)[np.cumsum(starts_run) - 1]
+    return ranks
 
 
 def average_precision(y_true: ArrayLike, y_score: ArrayLike) -> float:
@@ -306,6 +319,9 @@ def roc_points(
     Returns:
         ``(fpr, tpr, thresholds)`` as returned by sklearn (thresholds descending, the first one ``inf``).
     """
+    # Imported here: scikit-learn's metrics take about 0.4 s to import, and a worker that only trains never plots.
+    from sklearn.metrics import roc_curve
+
     y, s = _as_arrays(y_true, y_score)
     fpr_, tpr_, thresholds = roc_curve(y, s)
     return (
@@ -345,6 +361,8 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Interval:
         return Interval(math.nan, math.nan)
     # Newcombe (1998)'s form, as scipy's binomtest(k, n).proportion_ci(method="wilson") computes it, operation
     # for operation, without the test's p-value (binomial probabilities) that it computes first.
+    from scipy.special import ndtri
+
     p = k / n
     z = float(ndtri(0.5 + 0.5 * confidence))
     denom = 2 * (n + z**2)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.stats import bootstrap
 
 from tuner.metrics import Interval
 
@@ -104,6 +103,9 @@ def bootstrap_interval(
     if y.size < 2:
         return Interval(math.nan, math.nan)
     statistic = STATISTICS[name]
+    # scipy.stats takes about 0.4 s to import; only a regression's holdout needs it.
+    from scipy.stats import bootstrap
+
     result = bootstrap(
         (y, p),
         statistic,

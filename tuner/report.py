@@ -1070,10 +1070,10 @@ def study_dataset(study: optuna.Study, spec: StudySpec) -> Dataset:
     Raises:
         DataError: The catalogue cannot be read, or it is not the one the study was run on.
     """
-    from tuner.data.dataset import build_dataset
+    from tuner.data.dataset import LAYOUT_ATTR, build_dataset
     from tuner.errors import DataError
 
-    dataset = build_dataset(spec, "cpu")
+    dataset = build_dataset(spec, "cpu", recorded=study.user_attrs.get(LAYOUT_ATTR))
     recorded = study.user_attrs.get("tuner.data", {}).get("data.hash")
     if recorded and recorded != dataset.catalogue.data_hash:
         raise DataError(

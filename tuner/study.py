@@ -41,7 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import metrics
 from tuner.config import MONITOR_MODE, OBJECTIVE_DIRECTION, StudySpec
-from tuner.data.dataset import Dataset, build_dataset
+from tuner.data.dataset import LAYOUT_ATTR, Dataset, build_dataset
 from tuner.errors import ConfigError, StorageError
 from tuner.evaluation import (
     MultilabelEvaluation,
@@ -1952,8 +1952,6 @@ def run_study(
     if tracker is None and mode != "create" and spec.tracking.enabled:
         # The MLflow writer process imports while the data are built.
         start_writer_process(spec.tracking.uri, spec.tracking.writes)
-    dataset = dataset or build_dataset(spec, torch_device)
-    _check_folds(spec, dataset)
     url = storage_url(spec, storage) if storage is None or isinstance(storage, str) else None
     target: str | optuna.storages.BaseStorage = url if url is not None else storage  # type: ignore[assignment]
     if tracker is None and spec.tracking.enabled and url and _same_sqlite_file(url, spec.tracking.uri):
@@ -1968,9 +1966,16 @@ def run_study(
                 f"study.name: study {spec.study.name!r} not found in {_where(target)}; a worker joins an "
                 "existing study: create it first with `tuner create STUDY.yaml --storage URL`"
             )
+        # Each opening read and write is retried in place, as the trials' are: a worker starting while the
+        # database restarts would otherwise exit before its first trial.
+        layout = (
+            None
+            if existing is None or dataset is not None
+            else retrying(lambda: existing.user_attrs.get(LAYOUT_ATTR), what="read the study")
+        )
+        dataset = dataset or build_dataset(spec, torch_device, recorded=layout)
+        _check_folds(spec, dataset)
         if existing is not None:
-            # Each opening read and write is retried in place, as the trials' are: a worker starting while the
-            # database restarts would otherwise exit before its first trial.
             retrying(lambda: _check_compatible(existing, spec, dataset, target), what="read the study")
         # The trials the study holds as this process starts (queued warm-start entries not counted) seed its sampler.
         n_existing = 0 if existing is None else retrying(lambda: started_trial_count(existing), what="count trials")
@@ -2101,11 +2106,16 @@ def _record_study_facts(study: optuna.Study, spec: StudySpec, dataset: Dataset) 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(spec.objective.metrics))
-    if "tuner.fingerprints" not in study.user_attrs:
+    stored = study.user_attrs
+    if "tuner.fingerprints" not in stored:
         # The fingerprints last: once they are stored, so is the rest, even where a restart cut an earlier call short.
         study.set_user_attr("tuner.spec", masked_spec(spec))
         study.set_user_attr("tuner.data", dataset.facts())
+        study.set_user_attr(LAYOUT_ATTR, dataset.layout(spec))
         study.set_user_attr("tuner.fingerprints", {s: spec.fingerprint(s) for s in FINGERPRINTED})
+    elif LAYOUT_ATTR not in stored:
+        # A study made before splits were recorded: from now on every process uses the split this one made.
+        study.set_user_attr(LAYOUT_ATTR, dataset.layout(spec))
 
 
 def _check_compatible(
@@ -2488,8 +2498,8 @@ def replay_trial(
 ) -> Replay:
     """Retrain one trial alone on the CPU, from its stored parameters and seed, and compare it with the record.
 
-    The data are rebuilt from the spec; training and evaluation go through :meth:`Objective.train_trial` and
-    :func:`evaluate`, the study's own code path.
+    The data are rebuilt from the spec, split and scaled as the study recorded; training and evaluation go
+    through :meth:`Objective.train_trial` and :func:`evaluate`, the study's own code path.
 
     Args:
         study: The stored study.
@@ -2531,7 +2541,7 @@ def replay_trial(
     if on_start is not None:
         on_start()
     seed = int(attrs.get("seed", spec.study.seed + number))
-    dataset = dataset or build_dataset(spec, "cpu")
+    dataset = dataset or build_dataset(spec, "cpu", recorded=study.user_attrs.get(LAYOUT_ATTR))
     _check_folds(spec, dataset)
     manifest: dict[str, Any] = attrs.get("manifest") or {}
     notes = (

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from importlib.metadata import version
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,7 +17,16 @@ import torch
 from tuner.config import StudySpec
 from tuner.data.load import Catalogue, catalogue_from_frame, read_table
 from tuner.data.preprocess import Preprocessor
-from tuner.data.split import SplitIndices, stratified_folds, stratified_split
+from tuner.data.split import (
+    SplitIndices,
+    decode_rows,
+    encode_rows,
+    pack_codes,
+    rows_digest,
+    stratified_folds,
+    stratified_split,
+    unpack_codes,
+)
 from tuner.errors import DataError
 from tuner.metrics import roc_auc
 from tuner.tasks import n_outputs
@@ -25,6 +38,16 @@ log = logging.getLogger(__name__)
 #: spectroscopic redshift reaches 0.993 for QSO and the best colour (u-g) 0.968; u-g of the simulated catalogue
 #: 0.954.
 LABEL_LIKE_AUC = 0.99
+
+#: The study's user attribute holding the split and the fitted scalings it was made with (:meth:`Dataset.layout`),
+#: so that every later process (a worker, a resumed run, an export) uses the same rows and the same numbers
+#: whatever its scikit-learn and numpy versions, and a worker need not import scikit-learn (about 1 s) to start.
+LAYOUT_ATTR = "tuner.split"
+LAYOUT_VERSION = 1
+#: A record longer than this (as JSON) keeps only the split's digest, which a process that splits the rows again
+#: must match: MySQL holds a user attribute in a 64 KiB TEXT column. The 101,000 rows of the default simulated
+#: catalogue take about 25,000 characters.
+MAX_LAYOUT_CHARS = 60_000
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,30 @@ class Dataset:
         mean, std = self.target_scaling
         return values * std + mean
 
+    def layout(self, spec: StudySpec) -> dict[str, Any]:
+        """What :func:`build_dataset` needs to rebuild this split and these scalings without fitting anything.
+
+        Stored with the study (:data:`LAYOUT_ATTR`); where too long to store (:data:`MAX_LAYOUT_CHARS`), only
+        what identifies the split is kept.
+        """
+        parts, fold_of = encode_rows(self.split, [f.validation_rows for f in self.folds], self.catalogue.n_rows)
+        record: dict[str, Any] = {
+            "version": LAYOUT_VERSION,
+            "spec": _layout_fingerprint(spec),
+            "data_hash": self.catalogue.data_hash,
+            "rows": self.catalogue.n_rows,
+            "digest": rows_digest(parts, fold_of),
+            "made_with": _split_versions(),
+        }
+        whole = {
+            **record,
+            "parts": pack_codes(parts, bits=2),
+            **({"folds": pack_codes(fold_of)} if fold_of is not None else {}),
+            "scaling": self.preprocessor.to_dict(),
+            "fold_scaling": [f.preprocessor.to_dict() for f in self.folds],
+        }
+        return whole if len(json.dumps(whole)) <= MAX_LAYOUT_CHARS else record
+
     def _target_facts(self) -> dict[str, str]:
         catalogue = self.catalogue
         targets = catalogue.targets
@@ -180,7 +227,69 @@ def load_catalogue(spec: StudySpec) -> Catalogue:
     return catalogue_from_frame(frame, spec.data, task=spec.task, source=source)
 
 
-def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue: Catalogue | None = None) -> Dataset:
+def _layout_fingerprint(spec: StudySpec) -> str:
+    return spec.fingerprint("data", "task", "validation")
+
+
+def _split_versions() -> str:
+    return f"scikit-learn {version('scikit-learn')}, numpy {np.__version__}"
+
+
+def _recorded_layout(
+    recorded: Mapping[str, Any] | None, spec: StudySpec, catalogue: Catalogue
+) -> tuple[dict[str, Any] | None, SplitIndices | None, tuple[np.ndarray, ...]]:
+    """The study's record if it describes these rows under this study file, and its split and folds when stored."""
+    if (
+        not isinstance(recorded, Mapping)
+        or recorded.get("version") != LAYOUT_VERSION
+        or recorded.get("spec") != _layout_fingerprint(spec)
+        or recorded.get("data_hash") != catalogue.data_hash
+        or recorded.get("rows") != catalogue.n_rows
+    ):
+        # Not this study's rows (a changed catalogue or study file, which the study's own checks then report).
+        return None, None, ()
+    record = dict(recorded)
+    if "parts" not in record:
+        return record, None, ()
+    try:
+        parts = unpack_codes(record["parts"], catalogue.n_rows, bits=2)
+        fold_of = unpack_codes(record["folds"], catalogue.n_rows) if "folds" in record else None
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"data.split: the split study {spec.study.name!r} recorded cannot be read: {exc}") from None
+    if rows_digest(parts, fold_of) != record["digest"]:
+        raise DataError(f"data.split: the split study {spec.study.name!r} recorded does not match its digest")
+    k = spec.validation.k if spec.validation.kind == "kfold" else 0
+    split, folds = decode_rows(parts, fold_of, k)
+    return record, split, folds
+
+
+def _recorded_scalings(
+    record: Mapping[str, Any], spec: StudySpec, catalogue: Catalogue, n_folds: int
+) -> tuple[Preprocessor, list[Preprocessor]]:
+    """The scalings fitted when the study was created; numbers, so every process scales the rows alike."""
+    d = len(catalogue.feature_names)
+    try:
+        main = Preprocessor.from_dict(record["scaling"])
+        per_fold = [Preprocessor.from_dict(raw) for raw in record["fold_scaling"]]
+        shapes_fit = all(p.shift.shape == (d,) and p.matrix.shape == (d, d) for p in (main, *per_fold))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(
+            f"data.preprocess: the scaling study {spec.study.name!r} recorded cannot be read: {exc!r}"
+        ) from None
+    if not shapes_fit or len(per_fold) != n_folds:
+        raise DataError(
+            f"data.preprocess: the scaling study {spec.study.name!r} recorded does not fit its {d} features and "
+            f"{n_folds} folds"
+        )
+    return main, per_fold
+
+
+def build_dataset(
+    spec: StudySpec,
+    device: torch.device | str = "cpu",
+    catalogue: Catalogue | None = None,
+    recorded: Mapping[str, Any] | None = None,
+) -> Dataset:
     """Split once, fit scaling on train only, and move every part to the device.
 
     With ``validation.kind: kfold`` the modelling set (train + validation rows) is also cut into k stratified
@@ -190,18 +299,34 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
         spec: The study.
         device: Where the tensors live for the whole study.
         catalogue: Already loaded rows; loaded from the spec when None.
+        recorded: The study's :data:`LAYOUT_ATTR`: where it holds this catalogue's split, the split and the
+            scalings are taken from it instead of being made again; where it holds only the split's digest, the
+            split made again must match it.
 
     Returns:
         The dataset.
 
     Raises:
         DataError: A class is too rare for the split or for k folds; a row that the scaling fitted on the training
-            rows takes beyond what float32 holds.
+            rows takes beyond what float32 holds; this process splits the rows otherwise than the study recorded.
     """
     catalogue = catalogue or load_catalogue(spec)
     device = torch.device(device)
-    split = stratified_split(catalogue.labels, spec.data.split, spec.data.seed, catalogue.class_names)
-    preprocessor = Preprocessor.fit(spec.data.preprocess, catalogue.features[split.train])
+    record, split, held = _recorded_layout(recorded, spec, catalogue)
+    if split is None:
+        split = stratified_split(catalogue.labels, spec.data.split, spec.data.seed, catalogue.class_names)
+        if spec.validation.kind == "kfold":
+            modelling = np.sort(np.concatenate([split.train, split.validation]))
+            held = stratified_folds(
+                catalogue.labels, modelling, spec.validation.k, spec.data.seed, catalogue.class_names
+            )
+        if record is not None:
+            _check_digest(record, split, held, catalogue.n_rows, spec.study.name)
+    if record is not None and "scaling" in record:
+        preprocessor, fold_scalings = _recorded_scalings(record, spec, catalogue, len(held))
+    else:
+        preprocessor = Preprocessor.fit(spec.data.preprocess, catalogue.features[split.train])
+        fold_scalings = []
     targets = catalogue.targets
     target_scaling = None
     if spec.task == "regression":
@@ -230,12 +355,15 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
         return Part(x=x, y=y, y_numpy=values)
 
     folds: list[Fold] = []
-    if spec.validation.kind == "kfold":
+    if held:
         modelling = np.sort(np.concatenate([split.train, split.validation]))
-        held = stratified_folds(catalogue.labels, modelling, spec.validation.k, spec.data.seed, catalogue.class_names)
         for i, rows in enumerate(held):
             train_rows = np.setdiff1d(modelling, rows)
-            scaling = Preprocessor.fit(spec.data.preprocess, catalogue.features[train_rows])
+            scaling = (
+                fold_scalings[i]
+                if fold_scalings
+                else Preprocessor.fit(spec.data.preprocess, catalogue.features[train_rows])
+            )
             folds.append(
                 Fold(
                     index=i,
@@ -277,6 +405,18 @@ def build_dataset(spec: StudySpec, device: torch.device | str = "cpu", catalogue
         task=spec.task,
         target_scaling=target_scaling,
     )
+
+
+def _check_digest(
+    record: Mapping[str, Any], split: SplitIndices, held: tuple[np.ndarray, ...], n_rows: int, study_name: str
+) -> None:
+    """The split just made is the one the study recorded, or its trials would be judged on other rows."""
+    if rows_digest(*encode_rows(split, held, n_rows)) != record.get("digest"):
+        raise DataError(
+            f"data.split: this process splits the catalogue's rows otherwise than when study {study_name!r} was "
+            f"created (made with {record.get('made_with')}; here {_split_versions()}), so its trials would be "
+            "trained and measured on other rows; run it with the versions the study was made with"
+        )
 
 
 def label_like_features(catalogue: Catalogue, rows: np.ndarray, positive_index: int) -> list[tuple[str, float]]:

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.preprocessing import StandardScaler
 
 from tuner.data.load import FLOAT32_MAX
 from tuner.errors import DataError
@@ -41,10 +39,15 @@ class Preprocessor:
         d = x.shape[1]
         if kind == "none":
             return cls(kind, np.zeros(d), np.eye(d))
+        # scikit-learn is imported here (about 1 s): a process that reads the scaling its study recorded never fits.
         if kind == "standardize":
+            from sklearn.preprocessing import StandardScaler
+
             scaler = StandardScaler().fit(x)
             return cls(kind, scaler.mean_.copy(), np.diag(1.0 / scaler.scale_))
         if kind == "pca_whiten":
+            from sklearn.decomposition import PCA
+
             pca = PCA(whiten=True).fit(x)
             # Guard against a zero-variance direction (a constant or duplicated feature).
             variance = np.maximum(pca.explained_variance_, 1e-12)
