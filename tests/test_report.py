@@ -451,3 +451,58 @@ def test_dashboard_serves_the_study_until_ctrl_c(tiny, tmp_path):
         log.close()
     text = (tmp_path / "dashboard.log").read_text()
     assert f"http://127.0.0.1:{port}" in text and "stopped" in text
+
+
+# The dashboard's app, wrapped so that one request presses Ctrl-C while it is being served.
+CTRL_C_MID_REQUEST = """
+import os, signal, sys
+import optuna_dashboard._app as dashboard_app
+from tuner.report import serve_dashboard
+
+make_app = dashboard_app.create_app
+
+def create_app(*args, **kwargs):
+    app = make_app(*args, **kwargs)
+
+    def pressing_ctrl_c(environ, start_response):
+        if environ["PATH_INFO"] != "/ctrl-c":
+            return app(environ, start_response)
+        os.kill(os.getpid(), signal.SIGINT)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"served"]
+
+    return pressing_ctrl_c
+
+dashboard_app.create_app = create_app
+sys.exit(serve_dashboard(sys.argv[1], study_name="tiny-report", port=int(sys.argv[2])))
+"""
+
+
+def test_ctrl_c_while_the_dashboard_serves_a_request_stops_it(tiny, tmp_path):
+    port = free_port()
+    log = (tmp_path / "dashboard.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_MID_REQUEST, tiny["storage"], str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        body = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ctrl-c", timeout=10) as response:
+                    body = response.read().decode()
+                break
+            except OSError:
+                time.sleep(0.3)
+        # The request is answered, then the server stops: wsgiref used to turn the interrupt into an error page
+        # and serve on.
+        assert body == "served", (tmp_path / "dashboard.log").read_text()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert "stopped" in (tmp_path / "dashboard.log").read_text()

@@ -2065,14 +2065,31 @@ def serve_dashboard(
     Raises:
         ConfigError: The port cannot be used.
     """
+    import threading
+    from wsgiref.simple_server import WSGIServer, make_server
+
     import optuna_dashboard
 
     from tuner.tracking import mask_password
 
     check_port(host, port)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("DashboardServer", (WSGIServer,), {"address_family": family})  # IPv6 hosts too
+    try:
+        server: WSGIServer = make_server(host, port, optuna_dashboard.wsgi(storage), server_class=server_class)
+    except OSError as exc:  # taken between the check and now
+        raise ConfigError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     say(f"optuna-dashboard for {mask_password(storage)} (study {study_name!r}): {_url(host, port)}   (Ctrl-C to stop)")
-    # Bottle, under optuna-dashboard, ends quietly on Ctrl-C; an interrupt while starting still reaches here.
-    with contextlib.suppress(KeyboardInterrupt):
-        optuna_dashboard.run_server(storage, host=host, port=port)
+    # Requests are served on another thread: wsgiref turns any exception raised while it handles one, Ctrl-C's
+    # KeyboardInterrupt included, into a 500 page and serves on, so a Ctrl-C that came mid-request was lost.
+    # The main thread only waits, and Ctrl-C always reaches it.
+    serving = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+    serving.start()
+    try:
+        serving.join()
+    except KeyboardInterrupt:
+        server.shutdown()  # lets a request being served finish
+    finally:
+        server.server_close()
     say("stopped")
     return 0
