@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -422,33 +424,38 @@ def test_experiment_url_sorts_trials_best_first():
     assert experiment_url("http://h:1", "7", minimize=True).endswith("orderByAsc=true")
 
 
+@contextlib.contextmanager
+def server_process(argv: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A server started with ``argv``, its output in ``log_path``; killed afterwards if still running."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def first_answer(proc: subprocess.Popen[bytes], url: str, timeout_s: float = 10) -> str:
+    """The body of ``url`` once the server answers it; "" when the process ends or a minute passes first."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                return str(response.read().decode())
+        except OSError:
+            time.sleep(0.3)  # not listening yet
+    return ""
+
+
 def test_dashboard_serves_the_study_until_ctrl_c(tiny, tmp_path):
     port = free_port()
-    log = (tmp_path / "dashboard.log").open("w")
     command = [sys.executable, "-m", "tuner.cli", "dashboard", "tiny-report", "--storage", tiny["storage"]]
-    proc = subprocess.Popen(
-        [*command, "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        body = ""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
-                    body = response.read().decode()
-                break
-            except OSError:
-                time.sleep(0.3)
+    with server_process([*command, "--port", str(port)], tmp_path / "dashboard.log") as proc:
+        body = first_answer(proc, f"http://127.0.0.1:{port}/api/studies", timeout_s=2)
         assert '"study_name": "tiny-report"' in body, (tmp_path / "dashboard.log").read_text()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
     text = (tmp_path / "dashboard.log").read_text()
     assert f"http://127.0.0.1:{port}" in text and "stopped" in text
 
@@ -480,29 +487,12 @@ sys.exit(serve_dashboard(sys.argv[1], study_name="tiny-report", port=int(sys.arg
 
 def test_ctrl_c_while_the_dashboard_serves_a_request_stops_it(tiny, tmp_path):
     port = free_port()
-    log = (tmp_path / "dashboard.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CTRL_C_MID_REQUEST, tiny["storage"], str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        body = ""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ctrl-c", timeout=10) as response:
-                    body = response.read().decode()
-                break
-            except OSError:
-                time.sleep(0.3)
+    argv = [sys.executable, "-c", CTRL_C_MID_REQUEST, tiny["storage"], str(port)]
+    with server_process(argv, tmp_path / "dashboard.log") as proc:
         # The request is answered, then the server stops: wsgiref used to turn the interrupt into an error page
         # and serve on.
-        assert body == "served", (tmp_path / "dashboard.log").read_text()
+        assert first_answer(proc, f"http://127.0.0.1:{port}/ctrl-c") == "served", (
+            tmp_path / "dashboard.log"
+        ).read_text()
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
     assert "stopped" in (tmp_path / "dashboard.log").read_text()
