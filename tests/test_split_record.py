@@ -4,6 +4,7 @@ worker, an export): the same rows and numbers whatever its scikit-learn and nump
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -18,10 +19,10 @@ from tiny import TINY_DATA, TINY_SPACE
 
 from tuner.config import StudySpec, spec_from_dict
 from tuner.data import dataset as dataset_mod
-from tuner.data.dataset import LAYOUT_ATTR, MAX_LAYOUT_CHARS, Dataset, build_dataset
+from tuner.data.dataset import LAYOUT_ATTR, MAX_LAYOUT_CHARS, MAX_LAYOUT_CHARS_MYSQL, Dataset, build_dataset
 from tuner.data.split import SplitIndices
 from tuner.errors import DataError
-from tuner.study import run_study
+from tuner.study import _attribute_limit, run_study
 
 TINY = {
     "data": TINY_DATA,
@@ -104,9 +105,8 @@ def test_a_record_of_another_study_file_is_not_used() -> None:
 
 def test_a_process_that_splits_otherwise_than_the_study_recorded_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = tiny_spec()
-    monkeypatch.setattr(dataset_mod, "MAX_LAYOUT_CHARS", 10)
     made = build_dataset(spec)
-    layout = as_stored(made.layout(spec))
+    layout = as_stored(made.layout(spec, max_chars=10))
     # Too long to store: only what identifies the split is kept, and the split is made again and checked.
     assert "parts" not in layout and "scaling" not in layout and "digest" in layout
     assert_same(made, build_dataset(spec, recorded=layout))
@@ -121,8 +121,13 @@ def test_a_process_that_splits_otherwise_than_the_study_recorded_is_refused(monk
 
     monkeypatch.setattr(dataset_mod, "stratified_split", another_version)
     with pytest.raises(DataError, match=r"^data\.split: this process splits the catalogue's rows otherwise") as info:
+        build_dataset(spec, recorded={**layout, "made_with": "scikit-learn 0.1, numpy 0.1"})
+    assert "'recorded'" in str(info.value) and str(info.value).endswith(
+        "run it with scikit-learn 0.1, numpy 0.1, as the study was made with"
+    )
+    # With the same versions, only a changed record explains it.
+    with pytest.raises(DataError, match=r"the versions are the same, so the study's record \(tuner\.split\) was"):
         build_dataset(spec, recorded=layout)
-    assert "scikit-learn" in str(info.value) and "'recorded'" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -130,10 +135,17 @@ def test_a_process_that_splits_otherwise_than_the_study_recorded_is_refused(monk
     [
         (lambda r: r.update(parts=r["parts"][:-8]), r"^data\.split: the split study 'recorded' recorded cannot be"),
         (lambda r: r.update(digest="0" * 16), r"^data\.split: the split study 'recorded' recorded does not match"),
-        (lambda r: r["scaling"].update(shift=[0.0]), r"^data\.preprocess: the scaling study 'recorded' recorded does"),
+        (lambda r: r.update(parts=123), r"^data\.split: the split study 'recorded' recorded cannot be read: packed"),
+        (lambda r: r.pop("digest"), r"^data\.split: the split study 'recorded' recorded cannot be read: it has no"),
+        (
+            lambda r: r["scaling"].update(shift=[0.0]),
+            r"^data\.preprocess: the scaling study 'recorded' recorded is not",
+        ),
+        (lambda r: r["scaling"]["shift"].__setitem__(0, math.nan), r"is not a finite standardize scaling of its 4"),
+        (lambda r: r["scaling"].update(kind="none"), r"is not a finite standardize scaling of its 4 features"),
         (lambda r: r.pop("fold_scaling"), r"^data\.preprocess: the scaling study 'recorded' recorded cannot be read"),
     ],
-    ids=["parts", "digest", "scaling-shape", "scaling-missing"],
+    ids=["parts", "digest", "parts-not-text", "no-digest", "scaling-shape", "scaling-nan", "scaling-kind", "no-folds"],
 )
 def test_a_damaged_record_is_refused(damage: Any, message: str) -> None:
     spec = tiny_spec()
@@ -143,12 +155,25 @@ def test_a_damaged_record_is_refused(damage: Any, message: str) -> None:
         build_dataset(spec, recorded=layout)
 
 
-def test_the_default_catalogue_is_recorded_whole() -> None:
-    spec = spec_from_dict({})
+@pytest.mark.parametrize("kind", ["split", "kfold"])
+def test_the_default_catalogue_is_recorded_whole_except_with_folds_on_mysql(kind: str) -> None:
+    spec = spec_from_dict({"validation": {"kind": kind}})
     made = build_dataset(spec)
     assert made.catalogue.n_rows == 101_000
     layout = made.layout(spec)
     assert "parts" in layout and len(json.dumps(layout)) <= MAX_LAYOUT_CHARS
+    on_mysql = made.layout(spec, _attribute_limit("mysql+pymysql://u@h/db"))
+    assert ("parts" in on_mysql) == (kind == "split")
+    assert len(json.dumps(on_mysql)) <= MAX_LAYOUT_CHARS_MYSQL
+
+
+def test_each_storage_is_given_the_records_it_can_hold(tmp_path: Path) -> None:
+    import optuna
+
+    assert _attribute_limit("mysql+pymysql://u@h/db") == _attribute_limit("mariadb://u@h/db") == 60_000
+    assert _attribute_limit("postgresql+psycopg://u@h/db") == _attribute_limit(f"sqlite:///{tmp_path}/a.db")
+    assert _attribute_limit(optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/a.db")) == MAX_LAYOUT_CHARS
+    assert _attribute_limit(optuna.storages.InMemoryStorage()) == MAX_LAYOUT_CHARS == 2_000_000
 
 
 def stored_layout(spec: StudySpec) -> Any:

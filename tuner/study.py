@@ -41,7 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import metrics
 from tuner.config import MONITOR_MODE, OBJECTIVE_DIRECTION, StudySpec
-from tuner.data.dataset import LAYOUT_ATTR, Dataset, build_dataset
+from tuner.data.dataset import LAYOUT_ATTR, MAX_LAYOUT_CHARS, MAX_LAYOUT_CHARS_MYSQL, Dataset, build_dataset
 from tuner.errors import ConfigError, StorageError
 from tuner.evaluation import (
     MultilabelEvaluation,
@@ -2014,7 +2014,9 @@ def run_study(
             ),
             what="create the study",
         )
-        retrying(lambda: _record_study_facts(study, spec, dataset), what="record the study's facts")
+        retrying(
+            lambda: _record_study_facts(study, spec, dataset, _attribute_limit(target)), what="record the study's facts"
+        )
         if mode != "worker":
             retrying(lambda: enqueue_new(study, entries), what="queue the warm-start trials")
         if url and is_sqlite(url):
@@ -2099,7 +2101,18 @@ def run_study(
     )
 
 
-def _record_study_facts(study: optuna.Study, spec: StudySpec, dataset: Dataset) -> None:
+def _attribute_limit(storage: str | optuna.storages.BaseStorage) -> int:
+    """The longest split record the storage is given (:meth:`Dataset.layout`)."""
+    if isinstance(storage, optuna.storages.RDBStorage):
+        dialect = storage.engine.dialect.name
+    elif isinstance(storage, str):
+        dialect = storage.split(":", 1)[0].split("+", 1)[0]
+    else:
+        dialect = ""
+    return MAX_LAYOUT_CHARS_MYSQL if dialect in ("mysql", "mariadb") else MAX_LAYOUT_CHARS
+
+
+def _record_study_facts(study: optuna.Study, spec: StudySpec, dataset: Dataset, layout_limit: int) -> None:
     """What the study was made from (once), and a multi-objective study's metric names."""
     if spec.objective.multi and not study.metric_names:
         # Experimental in Optuna 5; it names the values in the dashboard and the report.
@@ -2111,11 +2124,11 @@ def _record_study_facts(study: optuna.Study, spec: StudySpec, dataset: Dataset) 
         # The fingerprints last: once they are stored, so is the rest, even where a restart cut an earlier call short.
         study.set_user_attr("tuner.spec", masked_spec(spec))
         study.set_user_attr("tuner.data", dataset.facts())
-        study.set_user_attr(LAYOUT_ATTR, dataset.layout(spec))
+        study.set_user_attr(LAYOUT_ATTR, dataset.layout(spec, layout_limit))
         study.set_user_attr("tuner.fingerprints", {s: spec.fingerprint(s) for s in FINGERPRINTED})
     elif LAYOUT_ATTR not in stored:
         # A study made before splits were recorded: from now on every process uses the split this one made.
-        study.set_user_attr(LAYOUT_ATTR, dataset.layout(spec))
+        study.set_user_attr(LAYOUT_ATTR, dataset.layout(spec, layout_limit))
 
 
 def _check_compatible(

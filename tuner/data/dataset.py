@@ -45,9 +45,11 @@ LABEL_LIKE_AUC = 0.99
 LAYOUT_ATTR = "tuner.split"
 LAYOUT_VERSION = 1
 #: A record longer than this (as JSON) keeps only the split's digest, which a process that splits the rows again
-#: must match: MySQL holds a user attribute in a 64 KiB TEXT column. The 101,000 rows of the default simulated
-#: catalogue take about 25,000 characters.
-MAX_LAYOUT_CHARS = 60_000
+#: must match. The 101,000 rows of the default simulated catalogue take about 25,000 characters, 77,000 with five
+#: folds; 2,000,000 hold about eight million rows, or two million with ten folds.
+MAX_LAYOUT_CHARS = 2_000_000
+#: The same on MySQL, which holds a user attribute in a 64 KiB TEXT column.
+MAX_LAYOUT_CHARS_MYSQL = 60_000
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,11 @@ class Dataset:
         mean, std = self.target_scaling
         return values * std + mean
 
-    def layout(self, spec: StudySpec) -> dict[str, Any]:
+    def layout(self, spec: StudySpec, max_chars: int = MAX_LAYOUT_CHARS) -> dict[str, Any]:
         """What :func:`build_dataset` needs to rebuild this split and these scalings without fitting anything.
 
-        Stored with the study (:data:`LAYOUT_ATTR`); where too long to store (:data:`MAX_LAYOUT_CHARS`), only
-        what identifies the split is kept.
+        Stored with the study (:data:`LAYOUT_ATTR`); where longer than ``max_chars`` as JSON, only what
+        identifies the split is kept.
         """
         parts, fold_of = encode_rows(self.split, [f.validation_rows for f in self.folds], self.catalogue.n_rows)
         record: dict[str, Any] = {
@@ -157,7 +159,7 @@ class Dataset:
             "scaling": self.preprocessor.to_dict(),
             "fold_scaling": [f.preprocessor.to_dict() for f in self.folds],
         }
-        return whole if len(json.dumps(whole)) <= MAX_LAYOUT_CHARS else record
+        return whole if len(json.dumps(whole)) <= max_chars else record
 
     def _target_facts(self) -> dict[str, str]:
         catalogue = self.catalogue
@@ -249,12 +251,14 @@ def _recorded_layout(
         # Not this study's rows (a changed catalogue or study file, which the study's own checks then report).
         return None, None, ()
     record = dict(recorded)
+    if not isinstance(record.get("digest"), str):
+        raise DataError(f"data.split: the split study {spec.study.name!r} recorded cannot be read: it has no digest")
     if "parts" not in record:
         return record, None, ()
     try:
         parts = unpack_codes(record["parts"], catalogue.n_rows, bits=2)
         fold_of = unpack_codes(record["folds"], catalogue.n_rows) if "folds" in record else None
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
         raise DataError(f"data.split: the split study {spec.study.name!r} recorded cannot be read: {exc}") from None
     if rows_digest(parts, fold_of) != record["digest"]:
         raise DataError(f"data.split: the split study {spec.study.name!r} recorded does not match its digest")
@@ -271,15 +275,22 @@ def _recorded_scalings(
     try:
         main = Preprocessor.from_dict(record["scaling"])
         per_fold = [Preprocessor.from_dict(raw) for raw in record["fold_scaling"]]
-        shapes_fit = all(p.shift.shape == (d,) and p.matrix.shape == (d, d) for p in (main, *per_fold))
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(
             f"data.preprocess: the scaling study {spec.study.name!r} recorded cannot be read: {exc!r}"
         ) from None
-    if not shapes_fit or len(per_fold) != n_folds:
+    fits = len(per_fold) == n_folds and all(
+        p.kind == spec.data.preprocess
+        and p.shift.shape == (d,)
+        and p.matrix.shape == (d, d)
+        and np.isfinite(p.shift).all()
+        and np.isfinite(p.matrix).all()
+        for p in (main, *per_fold)
+    )
+    if not fits:
         raise DataError(
-            f"data.preprocess: the scaling study {spec.study.name!r} recorded does not fit its {d} features and "
-            f"{n_folds} folds"
+            f"data.preprocess: the scaling study {spec.study.name!r} recorded is not a finite {spec.data.preprocess} "
+            f"scaling of its {d} features for each of its {n_folds} folds"
         )
     return main, per_fold
 
@@ -411,12 +422,20 @@ def _check_digest(
     record: Mapping[str, Any], split: SplitIndices, held: tuple[np.ndarray, ...], n_rows: int, study_name: str
 ) -> None:
     """The split just made is the one the study recorded, or its trials would be judged on other rows."""
-    if rows_digest(*encode_rows(split, held, n_rows)) != record.get("digest"):
-        raise DataError(
-            f"data.split: this process splits the catalogue's rows otherwise than when study {study_name!r} was "
-            f"created (made with {record.get('made_with')}; here {_split_versions()}), so its trials would be "
-            "trained and measured on other rows; run it with the versions the study was made with"
-        )
+    if rows_digest(*encode_rows(split, held, n_rows)) == record["digest"]:
+        return
+    made_with, here = record.get("made_with"), _split_versions()
+    advice = (
+        f"run it with {made_with}, as the study was made with"
+        if made_with != here
+        else f"the versions are the same, so the study's record ({LAYOUT_ATTR}) was changed since; start a new "
+        "study with --study-name NEW_NAME"
+    )
+    raise DataError(
+        f"data.split: this process splits the catalogue's rows otherwise than when study {study_name!r} was "
+        f"created (made with {made_with}; here {here}), so its trials would be trained and measured on other "
+        f"rows; {advice}"
+    )
 
 
 def label_like_features(catalogue: Catalogue, rows: np.ndarray, positive_index: int) -> list[tuple[str, float]]:

@@ -149,6 +149,8 @@ def unpack_codes(text: str, n_rows: int, bits: int = 8) -> np.ndarray:
     Raises:
         ValueError: The text is not such codes for ``n_rows`` rows.
     """
+    if not isinstance(text, str):
+        raise ValueError(f"packed row codes are text, got {type(text).__name__}")
     try:
         raw = np.frombuffer(zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True)), dtype=np.uint8)
     except (ValueError, zlib.error) as exc:
