@@ -496,3 +496,18 @@ def test_ctrl_c_while_the_dashboard_serves_a_request_stops_it(tiny, tmp_path):
         ).read_text()
         assert proc.wait(timeout=30) == 0
     assert "stopped" in (tmp_path / "dashboard.log").read_text()
+
+
+def test_a_dashboard_server_that_fails_says_so_rather_than_stopped(tiny, monkeypatch):
+    from wsgiref.simple_server import WSGIServer
+
+    from tuner.report import serve_dashboard
+
+    def fails(self, poll_interval=0.5):
+        raise OSError("the socket went away")
+
+    monkeypatch.setattr(WSGIServer, "serve_forever", fails)
+    said: list[str] = []
+    with pytest.raises(OSError, match="the socket went away"):
+        serve_dashboard(tiny["storage"], study_name="tiny-report", port=free_port(), say=said.append)
+    assert len(said) == 1 and "optuna-dashboard for" in said[0]

@@ -2083,7 +2083,15 @@ def serve_dashboard(
     # Requests are served on another thread: wsgiref turns any exception raised while it handles one, Ctrl-C's
     # KeyboardInterrupt included, into a 500 page and serves on, so a Ctrl-C that came mid-request was lost.
     # The main thread only waits, and Ctrl-C always reaches it.
-    serving = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            server.serve_forever()
+        except BaseException as exc:  # raised again in the main thread, not lost behind "stopped"
+            failed.append(exc)
+
+    serving = threading.Thread(target=serve, name="dashboard", daemon=True)
     serving.start()
     try:
         serving.join()
@@ -2091,5 +2099,7 @@ def serve_dashboard(
         server.shutdown()  # lets a request being served finish
     finally:
         server.server_close()
+    if failed:
+        raise failed[0]
     say("stopped")
     return 0
