@@ -327,9 +327,8 @@ def build_dataset(
     if split is None:
         split = stratified_split(catalogue.labels, spec.data.split, spec.data.seed, catalogue.class_names)
         if spec.validation.kind == "kfold":
-            modelling = np.sort(np.concatenate([split.train, split.validation]))
             held = stratified_folds(
-                catalogue.labels, modelling, spec.validation.k, spec.data.seed, catalogue.class_names
+                catalogue.labels, split.modelling(), spec.validation.k, spec.data.seed, catalogue.class_names
             )
         if record is not None:
             _check_digest(record, split, held, catalogue.n_rows, spec.study.name)
@@ -367,7 +366,7 @@ def build_dataset(
 
     folds: list[Fold] = []
     if held:
-        modelling = np.sort(np.concatenate([split.train, split.validation]))
+        modelling = split.modelling()
         for i, rows in enumerate(held):
             train_rows = np.setdiff1d(modelling, rows)
             scaling = (

@@ -22,6 +22,10 @@ class SplitIndices:
     validation: np.ndarray
     holdout: np.ndarray
 
+    def modelling(self) -> np.ndarray:
+        """The train and validation rows, sorted: what k-fold cross-validation cuts into folds."""
+        return np.sort(np.concatenate([self.train, self.validation]))
+
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "holdout": len(self.holdout)}
 
