@@ -1,4 +1,7 @@
-"""The study's data, built once per process: catalogue -> split -> fitted scaling -> tensors on the device."""
+"""The study's data, built once per process: catalogue -> split -> fitted scaling -> tensors on the device.
+
+The split and the scaling are made once per study: later processes take them from the study's record.
+"""
 
 from __future__ import annotations
 
