@@ -1937,8 +1937,11 @@ def trials_table(frame: pd.DataFrame, title: str) -> Any:
 # Serving: the MLflow UI and optuna-dashboard, in the foreground until Ctrl-C
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int) -> socket.AddressFamily:
     """Fail early, and clearly, when the server could not listen there.
+
+    Returns:
+        The host's address family, for a server to listen with.
 
     Raises:
         ConfigError: The port is out of range or already taken.
@@ -1957,6 +1960,7 @@ def check_port(host: str, port: int) -> None:
                 f"--port: cannot listen on {host}:{port} ({exc.strerror or exc}); another server may be using it, "
                 "choose another with --port"
             ) from None
+    return family
 
 
 def _url(host: str, port: int) -> str:
@@ -2072,8 +2076,7 @@ def serve_dashboard(
 
     from tuner.tracking import mask_password
 
-    check_port(host, port)
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    family = check_port(host, port)
     server_class = type("DashboardServer", (WSGIServer,), {"address_family": family})  # IPv6 hosts too
     try:
         server: WSGIServer = make_server(host, port, optuna_dashboard.wsgi(storage), server_class=server_class)
